@@ -1,0 +1,24 @@
+# The two front-door commands: `make demo` (the main job) and `make test` (the test suite).
+# Each sets up .venv by itself on a fresh machine.
+SHARED := $(abspath ../shared/datasets)
+export TINYLM_DATA_DIR ?= $(if $(wildcard $(SHARED)),$(SHARED),)
+BIN := .venv/bin
+
+.PHONY: setup demo test bench-quick clean
+
+setup:
+	@bash scripts/setup.sh
+
+# Prepare Tiny Shakespeare, train a small character GPT for ~2 minutes on CPU, print samples.
+demo: setup
+	$(BIN)/tinylm prepare shakespeare --tokenizer char --out data/shakespeare-char
+	rm -rf runs/demo
+	$(BIN)/tinylm train --data data/shakespeare-char --preset cpu-char --out runs/demo
+	$(BIN)/tinylm eval runs/demo --no-progress
+	$(BIN)/tinylm generate runs/demo --prompt "ROMEO:" --max-new-tokens 300 --num-samples 2 --seed 1 --no-progress
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf .venv data runs .pytest_cache

@@ -1,0 +1,230 @@
+"""The `tinylm` command: argparse subcommands; the only module that reads argv or prints."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tinylm.errors import TinyLMError
+
+Handler = Callable[[argparse.Namespace], dict[str, Any]]
+
+
+def _emit(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(summary, default=str))
+
+
+# ----- commands ---------------------------------------------------------------------------
+def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.data import prepare
+
+    meta = prepare(args.inputs, args.out, args.tokenizer, args.vocab_size, args.val_fraction)
+    print(f"Wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+          f"({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}")
+    return {"out": args.out, **meta}
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.config import parse_overrides
+    from tinylm.train import train
+
+    overrides = parse_overrides(args.set or [])
+    for key in ("max_steps", "epochs", "batch_size", "lr", "device", "seed", "dtype", "grad_accum", "eval_interval"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.epochs:
+        overrides.setdefault("max_steps", 0)
+    if args.max_steps:
+        overrides.setdefault("epochs", 0)
+    for flag in ("compile", "grad_checkpointing", "fsdp"):
+        if getattr(args, flag):
+            overrides[flag] = True
+    result = train(args.data, args.resume or args.out, args.preset, overrides, resume=bool(args.resume),
+                   stop_after=args.stop_after, progress=not args.no_progress)
+    print(f"Trained {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_sec:,.0f} tokens/s): "
+          f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}. Run saved in {result.run_dir}")
+    return result.summary()
+
+
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.checkpoint import load_run
+    from tinylm.config import SampleConfig
+    from tinylm.generate import generate, stream
+    from tinylm.runtime import resolve_device
+
+    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  do_sample=not args.greedy, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()), seed=args.seed)
+    if args.stream:
+        cfg = SampleConfig(**kwargs)
+        start, pieces = time.perf_counter(), []
+        print(args.prompt, end="", flush=True)
+        for piece in stream(run.model, run.tokenizer, args.prompt, cfg):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        text = "".join(pieces)
+        return {"text": text, "tokens": len(run.tokenizer.encode(text)) if text else 0, "seconds": time.perf_counter() - start}
+    results = generate(run.model, run.tokenizer, args.prompt, num_samples=args.num_samples, progress=not args.no_progress, **kwargs)
+    for i, r in enumerate(results):
+        if len(results) > 1:
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt + r.text)
+    first = results[0]
+    summary = {"text": first.text, "tokens": first.tokens, "tokens_per_second": round(first.tokens_per_second, 1)}
+    if len(results) > 1:
+        summary["samples"] = [r.text for r in results]
+    return summary
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.checkpoint import load_run
+    from tinylm.data import TokenData, read_text_file
+    from tinylm.evaluate import evaluate_tokens
+    from tinylm.runtime import resolve_device
+
+    import numpy as np
+
+    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    if args.text:
+        text = read_text_file(Path(args.text))
+        tokens = np.asarray(run.tokenizer.encode(text), dtype=np.int64)
+        chars, n_bytes, source = len(text), len(text.encode("utf-8")), args.text
+    else:
+        data = TokenData(args.data or run.config.get("data", ""))
+        tokens, chars, n_bytes, source = data.split(args.split), data.chars(args.split), data.bytes(args.split), f"{data.path}:{args.split}"
+    result = evaluate_tokens(run.model, tokens, block_size=run.model_cfg.block_size, batch_size=args.batch_size,
+                             stride=args.stride, chars=chars, n_bytes=n_bytes, progress=not args.no_progress)
+    print(f"{source}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
+          f"bits/char {result.bits_per_char:.4f}, bits/byte {result.bits_per_byte:.4f} over {result.tokens:,} tokens")
+    return result.summary()
+
+
+def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.config import build_configs, parse_overrides, to_dict
+    from tinylm.model import Transformer, parameter_summary
+
+    if args.run_dir:
+        from tinylm.checkpoint import load_run
+
+        run = load_run(args.run_dir)
+        model, model_cfg = run.model, run.model_cfg
+    else:
+        model_cfg, _ = build_configs(args.preset, parse_overrides(args.set or []), vocab_size=args.vocab_size)
+        model = Transformer(model_cfg)
+    summary = parameter_summary(model)
+    print(f"{summary['tensors']} trainable tensors, {summary['parameters']:,} parameters")
+    for name, part in summary["modules"].items():
+        print(f"  {name:<18} {part['tensors']:>4} tensors {part['parameters']:>14,} parameters")
+    return {**summary, "config": to_dict(model_cfg)}
+
+
+# ----- parser -----------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature > 0 (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens, 0 = off (default 50)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0 = off)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default cpu)")
+    p.add_argument("--checkpoint", default="last", help="checkpoint name in the run (default last; e.g. best)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tinylm.config import PRESETS
+
+    parser = argparse.ArgumentParser(prog="tinylm", description="Build, train, evaluate and sample small language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="tokenize text into train/val shards")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text file, directory of .txt, built-in name (shakespeare) or hf:NAME[:CONFIG]")
+    p.add_argument("--tokenizer", choices=("char", "bpe", "gpt2"), default="char", help="tokenizer kind (default char)")
+    p.add_argument("--vocab-size", type=int, default=0, help="BPE vocabulary size (default 4096)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the text held out for validation (default 0.1)")
+    p.add_argument("--out", required=True, help="output data directory")
+    _add_common(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model (or --resume a run)")
+    p.add_argument("--data", help="prepared data directory")
+    p.add_argument("--preset", default="tiny", help=f"model/training preset: {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field, e.g. --set n_layer=4 (repeatable)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps over random windows")
+    p.add_argument("--epochs", type=int, help="passes over the sliding-window dataset (instead of --max-steps)")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--eval-interval", type=int, help="steps between validation estimates")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--dtype", help="auto, fp32, bf16 or fp16 (default auto: bf16/fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the model with FSDP2 instead of DDP")
+    p.add_argument("--out", default="runs/run", help="run directory (default runs/run)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--stop-after", type=int, help="stop (resumably) after this many steps in this session")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained model")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--prompt", default="", help="text to continue (empty starts from the end-of-text/newline token)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw (default 1)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    _add_sampling(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per char/byte on held-out text")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--data", help="prepared data directory (default: the one the run trained on)")
+    p.add_argument("--split", default="val", choices=("val", "train"), help="split of --data (default val)")
+    p.add_argument("--text", help="evaluate this text file instead")
+    p.add_argument("--stride", type=int, help="sliding-window stride (default: non-overlapping windows)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="count trainable tensors and parameters")
+    p.add_argument("run_dir", nargs="?", help="run directory (else describe --preset)")
+    p.add_argument("--preset", default="tiny", help="preset to describe")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override config fields")
+    p.add_argument("--vocab-size", type=int, default=65, help="vocabulary size for a preset (default 65)")
+    _add_common(p)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; user errors print one sentence and exit 2, never a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+    try:
+        summary = args.func(args)
+    except TinyLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 130 if type(exc).__name__ == "TrainingInterrupted" else 2
+    except KeyboardInterrupt:
+        print("error: interrupted.", file=sys.stderr)
+        return 130
+    _emit(args, summary)
+    return 0

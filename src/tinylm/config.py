@@ -1,0 +1,262 @@
+"""Typed configuration: the model's shape, the training recipe, sampling, and named presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+from tinylm.errors import TinyLMError
+
+
+@dataclass
+class ModelConfig:
+    """Shape and flavour of the decoder-only transformer."""
+
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    block_size: int = 256  # maximum context length in tokens
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads (query heads)
+    n_kv_head: int = 0  # key/value heads for grouped-query attention; 0 = n_head
+    n_embd: int = 384  # residual stream width
+    ffn_hidden: int = 0  # feed-forward hidden width; 0 = 4 * n_embd (gelu) or 8/3 * n_embd (swiglu)
+    position: str = "learned"  # "learned" absolute embeddings (GPT) or "rope" (LLaMA)
+    norm: str = "layernorm"  # "layernorm" (GPT) or "rmsnorm" (LLaMA)
+    mlp: str = "gelu"  # "gelu" (GPT) or "swiglu" (LLaMA)
+    bias: bool = True  # biases in linear layers and LayerNorm
+    tie_embeddings: bool = True  # share the token embedding with the output head
+    dropout: float = 0.0  # dropout on embeddings, attention and residual branches
+    norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
+    rope_theta: float = 10000.0  # RoPE base frequency
+    n_expert: int = 0  # experts per Mixture-of-Experts layer; 0 = dense feed-forward
+    n_expert_active: int = 2  # experts each token is routed to (top-k)
+    moe_aux_weight: float = 0.01  # weight of the load-balancing loss added to the training loss
+
+    def __post_init__(self) -> None:
+        _check_choice("position", self.position, ("learned", "rope"))
+        _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        _check_choice("mlp", self.mlp, ("gelu", "swiglu"))
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise TinyLMError(f"{name} ({getattr(self, name)}) must be a positive integer.")
+        if self.n_embd % self.n_head:
+            raise TinyLMError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).")
+        if self.kv_heads <= 0 or self.n_head % self.kv_heads:
+            raise TinyLMError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head}).")
+        if self.position == "rope" and self.head_dim % 2:
+            raise TinyLMError(f"RoPE needs an even head size; n_embd/n_head is {self.head_dim}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TinyLMError(f"dropout ({self.dropout}) must be in [0, 1).")
+        if self.n_expert < 0 or (self.n_expert and not 1 <= self.n_expert_active <= self.n_expert):
+            raise TinyLMError(
+                f"n_expert_active ({self.n_expert_active}) must be between 1 and n_expert ({self.n_expert})."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """Feed-forward hidden width, with the usual default per MLP kind."""
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.mlp == "swiglu":
+            return 64 * ((8 * self.n_embd // 3 + 63) // 64)
+        return 4 * self.n_embd
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe: how long, how fast, how often to evaluate and save."""
+
+    batch_size: int = 16  # sequences per optimizer micro-step (per process)
+    max_steps: int = 1000  # optimizer steps (ignored when epochs > 0)
+    epochs: int = 0  # > 0: train this many passes over the sliding-window dataset
+    window_stride: int = 1  # epoch mode: distance between consecutive training windows
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak (cosine, wsd)
+    schedule: str = "cosine"  # "cosine" (warmup then cosine), "constant" (warmup then flat), "wsd"
+    warmup_steps: int = 100  # linear warmup length in optimizer steps
+    decay_fraction: float = 0.2  # wsd: fraction of the run spent decaying at the end
+    weight_decay: float = 0.1  # AdamW weight decay, applied to matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    eval_interval: int = 250  # steps between validation runs (step mode)
+    eval_batches: int = 20  # batches per validation estimate during training
+    log_interval: int = 10  # steps between metrics.jsonl rows
+    save_interval: int = 0  # > 0: also keep a step_N checkpoint every this many steps
+    keep_last: int = 0  # > 0: keep only this many step_N / epoch_N checkpoints
+    seed: int = 1337  # seeds initialization, data order and dropout
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
+    dtype: str = "auto"  # "auto", "fp32", "bf16" or "fp16" (mixed precision)
+    compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+    fsdp: bool = False  # shard with FSDP2 under torchrun instead of DDP
+
+    def __post_init__(self) -> None:
+        _check_choice("schedule", self.schedule, ("cosine", "constant", "wsd"))
+        _check_choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval", "window_stride"):
+            if getattr(self, name) <= 0:
+                raise TinyLMError(f"{name} ({getattr(self, name)}) must be a positive integer.")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise TinyLMError("Give a positive max_steps or epochs: there is nothing to train otherwise.")
+        if self.lr <= 0:
+            raise TinyLMError(f"lr ({self.lr}) must be positive.")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise TinyLMError(f"min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1].")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.save_interval < 0 or self.keep_last < 0:
+            raise TinyLMError("warmup_steps, max_grad_norm, save_interval and keep_last cannot be negative.")
+
+
+@dataclass
+class SampleConfig:
+    """How to pick each next token."""
+
+    max_new_tokens: int = 100  # tokens to generate
+    temperature: float = 1.0  # > 0; lower is more conservative
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # nucleus: keep the smallest set reaching this probability; 1.0 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already present; 1.0 = off
+    do_sample: bool = True  # False = greedy decoding
+    seed: int | None = None  # fixes the sampled text
+    stop: tuple[str, ...] = ()  # stop when any of these strings appears in the continuation
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise TinyLMError(f"max_new_tokens ({self.max_new_tokens}) cannot be negative.")
+        if self.do_sample and self.temperature <= 0:
+            raise TinyLMError(f"temperature ({self.temperature}) must be > 0 when sampling; use greedy decoding instead.")
+        if self.top_k < 0:
+            raise TinyLMError(f"top_k ({self.top_k}) cannot be negative (0 turns it off).")
+        if not 0.0 < self.top_p <= 1.0:
+            raise TinyLMError(f"top_p ({self.top_p}) must be in (0, 1].")
+        if self.repetition_penalty <= 0:
+            raise TinyLMError(f"repetition_penalty ({self.repetition_penalty}) must be > 0.")
+        self.stop = tuple(self.stop)
+
+
+_GPT = dict(position="learned", norm="layernorm", mlp="gelu")
+_LLAMA = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+
+# Each preset: fields of ModelConfig and TrainConfig. vocab_size always comes from the tokenizer.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The first tutorial's LLaMA-style character model with a Mixture-of-Experts feed-forward:
+    # 43 trainable tensors, about 2.25M parameters with a 65-character vocabulary.
+    "seed-char-moe": dict(
+        **_LLAMA, block_size=128, n_layer=4, n_head=8, n_embd=128, ffn_hidden=320,
+        n_expert=4, n_expert_active=2, dropout=0.0,
+        batch_size=32, lr=1e-3, warmup_steps=100, max_steps=2000, eval_interval=200,
+    ),
+    # The second tutorial's Mini-GPT (WikiText-2, subword tokenizer).
+    "mini-gpt": dict(
+        **_GPT, block_size=128, n_layer=4, n_head=8, n_embd=256, ffn_hidden=1024, dropout=0.1,
+        batch_size=32, lr=3e-4, warmup_steps=500, max_steps=5000, eval_interval=500,
+    ),
+    # nanoGPT's baby GPT on Tiny Shakespeare characters (about 10.7M parameters).
+    "shakespeare-char": dict(
+        **_GPT, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2, bias=False,
+        batch_size=64, lr=1e-3, beta2=0.99, warmup_steps=100, max_steps=5000, eval_interval=250,
+        eval_batches=200,
+    ),
+    # GPT-2 small, 124M parameters.
+    "gpt2-small": dict(
+        **_GPT, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0,
+        batch_size=12, grad_accum=40, lr=6e-4, warmup_steps=2000, max_steps=600000, eval_interval=1000,
+    ),
+    # A fast CPU recipe for characters: 4 layers, 128 wide, context 64.
+    "cpu-char": dict(
+        **_GPT, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False,
+        batch_size=12, lr=1e-3, beta2=0.99, warmup_steps=100, max_steps=2000, eval_interval=500,
+    ),
+    # Seconds-long runs for tests and smoke checks.
+    "tiny": dict(
+        **_GPT, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+        batch_size=8, lr=3e-3, warmup_steps=10, max_steps=100, eval_interval=50, eval_batches=5,
+    ),
+}
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise TinyLMError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+
+
+def field_names(cls: type) -> set[str]:
+    """Names of a config dataclass's fields."""
+    return {f.name for f in fields(cls)}
+
+
+def build_configs(
+    preset: str = "tiny", overrides: dict[str, Any] | None = None, vocab_size: int = 0
+) -> tuple[ModelConfig, TrainConfig]:
+    """Model and training configs from a preset, with `overrides` applied to whichever owns each key."""
+    if preset not in PRESETS:
+        raise TinyLMError(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+    values = {**PRESETS[preset], **(overrides or {})}
+    unknown = set(values) - field_names(ModelConfig) - field_names(TrainConfig)
+    if unknown:
+        raise TinyLMError(
+            f"Unknown config key(s) {', '.join(sorted(unknown))}; valid keys are "
+            f"{', '.join(sorted(field_names(ModelConfig) | field_names(TrainConfig)))}."
+        )
+    model_kwargs = {k: v for k, v in values.items() if k in field_names(ModelConfig)}
+    if vocab_size:
+        model_kwargs["vocab_size"] = vocab_size
+    train_kwargs = {k: v for k, v in values.items() if k in field_names(TrainConfig)}
+    return ModelConfig(**model_kwargs), TrainConfig(**train_kwargs)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ["n_layer=6", "dropout=0.1", "bias=false"] into typed values checked against the config fields."""
+    types = {f.name: f.type for cls in (ModelConfig, TrainConfig) for f in fields(cls)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise TinyLMError(f"--set expects key=value, got {pair!r}.")
+        if key not in types:
+            raise TinyLMError(f"Unknown config key {key!r} in --set; see `tinylm info --preset NAME --json` for keys.")
+        out[key] = _coerce(key, raw.strip(), str(types[key]))
+    return out
+
+
+def _coerce(key: str, raw: str, type_name: str) -> Any:
+    try:
+        if type_name == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise TinyLMError(f"Bad value for {key}: {raw!r} is not a valid {type_name}.") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a config, ignoring keys a newer or older version may have added."""
+    known = field_names(cls)
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+__all__ = [
+    "ModelConfig", "TrainConfig", "SampleConfig", "PRESETS", "build_configs", "parse_overrides",
+    "to_dict", "from_dict",
+]

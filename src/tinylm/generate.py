@@ -1,0 +1,198 @@
+"""Autoregressive sampling: small pure logit filters, a KV-cache decode loop, text streaming."""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from tinylm.config import SampleConfig
+from tinylm.errors import TinyLMError
+from tinylm.tokenizer import Tokenizer
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide (B, V) logits by the temperature."""
+    return logits / temperature
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row, set the rest to -inf; k = 0 or k >= V keeps all."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability mass strictly before each token
+    drop_sorted = before >= p  # the first token always has before == 0 < p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on tokens in `previous` (B, T): positive logits / penalty, negative * penalty."""
+    if penalty == 1.0 or previous.numel() == 0:
+        return logits
+    seen = logits.gather(-1, previous)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, previous, seen)
+
+
+def select_next(logits: torch.Tensor, cfg: SampleConfig, previous: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Choose the next token (B,) from (B, V) logits: penalty, then greedy or filtered sampling."""
+    logits = apply_repetition_penalty(logits.float(), previous, cfg.repetition_penalty)
+    if not cfg.do_sample:
+        return logits.argmax(dim=-1)
+    logits = filter_top_p(filter_top_k(apply_temperature(logits, cfg.temperature), cfg.top_k), cfg.top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+@torch.no_grad()
+def generate_tokens(model: nn.Module, idx: torch.Tensor, cfg: SampleConfig, use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield the next token (B,) for each of cfg.max_new_tokens steps after the prompt idx (B, T).
+
+    With the KV cache each step feeds one new position. Once the sequence outgrows the context,
+    the most recent block_size tokens are re-encoded each step (the tutorial's cropping rule), so
+    cached and uncached decoding give identical tokens.
+    """
+    block = model.cfg.block_size
+    seq = idx
+    caches = model.make_caches(idx.size(0)) if use_cache else None
+    generator = make_generator(cfg.seed, idx.device)
+    cached = 0  # positions already held in the caches
+    for _ in range(cfg.max_new_tokens):
+        if caches is None:
+            logits = model(seq[:, -block:])
+        else:
+            if seq.size(1) > block:
+                cached = 0
+            new = seq[:, -block:] if cached == 0 else seq[:, cached:]
+            logits = model(new, caches=caches, pos=cached)
+            cached += new.size(1)
+        nxt = select_next(logits[:, -1], cfg, seq, generator)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        yield nxt
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:
+    """Prompt ids; an empty prompt starts from the end-of-text (or newline) token; long prompts keep their end."""
+    ids = tokenizer.encode(prompt) if prompt else []
+    if not ids:
+        ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+    if len(ids) > block_size:
+        warnings.warn(f"Prompt has {len(ids)} tokens, more than the context of {block_size}; keeping the last {block_size}.")
+        ids = ids[-block_size:]
+    return ids
+
+
+@dataclass
+class Generation:
+    """One finished sample."""
+
+    prompt: str
+    text: str  # the continuation only
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig, use_cache: bool = True, stop_at_eot: bool = True) -> Iterator[str]:
+    """Yield pieces of the continuation as they are generated (whole characters only)."""
+    for piece, _ in _pieces(model, tokenizer, prompt, cfg, use_cache, stop_at_eot):
+        yield piece
+
+
+def _pieces(model: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig, use_cache: bool, stop_at_eot: bool) -> Iterator[tuple[str, int]]:
+    """(new text, tokens generated so far) as decoding goes."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([encode_prompt(tokenizer, prompt, model.cfg.block_size)], device=device)
+    eot = tokenizer.eot_id if (stop_at_eot and tokenizer.kind != "char") else None
+    ids: list[int] = []
+    emitted, text = "", ""
+    for nxt in generate_tokens(model, idx, cfg, use_cache):
+        token = int(nxt[0])
+        if eot is not None and token == eot:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
+            continue
+        text, stopped = _truncate_at_stop(text, cfg.stop)
+        if stopped:
+            break
+        safe = len(text) - _pending_stop_prefix(text, cfg.stop)  # hold back a possible start of a stop string
+        if safe > len(emitted):
+            yield text[len(emitted) : safe], len(ids)
+            emitted = text[:safe]
+    text = text.rstrip("\ufffd")
+    if len(text) > len(emitted):
+        yield text[len(emitted) :], len(ids)
+
+
+def _pending_stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop string."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str = "",
+    max_new_tokens: int = 100,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    do_sample: bool = True,
+    repetition_penalty: float = 1.0,
+    stop: tuple[str, ...] | list[str] = (),
+    seed: int | None = None,
+    num_samples: int = 1,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> list[Generation]:
+    """Sample `num_samples` continuations of `prompt`; the same seed gives the same texts."""
+    cfg = SampleConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample, seed, tuple(stop))
+    if num_samples < 1:
+        raise TinyLMError(f"num_samples ({num_samples}) must be at least 1.")
+    results = []
+    for i in range(num_samples):
+        sample_cfg = replace(cfg, seed=None if seed is None else seed + i)
+        start = time.perf_counter()
+        pieces, n_tokens = [], 0
+        bar = tqdm(total=max_new_tokens, desc="Generating", disable=not progress, leave=False)
+        for piece, count in _pieces(model, tokenizer, prompt, sample_cfg, use_cache, True):
+            pieces.append(piece)
+            bar.update(count - n_tokens)
+            n_tokens = count
+        bar.close()
+        text = "".join(pieces)
+        results.append(Generation(prompt, text, n_tokens, time.perf_counter() - start))
+    return results

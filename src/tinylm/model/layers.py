@@ -1,0 +1,193 @@
+"""Transformer building blocks: norms, rotary embeddings, causal attention, MLPs, Mixture-of-Experts."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinylm.config import ModelConfig
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (T, head_dim)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich, 2019), computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> Rope:
+    """cos and sin of position * frequency, (max_len, head_dim), in the rotate-half layout of LLaMA/HF."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, hd) queries or keys by their positions (Su et al., 2021)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one attention layer: (B, n_kv_head, max_len, head_dim)."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, hd) at positions pos..pos+T-1; return all keys and values so far."""
+        end = pos + k.size(2)
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head (optionally grouped-query) causal self-attention through F.scaled_dot_product_attention."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        kv_dim = self.n_kv_head * self.head_dim
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.record_weights = False  # set from outside (viz) to keep the attention probabilities
+        self.weights: torch.Tensor | None = None  # (B, n_head, T, S) when recorded
+
+    def forward(self, x: torch.Tensor, rope: Rope | None = None, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, Hkv, S, hd), S = pos + T
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        mask = causal_mask(T, k.size(2), x.device)
+        if self.record_weights:
+            y = self._attend_explicitly(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.wo(y))
+
+    def _attend_explicitly(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        T, S = q.size(2), k.size(2)
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        self.weights = probs.detach()
+        return (probs.to(v.dtype) @ v)
+
+
+def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor | None:
+    """None where SDPA's own flags suffice (T == S: is_causal; T == 1: attend to all); else a (T, S) mask."""
+    if T == S or T == 1:
+        return None
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (GPT) or SwiGLU (LLaMA). Returns (output, zero aux loss)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = cfg.hidden_dim
+        if self.swiglu:
+            self.w1 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # gate
+            self.w3 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # up
+            self.w2 = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)  # down
+        else:
+            self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+            self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.swiglu:
+            y = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        else:
+            y = self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.drop(y), x.new_zeros((), dtype=torch.float32)
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts feed-forward (Shazeer et al., 2017; Switch/Mixtral routing).
+
+    A linear gate scores the experts; each token goes to its top-k, weighted by a softmax over the
+    chosen experts' scores. Tokens are sorted by expert so each expert runs one matmul on all of its
+    tokens (no loop over tokens, none dropped). Returns (output, load-balancing loss).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, C, H = cfg.n_expert, cfg.n_embd, cfg.hidden_dim
+        self.n_expert, self.top_k, self.swiglu = E, cfg.n_expert_active, cfg.mlp == "swiglu"
+        self.gate = nn.Linear(C, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, C, H))  # in-projection (gate of SwiGLU)
+        self.w3 = nn.Parameter(torch.empty(E, C, H)) if self.swiglu else None  # SwiGLU up-projection
+        self.w2 = nn.Parameter(torch.empty(E, H, C))  # out-projection
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For (N, C) tokens: chosen experts (N, k), their weights (N, k), router probabilities (N, E)."""
+        logits = self.gate(x).float()  # (N, E)
+        top_logits, experts = logits.topk(self.top_k, dim=-1)
+        return experts, top_logits.softmax(dim=-1), logits.softmax(dim=-1)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its (n, C) tokens."""
+        h = x @ self.w1[e]
+        h = F.silu(h) * (x @ self.w3[e]) if self.w3 is not None else F.gelu(h, approximate="tanh")
+        return h @ self.w2[e]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        flat = x.reshape(-1, C)  # (N, C)
+        experts, weights, probs = self.route(flat)
+        assignment = experts.flatten()  # (N*k,) expert of each (token, slot)
+        order = assignment.argsort(stable=True)
+        token = order // self.top_k  # token of each sorted slot
+        counts = torch.bincount(assignment, minlength=self.n_expert)
+        chunks = flat[token].split(counts.tolist())
+        out = torch.cat([self.expert_forward(e, chunk) for e, chunk in enumerate(chunks)])  # (N*k, C)
+        out = out * weights.flatten()[order, None].to(out.dtype)
+        y = torch.zeros_like(flat).index_add_(0, token, out.to(flat.dtype))
+        return self.drop(y.view(B, T, C)), load_balancing_loss(probs, counts, self.n_expert)
+
+
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, n_expert: int) -> torch.Tensor:
+    """Switch Transformer auxiliary loss E * sum_e f_e * P_e; equals 1.0 for perfectly uniform routing."""
+    fraction = counts.float() / counts.sum().clamp(min=1)  # f_e: share of routed slots
+    return n_expert * (fraction.detach() * probs.mean(dim=0)).sum()

@@ -1,0 +1,118 @@
+"""The decoder-only transformer: GPT (Radford et al., 2019) or LLaMA (Touvron et al., 2023) flavoured."""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from tinylm.config import ModelConfig
+from tinylm.errors import TinyLMError
+from tinylm.model.layers import MLP, CausalSelfAttention, KVCache, MoE, Rope, make_norm, rope_tables
+
+# Parameters that write into the residual stream: initialised smaller, scaled by depth (GPT-2).
+_RESIDUAL_OUT = ("attn.wo.weight", "ff.proj.weight", "ff.w2.weight", "ff.w2")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ff(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.ff = MoE(cfg) if cfg.n_expert else MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: Rope | None = None, cache: KVCache | None = None, pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.norm1(x), rope, cache, pos)
+        h, aux = self.ff(self.norm2(x))
+        return x + h, aux
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise TinyLMError("ModelConfig.vocab_size must be set (it normally comes from the tokenizer).")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.position == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpointing = False  # switched on from outside by the trainer
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) weights, zero biases, residual outputs scaled by 1/sqrt(2 * n_layer)."""
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, mean=0.0, std=residual_std if name.endswith(_RESIDUAL_OUT) else 0.02)
+
+    def forward(
+        self, idx: torch.Tensor, *, caches: list[KVCache] | None = None, pos: int = 0, return_aux: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits for tokens at positions pos..pos+T-1; with return_aux, also the summed MoE balancing loss."""
+        B, T = idx.shape
+        if pos + T > self.cfg.block_size:
+            raise TinyLMError(
+                f"Sequence of {pos + T} tokens is longer than the model's context ({self.cfg.block_size}); crop it."
+            )
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
+        rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]) if self.pos_emb is None else None
+        x = self.drop(x)
+        aux = torch.zeros((), device=idx.device)
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training:
+                x, block_aux = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x, block_aux = block(x, rope, caches[i] if caches else None, pos)
+            aux = aux + block_aux
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        return (logits, aux) if return_aux else logits
+
+    def make_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """One preallocated KV cache per layer for `batch` sequences of up to max_len tokens."""
+        param = self.tok_emb.weight
+        length = max_len or self.cfg.block_size
+        return [
+            KVCache(batch, self.cfg.kv_heads, length, self.cfg.head_dim, dtype or param.dtype, param.device)
+            for _ in self.blocks
+        ]
+
+
+def parameter_summary(model: nn.Module) -> dict:
+    """Trainable tensors and parameters, in total and per top-level module (blocks summed per part)."""
+    seen: set[int] = set()
+    parts: "OrderedDict[str, dict[str, int]]" = OrderedDict()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        segments = name.split(".")
+        key = ".".join(["blocks.*", segments[2]]) if segments[0] == "blocks" else segments[0]
+        entry = parts.setdefault(key, {"tensors": 0, "parameters": 0})
+        entry["tensors"] += 1
+        entry["parameters"] += p.numel()
+    total = {
+        "tensors": sum(e["tensors"] for e in parts.values()),
+        "parameters": sum(e["parameters"] for e in parts.values()),
+    }
+    return {**total, "modules": dict(parts)}

@@ -1,0 +1,169 @@
+"""Tokenizers behind one interface: characters, byte-level BPE (HF `tokenizers`), and GPT-2's."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Protocol, runtime_checkable
+
+from tinylm.errors import TinyLMError
+
+EOT = "<|endoftext|>"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What every tokenizer offers."""
+
+    kind: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eot_id(self) -> int | None: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def save(self, path: str | Path) -> None: ...
+
+
+class CharTokenizer:
+    """One token per character; the vocabulary is the corpus's sorted set of characters.
+
+    Characters outside the vocabulary are an error that names them (no silent unknown token),
+    so a prompt never turns into different text than the user typed.
+    """
+
+    kind = "char"
+
+    def __init__(self, chars: Iterable[str]) -> None:
+        self.chars = sorted(set(chars))
+        if not self.chars:
+            raise TinyLMError("A character tokenizer needs at least one character of text.")
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def train(cls, text: str) -> "CharTokenizer":
+        return cls(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.stoi.get("\n")
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError:
+            unknown = sorted({c for c in text if c not in self.stoi})
+            shown = ", ".join(repr(c) for c in unknown[:10])
+            raise TinyLMError(
+                f"Text has {len(unknown)} character(s) outside this model's vocabulary: {shown}; "
+                "remove them or train on a corpus that contains them."
+            ) from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False))
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer: byte-level BPE trained here, or GPT-2's."""
+
+    def __init__(self, tok: "object", kind: str) -> None:
+        self.tok = tok
+        self.kind = kind
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> "HFTokenizer":
+        """Train a GPT-2-style byte-level BPE on the corpus; `<|endoftext|>` is token 0."""
+        from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < 257 + 1:
+            raise TinyLMError(f"A byte-level BPE needs vocab_size >= 258 (256 bytes + <|endoftext|>); got {vocab_size}.")
+        tok = _Tok(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok, "bpe")
+
+    @classmethod
+    def gpt2(cls) -> "HFTokenizer":
+        """GPT-2's tokenizer through `transformers` (needs the files cached or a network)."""
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise TinyLMError("The gpt2 tokenizer needs transformers: pip install 'tinylm[hf]'.") from None
+        try:
+            hf = AutoTokenizer.from_pretrained("gpt2")
+        except Exception as exc:  # offline, no cache, proxy errors...
+            raise TinyLMError(
+                "Could not load GPT-2's tokenizer (no network and no local copy in the Hugging Face cache); "
+                f"use --tokenizer bpe or char instead. ({type(exc).__name__})"
+            ) from None
+        return cls(hf.backend_tokenizer, "gpt2")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.tok.token_to_id(EOT)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, path: str | Path) -> None:
+        self.tok.save(str(path))  # the standard HF format, loadable by tokenizers and transformers
+
+
+def build_tokenizer(kind: str, texts: list[str], vocab_size: int = 0) -> Tokenizer:
+    """Make a tokenizer of `kind` ("char", "bpe", "gpt2") for this corpus."""
+    if kind == "char":
+        return CharTokenizer.train("".join(texts))
+    if kind == "bpe":
+        return HFTokenizer.train_bpe(texts, vocab_size or 4096)
+    if kind == "gpt2":
+        return HFTokenizer.gpt2()
+    raise TinyLMError(f"Unknown tokenizer {kind!r}; use char, bpe or gpt2.")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer saved by `save` (tinylm char JSON or a HF tokenizer.json)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TinyLMError(f"No tokenizer at {path}; a data or run directory must contain tokenizer.json.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TinyLMError(f"{path} is not a valid tokenizer file (corrupt JSON).") from None
+    if data.get("type") == "char":
+        return CharTokenizer(data["chars"])
+    from tokenizers import Tokenizer as _Tok
+
+    try:
+        tok = _Tok.from_file(str(path))
+    except Exception as exc:
+        raise TinyLMError(f"{path} is not a valid tokenizer file ({exc}).") from None
+    is_gpt2 = tok.get_vocab_size() == 50257 and tok.token_to_id(EOT) == 50256
+    return HFTokenizer(tok, "gpt2" if is_gpt2 else "bpe")

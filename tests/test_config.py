@@ -1,0 +1,56 @@
+import pytest
+
+from tinylm.config import PRESETS, ModelConfig, SampleConfig, TrainConfig, build_configs, parse_overrides
+from tinylm.errors import TinyLMError
+from tinylm.model import Transformer, parameter_summary
+
+
+def test_presets_build_and_have_expected_sizes():
+    sizes = {}
+    for name in PRESETS:
+        model_cfg, _ = build_configs(name, vocab_size=65)
+        if name != "gpt2-small":
+            sizes[name] = parameter_summary(Transformer(model_cfg))
+    # The first tutorial's reference model: 43 trainable tensors, about 2.24M parameters.
+    assert sizes["seed-char-moe"]["tensors"] == 43
+    assert 2.2e6 < sizes["seed-char-moe"]["parameters"] < 2.3e6
+    assert 10.6e6 < sizes["shakespeare-char"]["parameters"] < 10.8e6
+
+
+def test_mini_gpt_preset_matches_tutorial_shape():
+    m, t = build_configs("mini-gpt", vocab_size=50257)
+    assert (m.block_size, m.n_embd, m.n_head, m.n_layer, m.hidden_dim, m.dropout) == (128, 256, 8, 4, 1024, 0.1)
+    assert t.lr == 3e-4 and t.min_lr_ratio == 0.1 and t.max_grad_norm == 1.0
+
+
+def test_overrides_are_typed_and_routed():
+    o = parse_overrides(["n_layer=3", "dropout=0.1", "bias=false", "schedule=wsd"])
+    assert o == {"n_layer": 3, "dropout": 0.1, "bias": False, "schedule": "wsd"}
+    m, t = build_configs("tiny", o, vocab_size=10)
+    assert m.n_layer == 3 and m.bias is False and t.schedule == "wsd"
+
+
+@pytest.mark.parametrize("pairs, message", [
+    (["n_layer=abc"], "not a valid int"),
+    (["nope=1"], "Unknown config key"),
+    (["n_layer"], "key=value"),
+])
+def test_bad_overrides(pairs, message):
+    with pytest.raises(TinyLMError, match=message):
+        parse_overrides(pairs)
+
+
+def test_validation_messages():
+    with pytest.raises(TinyLMError, match=r"n_embd \(250\) must be divisible by n_head \(8\)"):
+        ModelConfig(n_embd=250, n_head=8)
+    with pytest.raises(TinyLMError, match="Unknown preset"):
+        build_configs("nope")
+    with pytest.raises(TinyLMError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(TinyLMError, match="top_p"):
+        SampleConfig(top_p=0.0)
+    with pytest.raises(TinyLMError, match="temperature"):
+        SampleConfig(temperature=0.0)
+    with pytest.raises(TinyLMError, match="top_k"):
+        SampleConfig(top_k=-1)
+    SampleConfig(temperature=0.0, do_sample=False)  # greedy needs no temperature

@@ -1,0 +1,84 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from tinylm.data import EpochWindows, RandomWindows, SlidingWindowDataset, TokenData, prepare
+from tinylm.errors import TinyLMError
+
+
+def test_prepare_char_writes_contiguous_split(tmp_path, shakespeare_slice):
+    meta = prepare([str(shakespeare_slice)], tmp_path, "char")
+    text = shakespeare_slice.read_text()
+    data = TokenData(tmp_path)
+    train, val = data.split("train"), data.split("val")
+    assert train.dtype == np.uint16 and meta["train_tokens"] == len(train) == 90_000 and len(val) == 10_000
+    tok = data.tokenizer
+    assert tok.decode(train[:200].tolist()) == text[:200]
+    assert tok.decode(val[:200].tolist()) == text[90_000:90_200]  # validation is the last 10%
+    on_disk = json.loads((tmp_path / "meta.json").read_text())
+    assert on_disk["sha256"] and on_disk["val_chars"] == 10_000 and on_disk["split"].startswith("contiguous")
+
+
+def test_prepare_builtin_and_directory(tmp_path, shakespeare_slice):
+    meta = prepare(["shakespeare"], tmp_path / "a", "char")
+    assert meta["vocab_size"] == 65 and meta["train_tokens"] == 1_003_854
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("hello world " * 100)
+    (folder / "b.txt").write_text("second file " * 100)
+    meta = prepare([str(folder)], tmp_path / "b", "bpe", vocab_size=300)
+    assert meta["tokenizer"] == "bpe" and meta["train_tokens"] > 0
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: p / "missing.txt", "is not a file"),
+    (lambda p: (p / "empty.txt").write_text("   ") and p / "empty.txt", "empty"),
+    (lambda p: (p / "bin.txt").write_bytes(b"ok\xff\xfe") and p / "bin.txt", "not UTF-8"),
+    (lambda p: (p / "d").mkdir() or p / "d", "no .txt files"),
+])
+def test_prepare_bad_inputs(tmp_path, setup, message):
+    with pytest.raises(TinyLMError, match=message):
+        prepare([str(setup(tmp_path))], tmp_path / "out", "char")
+
+
+def test_hf_source_fails_clearly_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TinyLMError, match="datasets|Hugging Face"):
+        prepare(["hf:wikitext:wikitext-2-raw-v1"], tmp_path, "char")
+
+
+def test_random_windows_targets_are_shifted_and_resumable():
+    tokens = np.arange(1000, dtype=np.uint16)
+    s = RandomWindows(tokens, block_size=16, batch_size=4, seed=0)
+    x, y = s.batch(3)
+    assert x.shape == (4, 16) and torch.equal(y, x + 1)
+    assert torch.equal(s.batch(3)[0], x) and not torch.equal(s.batch(4)[0], x)
+    # two ranks see the two halves of the single-process global batch
+    full = RandomWindows(tokens, 16, 8, seed=0).batch(5)[0]
+    halves = [RandomWindows(tokens, 16, 4, seed=0, rank=r, world_size=2).batch(5)[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), full)
+
+
+def test_sliding_window_dataset_covers_every_position():
+    tokens = np.arange(50, dtype=np.uint16)
+    ds = SlidingWindowDataset(tokens, block_size=8)
+    assert len(ds) == 50 - 8
+    x, y = ds[0]
+    assert x.tolist() == list(range(8)) and y.tolist() == list(range(1, 9))
+    assert ds[len(ds) - 1][1][-1].item() == 49
+    batches = list(DataLoader(ds, batch_size=7, shuffle=True))
+    starts = sorted(int(s) for xb, _ in batches for s in xb[:, 0])
+    assert starts == list(range(len(ds)))
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    epoch = EpochWindows(ds, batch_size=6, seed=1)
+    seen = torch.cat([epoch.batch(0, i)[0][:, 0] for i in range(epoch.batches_per_epoch)])
+    assert len(set(seen.tolist())) == len(seen) == 6 * (len(ds) // 6)
+
+
+def test_corpus_shorter_than_context_is_a_clear_error():
+    with pytest.raises(TinyLMError, match="shorter than one context window"):
+        RandomWindows(np.arange(10, dtype=np.uint16), block_size=32, batch_size=2, seed=0)

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from conftest import FLAVOURS, tiny_config
+from tinylm.checkpoint import load_run
+from tinylm.config import SampleConfig
+from tinylm.errors import TinyLMError
+from tinylm.generate import (
+    apply_repetition_penalty, filter_top_k, filter_top_p, generate, generate_tokens, select_next, stream,
+)
+from tinylm.model import Transformer
+
+INF = float("-inf")
+
+
+def test_top_k_hand_computed():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert filter_top_k(logits, 2).tolist() == [[INF, 3.0, 2.0, INF]]
+    assert torch.equal(filter_top_k(logits, 0), logits) and torch.equal(filter_top_k(logits, 10), logits)
+
+
+def test_top_p_hand_computed():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    kept = lambda p: (filter_top_p(logits, p) > INF).tolist()[0]
+    assert kept(0.5) == [True, False, False, False]  # 0.5 already reaches p
+    assert kept(0.6) == [True, True, False, False]
+    assert kept(0.9) == [True, True, True, False]
+    assert kept(0.01) == [True, False, False, False]  # always at least one
+    shuffled = logits[:, [2, 0, 3, 1]]
+    assert (filter_top_p(shuffled, 0.6) > INF).tolist()[0] == [False, True, False, True]
+
+
+def test_repetition_penalty_hand_computed():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5]]
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 0.9, 0.3]])
+    assert select_next(logits, SampleConfig(do_sample=False), torch.zeros(1, 0, dtype=torch.long)).item() == 1
+
+
+@pytest.mark.parametrize("flavour", ["gpt", "llama", "gpt-moe", "llama-moe"])
+def test_greedy_with_and_without_cache_is_identical(flavour):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS[flavour])).eval()
+    idx = torch.randint(0, 65, (1, 5))
+    cfg = SampleConfig(max_new_tokens=60, do_sample=False)  # 65 tokens: past the 32-token context
+    cached = torch.stack(list(generate_tokens(model, idx, cfg, use_cache=True)))
+    plain = torch.stack(list(generate_tokens(model, idx, cfg, use_cache=False)))
+    assert torch.equal(cached, plain)
+
+
+def test_same_seed_same_text(tiny_run):
+    run = load_run(tiny_run)
+    a = generate(run.model, run.tokenizer, "ROMEO:", max_new_tokens=40, seed=7)[0]
+    b = generate(run.model, run.tokenizer, "ROMEO:", max_new_tokens=40, seed=7)[0]
+    c = generate(run.model, run.tokenizer, "ROMEO:", max_new_tokens=40, seed=8)[0]
+    assert a.text == b.text and a.text != c.text and a.tokens == 40
+    pieces = list(stream(run.model, run.tokenizer, "ROMEO:", SampleConfig(max_new_tokens=40, top_k=50, top_p=0.95, seed=7)))
+    assert "".join(pieces) == a.text
+
+
+def test_prompts_empty_long_and_unknown(tiny_run):
+    run = load_run(tiny_run)
+    assert generate(run.model, run.tokenizer, "", max_new_tokens=5, seed=0)[0].tokens == 5
+    with pytest.warns(UserWarning, match="keeping the last 32"):
+        generate(run.model, run.tokenizer, "To be or not to be, " * 5, max_new_tokens=3, seed=0)
+    with pytest.raises(TinyLMError, match="outside this model's vocabulary"):
+        generate(run.model, run.tokenizer, "日本", max_new_tokens=3)
+
+
+def test_stop_strings_cut_the_text(tiny_run):
+    run = load_run(tiny_run)
+    full = generate(run.model, run.tokenizer, "A", max_new_tokens=60, do_sample=False)[0].text
+    stop = full[10:12]
+    cut = generate(run.model, run.tokenizer, "A", max_new_tokens=60, do_sample=False, stop=[stop])[0].text
+    assert cut == full[: full.find(stop)]

@@ -1,0 +1,132 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import FLAVOURS, tiny_config
+from tinylm.model import Transformer
+from tinylm.model.layers import MoE, RMSNorm, apply_rope, load_balancing_loss, rope_tables
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_shapes_and_causality(flavour):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS[flavour])).eval()
+    idx = torch.randint(0, 65, (2, 20))
+    logits, aux = model(idx, return_aux=True)
+    assert logits.shape == (2, 20, 65) and aux.ndim == 0
+    changed = idx.clone()
+    changed[:, 12:] = torch.randint(0, 65, (2, 8))
+    # future tokens must not change past logits
+    torch.testing.assert_close(model(changed)[:, :12], logits[:, :12])
+    assert not torch.allclose(model(changed)[:, 12:], logits[:, 12:])
+
+
+def test_context_longer_than_block_is_rejected():
+    model = Transformer(tiny_config())
+    with pytest.raises(Exception, match="longer than the model's context"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_rmsnorm_matches_naive():
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-5)
+    norm.weight.data = torch.randn(16)
+    x = torch.randn(3, 5, 16)
+    naive = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), naive)
+
+
+def test_rope_matches_naive_complex_rotation():
+    torch.manual_seed(0)
+    T, hd = 10, 8
+    x = torch.randn(1, 2, T, hd)
+    cos, sin = rope_tables(hd, T)
+    out = apply_rope(x, cos, sin)
+    # naive: pair dimension i with i + hd/2 and rotate by angle pos * theta^(-2i/hd)
+    expected = torch.empty_like(x)
+    for pos in range(T):
+        for i in range(hd // 2):
+            angle = pos * 10000 ** (-2 * i / hd)
+            a, b = x[..., pos, i], x[..., pos, i + hd // 2]
+            expected[..., pos, i] = a * math.cos(angle) - b * math.sin(angle)
+            expected[..., pos, i + hd // 2] = b * math.cos(angle) + a * math.sin(angle)
+    torch.testing.assert_close(out, expected)
+    # relative: <rope(q, m), rope(k, n)> depends only on m - n
+    q, k = torch.randn(hd), torch.randn(hd)
+    def dot(m, n):
+        return (apply_rope(q[None, None, None], cos[m : m + 1], sin[m : m + 1]) * apply_rope(k[None, None, None], cos[n : n + 1], sin[n : n + 1])).sum()
+    torch.testing.assert_close(dot(5, 2), dot(7, 4))
+
+
+@pytest.mark.parametrize("flavour", ["gpt", "llama-gqa"])
+def test_attention_matches_naive_softmax_attention(flavour):
+    torch.manual_seed(0)
+    cfg = tiny_config(**FLAVOURS[flavour])
+    model = Transformer(cfg).eval()
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 12, cfg.n_embd)
+    rope = (model.rope_cos[:12], model.rope_sin[:12]) if cfg.position == "rope" else None
+    fast = attn(x, rope)
+    attn.record_weights = True
+    slow = attn(x, rope)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+    w = attn.weights
+    assert w.shape == (2, cfg.n_head, 12, 12)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, cfg.n_head, 12))
+    assert torch.all(w.triu(diagonal=1) == 0)  # causal
+
+
+def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    for n in range(x.size(0)):
+        logits = moe.gate(x[n])
+        top, experts = logits.topk(moe.top_k)
+        weights = top.softmax(-1)
+        for w, e in zip(weights, experts):
+            out[n] += w * moe.expert_forward(int(e), x[n : n + 1])[0]
+    return out
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_moe_output_is_weighted_sum_of_chosen_experts(mlp):
+    torch.manual_seed(0)
+    moe = MoE(tiny_config(mlp=mlp, n_expert=4, n_expert_active=2))
+    for p in (moe.w1, moe.w2) + ((moe.w3,) if moe.w3 is not None else ()):
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 7, 32)
+    y, aux = moe(x)
+    torch.testing.assert_close(y.view(-1, 32), naive_moe(moe, x.view(-1, 32)), atol=1e-5, rtol=1e-4)
+    y.sum().backward()  # every expert that received a token gets a gradient
+    assert moe.gate.weight.grad is not None and moe.w1.grad.abs().sum() > 0
+
+
+def test_load_balancing_loss_is_minimal_for_uniform_routing():
+    E, N = 4, 64
+    uniform = load_balancing_loss(torch.full((N, E), 1 / E), torch.full((E,), N // E), E)
+    assert uniform.item() == pytest.approx(1.0)
+    skewed_probs = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(N, 1)
+    skewed = load_balancing_loss(skewed_probs, torch.tensor([N, 0, 0, 0]), E)
+    assert skewed.item() > uniform.item()
+
+
+def test_tied_embeddings_and_residual_init():
+    model = Transformer(tiny_config(n_layer=4))
+    assert model.lm_head.weight is model.tok_emb.weight
+    std_out = model.blocks[0].attn.wo.weight.std().item()
+    std_in = model.blocks[0].attn.wq.weight.std().item()
+    assert std_out < std_in * 0.6  # 0.02 / sqrt(2 * n_layer)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_kv_cache_logits_match_full_forward(flavour):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS[flavour])).eval()
+    idx = torch.randint(0, 65, (2, 16))
+    full = model(idx)
+    caches = model.make_caches(2)
+    parts = [model(idx[:, :10], caches=caches, pos=0)]
+    parts += [model(idx[:, t : t + 1], caches=caches, pos=t) for t in range(10, 13)]
+    parts.append(model(idx[:, 13:], caches=caches, pos=13))  # a multi-token chunk after a prefix
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)

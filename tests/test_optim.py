@@ -1,0 +1,57 @@
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from tinylm.config import TrainConfig
+from tinylm.model import Transformer
+from tinylm.optim import build_optimizer, lr_at, param_groups
+
+
+def test_cosine_schedule_is_the_tutorials_rule():
+    cfg = TrainConfig(lr=3e-4, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    total = 110
+    assert lr_at(0, total, cfg) == pytest.approx(3e-5)
+    assert lr_at(9, total, cfg) == pytest.approx(3e-4)  # warmup reaches the peak
+    assert lr_at(10, total, cfg) == pytest.approx(3e-4)
+    assert lr_at(total - 1, total, cfg) == pytest.approx(3e-5)  # 10% of the peak at the end
+    mid = 10 + (total - 1 - 10) / 2
+    assert lr_at(int(mid), total, cfg) == pytest.approx(3e-5 + 0.5 * 2.7e-4 * (1 + math.cos(math.pi * int(mid - 10) / 99)))
+    values = [lr_at(s, total, cfg) for s in range(10, total)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_constant_and_wsd_schedules():
+    const = TrainConfig(lr=1.0, warmup_steps=4, schedule="constant")
+    assert [lr_at(s, 100, const) for s in (0, 3, 50, 99)] == [0.25, 1.0, 1.0, 1.0]
+    wsd = TrainConfig(lr=1.0, warmup_steps=0, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_at(79, 100, wsd) == 1.0 and lr_at(99, 100, wsd) == pytest.approx(0.0)
+    assert 0 < lr_at(90, 100, wsd) < 1
+
+
+def test_weight_decay_only_on_matrices():
+    model = Transformer(tiny_config(n_expert=2, n_expert_active=1))
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters())
+
+
+def test_optimizer_matches_torch_adamw_reference():
+    torch.manual_seed(0)
+    a = Transformer(tiny_config())
+    b = Transformer(tiny_config())
+    b.load_state_dict(a.state_dict())
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95)
+    opt = build_optimizer(a, cfg)
+    ref = torch.optim.AdamW(param_groups(b, 0.1), lr=1e-2, betas=(0.9, 0.95))
+    x = torch.randint(0, 65, (2, 8))
+    for model, o in ((a, opt), (b, ref)):
+        for _ in range(3):
+            model(x).logsumexp(-1).mean().backward()
+            o.step()
+            o.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)

@@ -1,0 +1,50 @@
+import pytest
+
+from tinylm.errors import TinyLMError
+from tinylm.tokenizer import CharTokenizer, HFTokenizer, build_tokenizer, load_tokenizer
+
+
+def test_char_round_trip_and_save(tmp_path, shakespeare_text):
+    text = shakespeare_text[:20_000]
+    tok = CharTokenizer.train(text)
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.vocab_size == len(set(text))
+    tok.save(tmp_path / "t.json")
+    again = load_tokenizer(tmp_path / "t.json")
+    assert again.encode("ROMEO:") == tok.encode("ROMEO:") and again.vocab_size == tok.vocab_size
+
+
+def test_char_unknown_characters_are_named():
+    tok = CharTokenizer.train("abc")
+    with pytest.raises(TinyLMError, match="'z'"):
+        tok.encode("abz")
+
+
+def test_bpe_round_trip_unicode_and_save(tmp_path, shakespeare_text):
+    tok = HFTokenizer.train_bpe([shakespeare_text[:50_000]], vocab_size=500)
+    assert tok.vocab_size == 500 and tok.eot_id == 0
+    sample = "KING HENRY: naïve café — 東京 🙂\n"
+    assert tok.decode(tok.encode(sample)) == sample  # byte-level: anything round-trips
+    ids = tok.encode(shakespeare_text[:2000])
+    assert len(ids) < 2000  # merges compress
+    tok.save(tmp_path / "bpe.json")
+    again = load_tokenizer(tmp_path / "bpe.json")
+    assert again.kind == "bpe" and again.encode(sample) == tok.encode(sample)
+
+
+def test_unknown_tokenizer_and_corrupt_file(tmp_path):
+    with pytest.raises(TinyLMError, match="Unknown tokenizer"):
+        build_tokenizer("wordpiece", ["x"])
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(TinyLMError, match="corrupt"):
+        load_tokenizer(tmp_path / "bad.json")
+
+
+def test_gpt2_tokenizer_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        tok = build_tokenizer("gpt2", [])
+    except TinyLMError as exc:
+        assert "GPT-2" in str(exc) or "transformers" in str(exc)
+    else:  # a cached copy exists on this machine: then it must work
+        assert tok.decode(tok.encode("Hello world")) == "Hello world"

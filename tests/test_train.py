@@ -1,0 +1,109 @@
+import json
+import math
+
+import pytest
+import torch
+
+from tinylm import checkpoint as ckpt_mod
+from tinylm.checkpoint import checkpoint_dir, load_run
+from tinylm.config import build_configs
+from tinylm.data import TokenData
+from tinylm.errors import TinyLMError
+from tinylm.train import Trainer, train
+
+
+def test_short_real_run_loss_falls_clearly(tiny_run):
+    rows = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["type"] == "train"]
+    evals = [r for r in rows if r["type"] == "eval"]
+    assert train_rows[0]["loss"] > 4.0  # ~ln(65) at initialisation
+    assert evals[-1]["val_loss"] < 3.2 and evals[-1]["step"] == 60
+    assert {"lr", "grad_norm", "tokens_per_sec"} <= set(train_rows[-1])
+    for name in ("last", "best"):
+        assert (checkpoint_dir(tiny_run, name) / "model.safetensors").is_file()
+    run = load_run(tiny_run)  # self-contained: config + tokenizer + weights
+    assert run.tokenizer.vocab_size == run.model_cfg.vocab_size and not run.model.training
+
+
+def test_resume_is_exact(char_data, tmp_path):
+    overrides = {"max_steps": 40, "eval_interval": 10, "dropout": 0.1, "grad_accum": 2}
+    one = train(char_data, tmp_path / "one", "tiny", overrides, progress=False)
+    train(char_data, tmp_path / "two", "tiny", overrides, stop_after=20, progress=False)
+    two = train(out=tmp_path / "two", resume=True, progress=False)
+    assert two.steps == one.steps == 40
+    a, b = load_run(tmp_path / "one").model.state_dict(), load_run(tmp_path / "two").model.state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    with pytest.raises(TinyLMError, match="already finished"):
+        train(out=tmp_path / "two", resume=True, progress=False)
+    with pytest.raises(TinyLMError, match="different model config"):
+        train(out=tmp_path / "two", resume=True, overrides={"n_layer": 3, "max_steps": 50}, progress=False)
+    with pytest.raises(TinyLMError, match="already holds a run"):
+        train(char_data, tmp_path / "two", "tiny", overrides, progress=False)
+
+
+def _trainer(char_data, tmp_path, name, **overrides):
+    data = TokenData(char_data)
+    model_cfg, cfg = build_configs("tiny", {"max_steps": 5, **overrides}, vocab_size=data.tokenizer.vocab_size)
+    return Trainer(model_cfg, cfg, data, tmp_path / name, progress=False)
+
+
+def test_gradient_accumulation_equals_larger_batch(char_data, tmp_path):
+    accum = _trainer(char_data, tmp_path, "a", batch_size=4, grad_accum=2)
+    big = _trainer(char_data, tmp_path, "b", batch_size=8, grad_accum=1)
+    big.model.load_state_dict(accum.model.state_dict())
+    micro = accum.micro_batches(0)
+    big.micro_batches = lambda step: [(torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro]))]
+    sa, sb = accum.train_step(0), big.train_step(0)
+    assert sa["loss"] == pytest.approx(sb["loss"], rel=1e-5)
+    assert sa["grad_norm"] == pytest.approx(sb["grad_norm"], rel=1e-4)
+    for pa, pb in zip(accum.model.parameters(), big.model.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
+
+
+def test_epoch_mode_logs_and_checkpoints_each_epoch(char_data, tmp_path):
+    lines = []
+    result = train(char_data, tmp_path / "ep", "tiny", {"epochs": 2, "max_steps": 0, "window_stride": 64},
+                   progress=False, log=lines.append)
+    assert [l.split(":")[0] for l in lines] == ["Epoch 1/2", "Epoch 2/2"]
+    assert "average loss" in lines[0] and "validation loss" in lines[0]
+    assert [e["epoch"] for e in result.epoch_losses] == [1, 2]
+    assert {p.name for p in (tmp_path / "ep" / "checkpoints").iterdir()} >= {"epoch_1", "epoch_2", "last", "best"}
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tiny_run, monkeypatch):
+    before = load_run(tiny_run).model.state_dict()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod, "save_state_dict", crash)
+    with pytest.raises(OSError):
+        ckpt_mod.save_checkpoint(tiny_run, "last", before, None, {})
+    after = load_run(tiny_run).model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not [p for p in (tiny_run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(char_data, tmp_path):
+    trainer = _trainer(char_data, tmp_path, "nan", max_steps=20, eval_interval=5)
+    trainer.train(stop_after=5)
+    with torch.no_grad():
+        trainer.model.tok_emb.weight.fill_(float("nan"))
+    with pytest.raises(TinyLMError, match="Loss became nan"):
+        trainer.train()
+    weights = load_run(tmp_path / "nan").model.tok_emb.weight
+    assert torch.isfinite(weights).all()
+
+
+def test_unwritable_run_directory_is_a_clear_error(char_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(TinyLMError, match="Cannot write to the run directory"):
+        train(char_data, blocker / "run", "tiny", progress=False)
+
+
+def test_moe_preset_trains(char_data, tmp_path):
+    result = train(char_data, tmp_path / "moe", "seed-char-moe",
+                   {"max_steps": 8, "batch_size": 4, "block_size": 32, "eval_interval": 8, "eval_batches": 2}, progress=False)
+    assert math.isfinite(result.val_loss) and result.val_loss < 4.2
