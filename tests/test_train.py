@@ -107,3 +107,21 @@ def test_moe_preset_trains(char_data, tmp_path):
     result = train(char_data, tmp_path / "moe", "seed-char-moe",
                    {"max_steps": 8, "batch_size": 4, "block_size": 32, "eval_interval": 8, "eval_batches": 2}, progress=False)
     assert math.isfinite(result.val_loss) and result.val_loss < 4.2
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(char_data, tmp_path):
+    from tinylm.train import TrainingInterrupted
+
+    trainer = _trainer(char_data, tmp_path, "int", max_steps=20, eval_interval=50)
+    real_step = trainer.train_step
+
+    def interrupt_at_7(step):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_step(step)
+
+    trainer.train_step = interrupt_at_7
+    with pytest.raises(TrainingInterrupted, match="tinylm train --resume"):
+        trainer.train()
+    assert json.loads((checkpoint_dir(tmp_path / "int", "last") / "meta.json").read_text())["step"] == 7
+    assert train(out=tmp_path / "int", resume=True, progress=False).steps == 20

@@ -41,11 +41,14 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         overrides.setdefault("max_steps", 0)
     if args.max_steps:
         overrides.setdefault("epochs", 0)
-    for flag in ("compile", "grad_checkpointing", "fsdp"):
+    for flag in ("compile", "grad_checkpointing", "fsdp", "tensorboard", "wandb"):
         if getattr(args, flag):
             overrides[flag] = True
     result = train(args.data, args.resume or args.out, args.preset, overrides, resume=bool(args.resume),
                    stop_after=args.stop_after, progress=not args.no_progress)
+    if result.rank != 0:  # under torchrun, rank 0 speaks for the run
+        args.json = False
+        return {}
     print(f"Trained {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_sec:,.0f} tokens/s): "
           f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}. Run saved in {result.run_dir}")
     return result.summary()
@@ -124,6 +127,14 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     return {**summary, "config": to_dict(model_cfg)}
 
 
+def cmd_plot(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.viz import plot_training_progress
+
+    path = plot_training_progress(args.run_dir, args.out)
+    print(f"Saved {path}")
+    return {"out": str(path)}
+
+
 # ----- parser -----------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -174,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the model with FSDP2 instead of DDP")
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (RUN_DIR/tensorboard)")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (needs wandb installed)")
     p.add_argument("--out", default="runs/run", help="run directory (default runs/run)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--stop-after", type=int, help="stop (resumably) after this many steps in this session")
@@ -202,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="plot training and validation loss and the learning rate")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
+    _add_common(p)
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("info", help="count trainable tensors and parameters")
     p.add_argument("run_dir", nargs="?", help="run directory (else describe --preset)")

@@ -98,6 +98,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
     fsdp: bool = False  # shard with FSDP2 under torchrun instead of DDP
+    tensorboard: bool = False  # also log metrics to RUN_DIR/tensorboard
+    wandb: bool = False  # also log metrics to Weights & Biases
 
     def __post_init__(self) -> None:
         _check_choice("schedule", self.schedule, ("cosine", "constant", "wsd"))

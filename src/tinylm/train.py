@@ -37,6 +37,7 @@ class TrainResult:
     """What a training run produced: where it is, how it ended, and its loss histories."""
 
     run_dir: Path
+    rank: int
     steps: int
     train_loss: float
     val_loss: float
@@ -74,6 +75,7 @@ class Trainer:
         self.history: dict[str, list[dict]] = {"train_losses": [], "val_losses": [], "epoch_losses": []}
         self._make_batches()
         self.wrapped = self._wrap(self.model)
+        self.sinks = self._make_sinks()
 
     # ----- set-up -------------------------------------------------------------------------
     def _make_batches(self) -> None:
@@ -147,7 +149,7 @@ class Trainer:
             self.save("last")
         seconds = time.perf_counter() - start_time
         return TrainResult(
-            self.run_dir, self.step, loss, val_loss, seconds,
+            self.run_dir, self.rt.rank, self.step, loss, val_loss, seconds,
             (self.step - start_step) * self.tokens_per_step / max(seconds, 1e-9), **self.history,
         )
 
@@ -167,6 +169,12 @@ class Trainer:
                 objective = (loss + self.model_cfg.moe_aux_weight * aux) / len(micro)
             self.scaler.scale(objective).backward()
             total += loss.item() / len(micro)
+        if self.rt.distributed:  # log the global-batch loss, as a single process would see it
+            import torch.distributed as dist
+
+            t = torch.tensor([total], device=self.rt.device)
+            dist.all_reduce(t)
+            total = t.item() / self.rt.world_size
         if not math.isfinite(total):
             raise TinyLMError(
                 f"Loss became {total} at step {step + 1}; stopped. The last good checkpoint in {self.run_dir} is intact; "
@@ -250,6 +258,36 @@ class Trainer:
         if self.rt.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({**row, "time": time.time()}) + "\n")
+            for sink in self.sinks:
+                sink(row)
+
+    def _make_sinks(self) -> list[Callable[[dict[str, Any]], None]]:
+        """Optional TensorBoard / Weights & Biases loggers (rank 0 only)."""
+        sinks: list[Callable[[dict[str, Any]], None]] = []
+        if not self.rt.is_main:
+            return sinks
+        numeric = lambda row: {f"{row['type']}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TinyLMError("--tensorboard needs the tensorboard package: pip install tensorboard.") from None
+            writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+            def to_tensorboard(row: dict[str, Any]) -> None:
+                for k, v in numeric(row).items():
+                    writer.add_scalar(k, v, row["step"])
+                writer.flush()
+
+            sinks.append(to_tensorboard)
+        if self.cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise TinyLMError("--wandb needs the wandb package: pip install wandb.") from None
+            wandb.init(project="tinylm", name=self.run_dir.name, config={"model": self.model_cfg.__dict__, "train": self.cfg.__dict__})
+            sinks.append(lambda row: wandb.log(numeric(row), step=row["step"]))
+        return sinks
 
     def _check_writable(self) -> None:
         """Fail before training, not at the first checkpoint, when the run directory cannot hold one."""
