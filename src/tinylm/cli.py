@@ -135,6 +135,71 @@ def cmd_plot(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": str(path)}
 
 
+def cmd_app(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm import apps
+    from tinylm.checkpoint import load_run
+    from tinylm.runtime import resolve_device
+
+    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, do_sample=not args.greedy,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    fn = {"complete": apps.complete_text, "story": apps.generate_story, "ask": apps.answer_question}[args.command]
+    text = fn(run.model, run.tokenizer, args.text, **sampling)
+    print(text)
+    return {"text": text}
+
+
+def cmd_attention(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.checkpoint import load_run
+    from tinylm.viz import visualize_generation_attention
+
+    run = load_run(args.run_dir, args.checkpoint)
+    path = visualize_generation_attention(run.model, run.tokenizer, args.prompt, args.tokens, args.out)
+    print(f"Saved {path}")
+    return {"out": str(path)}
+
+
+def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from tinylm.checkpoint import load_run
+    from tinylm.config import SampleConfig
+    from tinylm.generate import stream
+    from tinylm.runtime import resolve_device
+
+    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    cfg = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, do_sample=not args.greedy, seed=args.seed)
+    settings = {"/temp": ("temperature", float), "/top_k": ("top_k", int), "/top_p": ("top_p", float), "/max": ("max_new_tokens", int)}
+    print("tinylm chat: type a prompt; /temp 0.8, /top_k 50, /top_p 0.9, /max 200 change settings; /quit leaves.")
+    turns = 0
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        word, _, value = line.strip().partition(" ")
+        if word in ("/quit", "/exit"):
+            break
+        if word in settings:
+            name, kind = settings[word]
+            try:
+                cfg = replace(cfg, **{name: kind(value)})
+                print(f"{name} = {getattr(cfg, name)}")
+            except (ValueError, TinyLMError) as exc:
+                print(f"error: {exc}")
+            continue
+        try:
+            for piece in stream(run.model, run.tokenizer, line, cfg):
+                print(piece, end="", flush=True)
+        except TinyLMError as exc:
+            print(f"error: {exc}", end="")
+        print()
+        turns += 1
+    print()
+    return {"turns": turns}
+
+
 # ----- parser -----------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -215,6 +280,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
+
+    for name, help_text, arg in (("complete", "continue a text", "text to complete"),
+                                 ("story", "write a short story about a theme", "theme"),
+                                 ("ask", "answer a question (Q: ... A: format)", "question")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("run_dir", help="run directory")
+        p.add_argument("text", help=arg)
+        _add_sampling(p)
+        _add_common(p)
+        p.set_defaults(func=cmd_app)
+
+    p = sub.add_parser("chat", help="interactive prompt loop with streamed replies")
+    p.add_argument("run_dir", help="run directory")
+    _add_sampling(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("attention", help="heatmaps of attention while generating")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--prompt", required=True, help="prompt to continue")
+    p.add_argument("--tokens", type=int, default=5, help="generated tokens to show (default 5)")
+    p.add_argument("--out", default="attention.png", help="PNG path (default attention.png)")
+    p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
+    _add_common(p)
+    p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("plot", help="plot training and validation loss and the learning rate")
     p.add_argument("run_dir", help="run directory")

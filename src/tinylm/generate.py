@@ -165,7 +165,7 @@ def _pending_stop_prefix(text: str, stops: tuple[str, ...]) -> int:
 def generate(
     model: nn.Module,
     tokenizer: Tokenizer,
-    prompt: str = "",
+    prompt: str | list[str] = "",
     max_new_tokens: int = 100,
     temperature: float = 1.0,
     top_k: int = 50,
@@ -178,21 +178,53 @@ def generate(
     use_cache: bool = True,
     progress: bool = False,
 ) -> list[Generation]:
-    """Sample `num_samples` continuations of `prompt`; the same seed gives the same texts."""
+    """Continue one prompt or a list of prompts (any lengths), `num_samples` times each, in batches.
+
+    Prompts of equal token length decode together as one batch; the same seed gives the same texts.
+    Results come in order: prompt 0's samples, then prompt 1's, ...
+    """
     cfg = SampleConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample, seed, tuple(stop))
     if num_samples < 1:
         raise TinyLMError(f"num_samples ({num_samples}) must be at least 1.")
-    results = []
-    for i in range(num_samples):
-        sample_cfg = replace(cfg, seed=None if seed is None else seed + i)
-        start = time.perf_counter()
-        pieces, n_tokens = [], 0
-        bar = tqdm(total=max_new_tokens, desc="Generating", disable=not progress, leave=False)
-        for piece, count in _pieces(model, tokenizer, prompt, sample_cfg, use_cache, True):
-            pieces.append(piece)
-            bar.update(count - n_tokens)
-            n_tokens = count
-        bar.close()
-        text = "".join(pieces)
-        results.append(Generation(prompt, text, n_tokens, time.perf_counter() - start))
-    return results
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    rows = [(p, encode_prompt(tokenizer, p, model.cfg.block_size)) for p in prompts for _ in range(num_samples)]
+    groups: dict[int, list[int]] = {}
+    for i, (_, ids) in enumerate(rows):
+        groups.setdefault(len(ids), []).append(i)
+    results: list[Generation | None] = [None] * len(rows)
+    device = next(model.parameters()).device
+    for members in groups.values():
+        idx = torch.tensor([rows[i][1] for i in members], device=device)
+        texts, counts, seconds = _decode_batch(model, tokenizer, idx, cfg, use_cache, progress)
+        for i, text, n in zip(members, texts, counts):
+            results[i] = Generation(rows[i][0], text, n, seconds)
+    return results  # type: ignore[return-value]
+
+
+def _decode_batch(model: nn.Module, tokenizer: Tokenizer, idx: torch.Tensor, cfg: SampleConfig, use_cache: bool, progress: bool) -> tuple[list[str], list[int], float]:
+    """Texts and token counts of a batch of equal-length prompts, each cut at end-of-text or a stop string."""
+    eot = tokenizer.eot_id if tokenizer.kind != "char" else None
+    start = time.perf_counter()
+    ids: list[list[int]] = [[] for _ in range(idx.size(0))]
+    done = [False] * idx.size(0)
+    bar = tqdm(total=cfg.max_new_tokens, desc="Generating", disable=not progress, leave=False)
+    for nxt in generate_tokens(model, idx, cfg, use_cache):
+        bar.update(1)
+        for row, token in enumerate(nxt.tolist()):
+            if done[row]:
+                continue
+            if token == eot:
+                done[row] = True
+                continue
+            ids[row].append(token)
+            if cfg.stop and _truncate_at_stop(tokenizer.decode(ids[row][-64:]), cfg.stop)[1]:
+                done[row] = True
+        if all(done):
+            break
+    bar.close()
+    texts, counts = [], []
+    for row_ids in ids:
+        text = _truncate_at_stop(tokenizer.decode(row_ids), cfg.stop)[0]
+        texts.append(text.rstrip("\ufffd"))
+        counts.append(len(row_ids))
+    return texts, counts, time.perf_counter() - start
