@@ -165,6 +165,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str | torch.
     train_cfg = from_dict(TrainConfig, config["train"])
     ckpt = checkpoint_dir(run_dir, checkpoint)
     model = Transformer(model_cfg)
+    if config.get("lora"):  # adapters are part of this run's weights
+        from tinylm.lora import LoRAConfig, apply_lora
+
+        apply_lora(model, LoRAConfig(**config["lora"]))
     load_weights(model, ckpt / WEIGHTS)
     meta = json.loads((ckpt / META).read_text()) if (ckpt / META).is_file() else {}
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")

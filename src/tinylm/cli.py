@@ -200,6 +200,34 @@ def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
     return {"turns": turns}
 
 
+def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.config import parse_overrides
+    from tinylm.finetune import finetune
+    from tinylm.lora import LoRAConfig
+
+    overrides = parse_overrides(args.set or [])
+    for key in ("max_steps", "batch_size", "lr", "device", "seed", "dtype"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    lora = None
+    if args.lora:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else ()
+        lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
+    result = finetune(args.run_dir, args.data, args.resume or args.out, lora=lora, overrides=overrides,
+                      checkpoint=args.checkpoint, resume=bool(args.resume), progress=not args.no_progress)
+    print(f"Fine-tuned {result.steps} steps: train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}. "
+          f"Run saved in {result.run_dir}")
+    return result.summary()
+
+
+def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.finetune import merge_run
+
+    out = merge_run(args.run_dir, args.out)
+    print(f"Merged adapters into {out}")
+    return {"out": str(out)}
+
+
 # ----- parser -----------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -305,6 +333,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
     _add_common(p)
     p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("finetune", help="continue training a run on new text or prompt/response pairs")
+    p.add_argument("run_dir", nargs="?", help="base run directory")
+    p.add_argument("--data", help="JSONL of {prompt, response} (loss on responses only), a prepared data dir, or text")
+    p.add_argument("--out", default="runs/finetune", help="new run directory (default runs/finetune)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped fine-tuning run")
+    p.add_argument("--checkpoint", default="last", help="base checkpoint to start from (default last)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters only; base weights stay frozen")
+    p.add_argument("--lora-rank", type=int, default=8, help="adapter rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale numerator (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on adapter inputs (default 0)")
+    p.add_argument("--lora-targets", help="comma-separated layer names (default wq,wk,wv,wo,fc,proj,w1,w2,w3)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override training fields")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default 200)")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: a third of the base run's)")
+    p.add_argument("--device", help="auto, cpu, cuda or mps")
+    p.add_argument("--dtype", help="auto, fp32, bf16 or fp16")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_common(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("merge", help="fold a LoRA run's adapters into its weights")
+    p.add_argument("run_dir", help="LoRA fine-tuning run")
+    p.add_argument("--out", help="merged run directory (default RUN_DIR-merged)")
+    _add_common(p)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("plot", help="plot training and validation loss and the learning rate")
     p.add_argument("run_dir", help="run directory")

@@ -133,9 +133,10 @@ def _encode(tok: Tokenizer, text: str) -> np.ndarray:
 
 
 def prepare(
-    inputs: list[str], out: str | Path, tokenizer: str = "char", vocab_size: int = 0, val_fraction: float = 0.1
+    inputs: list[str], out: str | Path, tokenizer: str | Tokenizer = "char", vocab_size: int = 0, val_fraction: float = 0.1
 ) -> dict:
-    """Tokenize the inputs and write train.bin, val.bin, tokenizer.json and meta.json into `out`."""
+    """Tokenize the inputs (with a new tokenizer of that kind, or a given one) and write train.bin,
+    val.bin, tokenizer.json and meta.json into `out`."""
     if not inputs:
         raise TinyLMError("Give at least one input: a text file, a directory, a built-in name or hf:NAME.")
     if not 0.0 < val_fraction < 1.0:
@@ -150,7 +151,10 @@ def prepare(
     else:  # contiguous split: first (1 - val_fraction) for training, the rest for validation
         cut = int(len(text) * (1.0 - val_fraction))
         train_text, val_text = text[:cut], text[cut:]
-    tok = build_tokenizer(tokenizer, [train_text, val_text] if tokenizer == "char" else [train_text], vocab_size)
+    if isinstance(tokenizer, str):
+        tok = build_tokenizer(tokenizer, [train_text, val_text] if tokenizer == "char" else [train_text], vocab_size)
+    else:
+        tok = tokenizer
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)

@@ -28,6 +28,14 @@ from tinylm.model import Transformer
 from tinylm.optim import build_optimizer, lr_at
 
 
+@dataclass
+class Batches:
+    """Training batches by step (an object with .batch(step, micro) -> (x, y)) and fixed validation batches."""
+
+    train: Any
+    val: list[tuple[torch.Tensor, torch.Tensor]]
+
+
 class TrainingInterrupted(TinyLMError):
     """Ctrl-C during training: a checkpoint was saved and the run can be resumed."""
 
@@ -58,28 +66,36 @@ class Trainer:
     """Owns the model, optimizer and data of one run; `train()` is the whole loop."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, run_dir: Path,
-                 progress: bool = True, log: Callable[[str], None] | None = None, extra: dict[str, Any] | None = None) -> None:
+                 progress: bool = True, log: Callable[[str], None] | None = None, extra: dict[str, Any] | None = None,
+                 *, model_init: Callable[[Transformer], None] | None = None, batches: "Batches | None" = None) -> None:
         self.model_cfg, self.cfg, self.data, self.run_dir = model_cfg, cfg, data, Path(run_dir)
         self.extra = extra if extra is not None else {"data": str(data.path.resolve()), "data_meta": data.meta}
         self.rt = rt.setup(cfg.device, cfg.dtype, cfg.seed)
         self.progress = progress and self.rt.is_main
         self.log = (log or tqdm.write) if self.rt.is_main else (lambda msg: None)
-        self.train_tokens, self.val_tokens = data.split("train"), data.split("val")
-        check_length(self.train_tokens, model_cfg.block_size, "train")
-        check_length(self.val_tokens, model_cfg.block_size, "validation")
         self.model = Transformer(model_cfg).to(self.rt.device)
+        if model_init is not None:  # e.g. load pre-trained weights, wrap LoRA adapters
+            model_init(self.model)
         self.model.grad_checkpointing = cfg.grad_checkpointing
         self.optimizer = build_optimizer(self.model, cfg, self.rt.device.type)
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.dtype == torch.float16)
         self.step, self.best_val = 0, math.inf
         self.history: dict[str, list[dict]] = {"train_losses": [], "val_losses": [], "epoch_losses": []}
-        self._make_batches()
+        self._make_batches(batches)
         self.wrapped = self._wrap(self.model)
         self.sinks = self._make_sinks()
 
     # ----- set-up -------------------------------------------------------------------------
-    def _make_batches(self) -> None:
+    def _make_batches(self, batches: "Batches | None") -> None:
         cfg, r = self.cfg, self.rt
+        if batches is not None:  # the caller brings its own (e.g. masked prompt/response pairs)
+            self.sampler, self.val_batches, self.total_steps = batches.train, batches.val, cfg.max_steps
+            if cfg.epochs > 0:
+                raise TinyLMError("These batches are drawn by step; use --max-steps instead of --epochs.")
+            return
+        self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
+        check_length(self.train_tokens, self.model_cfg.block_size, "train")
+        check_length(self.val_tokens, self.model_cfg.block_size, "validation")
         if cfg.epochs > 0:
             dataset = SlidingWindowDataset(self.train_tokens, self.model_cfg.block_size, cfg.window_stride)
             self.epoch_windows = EpochWindows(dataset, cfg.batch_size, cfg.seed, r.rank, r.world_size)
@@ -400,6 +416,8 @@ def train(
 
 def _resuming_trainer(run_dir: Path, overrides: dict[str, Any], progress: bool, log: Callable[[str], None] | None) -> Trainer:
     config = read_run_config(run_dir)
+    if "finetune" in config:
+        raise TinyLMError(f"{run_dir} is a fine-tuning run; resume it with: tinylm finetune --resume {run_dir}")
     model_cfg = from_dict(ModelConfig, config["model"])
     changed = {k: v for k, v in overrides.items() if k in config["model"] and config["model"][k] != v}
     if changed:
@@ -412,4 +430,4 @@ def _resuming_trainer(run_dir: Path, overrides: dict[str, Any], progress: bool, 
     return trainer
 
 
-__all__ = ["train", "Trainer", "TrainResult", "TrainingInterrupted"]
+__all__ = ["train", "Trainer", "TrainResult", "TrainingInterrupted", "Batches"]

@@ -1,0 +1,99 @@
+"""Fine-tuning: response-only loss, LoRA leaves base weights untouched, adapters save alone, merge is exact."""
+import json
+
+import pytest
+import torch
+
+from conftest import FLAVOURS, tiny_config
+from tinylm.checkpoint import load_run
+from tinylm.errors import TinyLMError
+from tinylm.evaluate import IGNORE
+from tinylm.finetune import encode_pair, finetune, merge_run, read_pairs
+from tinylm.lora import LoRAConfig, LoRALinear, apply_lora, lora_state_dict, merge_lora, trainable_parameters
+from tinylm.model import Transformer
+from tinylm.tokenizer import CharTokenizer
+
+PAIRS = [{"prompt": f"Q: Who is {n}?\nA:", "response": f" {r}.\n"} for n, r in
+         [("Romeo", "a Montague"), ("Juliet", "a Capulet"), ("Lear", "a king"), ("Puck", "a sprite"), ("Hal", "a prince")]]
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    return path
+
+
+def test_only_response_tokens_carry_loss():
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz:? .\nQA")
+    ids, labels = encode_pair(tok, "Q: hi?\nA:", " yes.\n", block_size=64)
+    prompt_len = len("Q: hi?\nA:")
+    assert len(ids) == len(labels) == prompt_len + len(" yes.\n") - 1
+    assert labels[: prompt_len - 1] == [IGNORE] * (prompt_len - 1)
+    assert tok.decode(labels[prompt_len - 1 :]) == " yes.\n"  # every response token is a target
+    assert ids[prompt_len - 1] == tok.encode(":")[0]  # the last prompt token predicts the first response token
+
+
+def test_bad_jsonl_lines(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "only"}\n')
+    with pytest.raises(TinyLMError, match='line 2 needs string fields "prompt" and "response"'):
+        read_pairs(path)
+    path.write_text("not json\n")
+    with pytest.raises(TinyLMError, match="line 1 is not valid JSON"):
+        read_pairs(path)
+
+
+def test_lora_targets_and_trainable_count():
+    model = Transformer(tiny_config(**FLAVOURS["llama"]))
+    with pytest.raises(TinyLMError, match="No linear layer named nope"):
+        apply_lora(model, LoRAConfig(targets=("nope",)))
+    apply_lora(model, LoRAConfig(rank=4))
+    wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(wrapped) == 2 * 7  # wq wk wv wo w1 w2 w3 per layer
+    trainable, total = trainable_parameters(model)
+    assert trainable == sum(p.numel() for m in wrapped for p in (m.lora_a, m.lora_b)) and trainable < total / 5
+
+
+def test_merge_gives_the_same_logits():
+    torch.manual_seed(0)
+    model = apply_lora(Transformer(tiny_config(**FLAVOURS["gpt"])).eval(), LoRAConfig(rank=4))
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_b, std=0.1)  # a trained-looking adapter
+    idx = torch.randint(0, 65, (2, 16))
+    before = model(idx)
+    merged = merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    torch.testing.assert_close(merged(idx), before, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_finetune_keeps_base_bitwise_and_saves_small_adapter(tiny_run, pairs_file, tmp_path):
+    base = load_run(tiny_run).model.state_dict()
+    result = finetune(tiny_run, pairs_file, tmp_path / "ft", lora=LoRAConfig(rank=4),
+                      overrides={"max_steps": 15, "eval_interval": 15, "lr": 1e-2}, progress=False)
+    assert result.steps == 15
+    tuned = load_run(tmp_path / "ft")
+    for name, tensor in tuned.model.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(tensor, base[name.replace(".base.", ".")]), name
+    adapter = tmp_path / "ft" / "adapter.safetensors"
+    weights = next((tmp_path / "ft" / "checkpoints" / "last").glob("model.safetensors"))
+    assert adapter.stat().st_size < weights.stat().st_size / 2
+    merged = load_run(merge_run(tmp_path / "ft", tmp_path / "merged"))
+    idx = torch.randint(0, tuned.model_cfg.vocab_size, (1, 20))
+    torch.testing.assert_close(merged.model(idx), tuned.model(idx), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TinyLMError, match="no LoRA adapters"):
+        merge_run(tmp_path / "merged")
+
+
+def test_full_finetune_on_text_and_resume(tiny_run, shakespeare_text, tmp_path):
+    text = tmp_path / "more.txt"
+    text.write_text(shakespeare_text[200_000:260_000])
+    finetune(tiny_run, text, tmp_path / "ft", overrides={"max_steps": 20, "eval_interval": 10}, progress=False)
+    with pytest.raises(TinyLMError, match="tinylm finetune --resume"):
+        from tinylm.train import train
+
+        train(out=tmp_path / "ft", resume=True, overrides={"max_steps": 30}, progress=False)
+    result = finetune(None, None, tmp_path / "ft", resume=True, overrides={"max_steps": 30}, progress=False)
+    assert result.steps == 30 and result.val_loss < 3.5
