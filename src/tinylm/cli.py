@@ -228,6 +228,22 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": str(out)}
 
 
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.export import export_hf
+
+    out = export_hf(args.run_dir, args.out, args.checkpoint)
+    print(f"Exported {args.run_dir} as a Hugging Face model to {out}")
+    return {"out": str(out)}
+
+
+def cmd_import_hf(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.export import import_hf
+
+    out = import_hf(args.src, args.out)
+    print(f"Imported {args.src} as a tinylm run in {out}")
+    return {"out": str(out)}
+
+
 # ----- parser -----------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -361,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="merged run directory (default RUN_DIR-merged)")
     _add_common(p)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="export a run as a Hugging Face transformers model directory")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--format", default="hf", choices=("hf",), help="export format (hf)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
+    _add_common(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-hf", help="import a local transformers GPT-2 / LLaMA / Mixtral model as a run")
+    p.add_argument("src", help="Hugging Face model directory (config.json + weights + tokenizer)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    _add_common(p)
+    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("plot", help="plot training and validation loss and the learning rate")
     p.add_argument("run_dir", help="run directory")
