@@ -9,6 +9,10 @@ import torch
 
 from tinylm.config import ModelConfig
 
+# No network in tests: Hugging Face libraries read these once, at import, so set them before any import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("TINYLM_DATA_DIR", ROOT.parent / "shared" / "datasets"))
 SHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"

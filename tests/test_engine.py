@@ -76,3 +76,58 @@ def test_two_process_run_matches_single_process(char_data, tmp_path, mode):
 def test_plot_writes_a_png(tiny_run, tmp_path):
     path = plot_training_progress(tiny_run, tmp_path / "loss.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_keep_last_prunes_step_checkpoints(char_data, tmp_path):
+    from tinylm.train import train
+
+    train(char_data, tmp_path / "r", "tiny", {"max_steps": 12, "save_interval": 3, "keep_last": 2, "eval_interval": 12}, progress=False)
+    names = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert names == ["best", "last", "step_0000009", "step_0000012"]
+
+
+def test_compile_failure_falls_back_with_a_warning(char_data, tmp_path, monkeypatch):
+    from tinylm.train import train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="torch.compile is not available"):
+        result = train(char_data, tmp_path / "r", "tiny", {"max_steps": 3, "compile": True}, progress=False)
+    assert result.steps == 3
+
+
+def test_tensorboard_sink_receives_metrics(char_data, tmp_path, monkeypatch):
+    import types
+
+    from tinylm.train import train
+
+    written = []
+
+    class Writer:
+        def __init__(self, logdir):
+            written.append(("dir", logdir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train(char_data, tmp_path / "r", "tiny", {"max_steps": 4, "eval_interval": 4, "tensorboard": True}, progress=False)
+    assert ("train/loss", 1) in written and ("eval/val_loss", 4) in written
+
+
+def test_stream_and_dtype_flags(tiny_run):
+    out = subprocess.run([sys.executable, "-m", "tinylm", "generate", str(tiny_run), "--prompt", "ROMEO:", "--stream",
+                          "--max-new-tokens", "12", "--seed", "3", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("ROMEO:")
+    streamed = json.loads(out.stdout.strip().splitlines()[-1])["text"]
+    out = subprocess.run([sys.executable, "-m", "tinylm", "generate", str(tiny_run), "--prompt", "ROMEO:", "--no-progress",
+                          "--max-new-tokens", "12", "--seed", "3", "--json"], capture_output=True, text=True, timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["text"] == streamed
+    out = subprocess.run([sys.executable, "-m", "tinylm", "generate", str(tiny_run), "--prompt", "ROMEO:", "--no-progress",
+                          "--dtype", "bf16", "--max-new-tokens", "12", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1])["tokens"] == 12

@@ -97,3 +97,26 @@ def test_full_finetune_on_text_and_resume(tiny_run, shakespeare_text, tmp_path):
         train(out=tmp_path / "ft", resume=True, overrides={"max_steps": 30}, progress=False)
     result = finetune(None, None, tmp_path / "ft", resume=True, overrides={"max_steps": 30}, progress=False)
     assert result.steps == 30 and result.val_loss < 3.5
+
+
+def test_lora_on_moe_experts_trains_only_adapters_and_merges_exactly():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS["llama-moe"]))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, LoRAConfig(rank=2, experts=True))
+    assert any("ff.parametrizations.w1" in k and "lora_a" in k for k in lora_state_dict(model))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    idx = torch.randint(0, 65, (2, 16))
+    for _ in range(3):
+        model(idx).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    originals = {k.replace(".parametrizations", "").replace(".original", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    for name, tensor in base.items():
+        key = name if name in originals else name.replace("weight", "base.weight").replace("bias", "base.bias")
+        assert torch.equal(originals[key], tensor), name
+    model.eval()
+    before = model(idx)
+    torch.testing.assert_close(merge_lora(model)(idx), before, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TinyLMError, match="no Mixture-of-Experts"):
+        apply_lora(Transformer(tiny_config()), LoRAConfig(experts=True))

@@ -78,3 +78,14 @@ def test_stop_strings_cut_the_text(tiny_run):
     stop = full[10:12]
     cut = generate(run.model, run.tokenizer, "A", max_new_tokens=60, do_sample=False, stop=[stop])[0].text
     assert cut == full[: full.find(stop)]
+
+
+@pytest.mark.parametrize("flavour", ["gpt", "llama-gqa", "llama-moe"])
+def test_static_fixed_shape_decode_matches_dynamic(flavour):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS[flavour])).eval()
+    idx = torch.randint(0, 65, (2, 5))
+    cfg = SampleConfig(max_new_tokens=40, do_sample=False)
+    static = torch.stack(list(generate_tokens(model, idx, cfg, static=True)))
+    dynamic = torch.stack(list(generate_tokens(model, idx, cfg)))
+    assert torch.equal(static, dynamic)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -60,7 +61,12 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.generate import generate, stream
     from tinylm.runtime import resolve_device
 
-    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    device = resolve_device(args.device)
+    run = load_run(args.run_dir, args.checkpoint, device)
+    if args.dtype:  # e.g. bf16 weights: half the memory traffic per decoded token
+        from tinylm.runtime import resolve_dtype
+
+        run.model.to(resolve_dtype(args.dtype, device))
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   do_sample=not args.greedy, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()), seed=args.seed)
     if args.stream:
@@ -73,7 +79,8 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         print()
         text = "".join(pieces)
         return {"text": text, "tokens": len(run.tokenizer.encode(text)) if text else 0, "seconds": time.perf_counter() - start}
-    results = generate(run.model, run.tokenizer, args.prompt, num_samples=args.num_samples, progress=not args.no_progress, **kwargs)
+    results = generate(run.model, run.tokenizer, args.prompt, num_samples=args.num_samples, progress=not args.no_progress,
+                       compile=args.compile, **kwargs)
     for i, r in enumerate(results):
         if len(results) > 1:
             print(f"--- sample {i + 1} ---")
@@ -212,7 +219,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     lora = None
     if args.lora:
         targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else ()
-        lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
+        lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, targets, args.lora_experts)
     result = finetune(args.run_dir, args.data, args.resume or args.out, lora=lora, overrides=overrides,
                       checkpoint=args.checkpoint, resume=bool(args.resume), progress=not args.no_progress)
     print(f"Fine-tuned {result.steps} steps: train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}. "
@@ -308,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="text to continue (empty starts from the end-of-text/newline token)")
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw (default 1)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="cast the weights for decoding (bf16 is ~1.5x faster on CPU)")
+    p.add_argument("--compile", action="store_true", help="compile the fixed-shape decode step (CUDA graphs on a GPU)")
     _add_sampling(p)
     _add_common(p)
     p.set_defaults(func=cmd_generate)
@@ -361,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale numerator (default 16)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on adapter inputs (default 0)")
     p.add_argument("--lora-targets", help="comma-separated layer names (default wq,wk,wv,wo,fc,proj,w1,w2,w3)")
+    p.add_argument("--lora-experts", action="store_true", help="also adapt Mixture-of-Experts expert weights")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override training fields")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default 200)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
@@ -421,5 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `tinylm info | head -1`
+        sys.stdout = open(os.devnull, "w")
+        return 0
     _emit(args, summary)
     return 0

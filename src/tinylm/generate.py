@@ -67,14 +67,35 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return gen
 
 
+def decode_one_token(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor, caches: list) -> torch.Tensor:
+    """Logits (B, V) for one new token (B, 1) at position input_pos (1,): fixed shapes, so it can be
+    captured as a CUDA graph with torch.compile(mode="reduce-overhead")."""
+    return model(token, caches=caches, pos=input_pos)[:, -1]
+
+
+_COMPILED: dict[int, object] = {}
+
+
+def compiled_decode(model: nn.Module) -> object:
+    """decode_one_token compiled once per model (CUDA graphs on GPU)."""
+    key = id(model)
+    if key not in _COMPILED:
+        mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
+        _COMPILED[key] = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    return _COMPILED[key]
+
+
 @torch.no_grad()
-def generate_tokens(model: nn.Module, idx: torch.Tensor, cfg: SampleConfig, use_cache: bool = True) -> Iterator[torch.Tensor]:
+def generate_tokens(model: nn.Module, idx: torch.Tensor, cfg: SampleConfig, use_cache: bool = True,
+                    static: bool = False, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token (B,) for each of cfg.max_new_tokens steps after the prompt idx (B, T).
 
     With the KV cache each step feeds one new position. Once the sequence outgrows the context,
     the most recent block_size tokens are re-encoded each step (the tutorial's cropping rule), so
-    cached and uncached decoding give identical tokens.
+    cached and uncached decoding give identical tokens. `static` decodes single tokens with fixed
+    shapes (decode_one_token); `compile` also compiles that step (CUDA graphs on a GPU).
     """
+    step_fn = compiled_decode(model) if compile else decode_one_token
     block = model.cfg.block_size
     seq = idx
     caches = model.make_caches(idx.size(0)) if use_cache else None
@@ -87,7 +108,10 @@ def generate_tokens(model: nn.Module, idx: torch.Tensor, cfg: SampleConfig, use_
             if seq.size(1) > block:
                 cached = 0
             new = seq[:, -block:] if cached == 0 else seq[:, cached:]
-            logits = model(new, caches=caches, pos=cached)
+            if (static or compile) and new.size(1) == 1:
+                logits = step_fn(model, new, torch.tensor([cached], device=new.device), caches)[:, None]
+            else:
+                logits = model(new, caches=caches, pos=cached)
             cached += new.size(1)
         nxt = select_next(logits[:, -1], cfg, seq, generator)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
@@ -177,6 +201,7 @@ def generate(
     num_samples: int = 1,
     use_cache: bool = True,
     progress: bool = False,
+    compile: bool = False,
 ) -> list[Generation]:
     """Continue one prompt or a list of prompts (any lengths), `num_samples` times each, in batches.
 
@@ -195,20 +220,21 @@ def generate(
     device = next(model.parameters()).device
     for members in groups.values():
         idx = torch.tensor([rows[i][1] for i in members], device=device)
-        texts, counts, seconds = _decode_batch(model, tokenizer, idx, cfg, use_cache, progress)
+        texts, counts, seconds = _decode_batch(model, tokenizer, idx, cfg, use_cache, progress, compile)
         for i, text, n in zip(members, texts, counts):
             results[i] = Generation(rows[i][0], text, n, seconds)
     return results  # type: ignore[return-value]
 
 
-def _decode_batch(model: nn.Module, tokenizer: Tokenizer, idx: torch.Tensor, cfg: SampleConfig, use_cache: bool, progress: bool) -> tuple[list[str], list[int], float]:
+def _decode_batch(model: nn.Module, tokenizer: Tokenizer, idx: torch.Tensor, cfg: SampleConfig, use_cache: bool, progress: bool,
+                  compile: bool = False) -> tuple[list[str], list[int], float]:
     """Texts and token counts of a batch of equal-length prompts, each cut at end-of-text or a stop string."""
     eot = tokenizer.eot_id if tokenizer.kind != "char" else None
     start = time.perf_counter()
     ids: list[list[int]] = [[] for _ in range(idx.size(0))]
     done = [False] * idx.size(0)
     bar = tqdm(total=cfg.max_new_tokens, desc="Generating", disable=not progress, leave=False)
-    for nxt in generate_tokens(model, idx, cfg, use_cache):
+    for nxt in generate_tokens(model, idx, cfg, use_cache, compile=compile):
         bar.update(1)
         for row, token in enumerate(nxt.tolist()):
             if done[row]:

@@ -21,6 +21,7 @@ class LoRAConfig:
     alpha: float = 16.0  # scale: the update is (alpha / r) * B @ A
     dropout: float = 0.0  # dropout on the adapter's input
     targets: tuple[str, ...] = ()  # linear layers (by attribute name) to adapt; () = attention and MLP projections
+    experts: bool = False  # also adapt Mixture-of-Experts expert weights (one low-rank update per expert)
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -54,8 +55,28 @@ class LoRALinear(nn.Module):
         return layer
 
 
+class ExpertLoRA(nn.Module):
+    """A parametrization of batched expert weights W (E, n, m): W + (alpha / r) * A[e] @ B[e], B = 0 at start."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float) -> None:
+        super().__init__()
+        E, n, m = weight.shape
+        self.lora_a = nn.Parameter(torch.randn(E, n, rank, device=weight.device) / math.sqrt(n))
+        self.lora_b = nn.Parameter(torch.zeros(E, rank, m, device=weight.device))
+        self.scale = alpha / rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + torch.bmm(self.lora_a, self.lora_b) * self.scale
+
+
+def _expert_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, name) of every 3-D expert weight (MoE w1 / w2 / w3)."""
+    return [(m, n) for m in model.modules() for n in ("w1", "w2", "w3")
+            if isinstance(getattr(m, n, None), torch.Tensor) and getattr(m, n).dim() == 3]
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Freeze the model and wrap every nn.Linear whose attribute name is in cfg.targets."""
+    """Freeze the model and wrap every nn.Linear whose attribute name is in cfg.targets (and experts if asked)."""
     available = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
     targets = cfg.targets or tuple(t for t in DEFAULT_TARGETS if t in available)
     unknown = [t for t in targets if t not in available]
@@ -67,6 +88,14 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and name in targets:
                 setattr(parent, name, LoRALinear(child, cfg.rank, cfg.alpha, cfg.dropout))
+    if cfg.experts:
+        from torch.nn.utils import parametrize
+
+        experts = _expert_modules(model)
+        if not experts:
+            raise TinyLMError("LoRA on experts was asked for, but this model has no Mixture-of-Experts layers.")
+        for module, name in experts:
+            parametrize.register_parametrization(module, name, ExpertLoRA(getattr(module, name), cfg.rank, cfg.alpha))
     return model
 
 
@@ -77,10 +106,16 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight, leaving a plain model that trains as usual."""
+    from torch.nn.utils import parametrize
+
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(parent, name, child.merged())
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

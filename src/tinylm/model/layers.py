@@ -61,6 +61,12 @@ class KVCache(nn.Module):
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def update_static(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v at tensor `positions` (T,) and return the whole fixed-size cache (CUDA-graph friendly)."""
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head (optionally grouped-query) causal self-attention through F.scaled_dot_product_attention."""
@@ -78,19 +84,24 @@ class CausalSelfAttention(nn.Module):
         self.record_weights = False  # set from outside (viz) to keep the attention probabilities
         self.weights: torch.Tensor | None = None  # (B, n_head, T, S) when recorded
 
-    def forward(self, x: torch.Tensor, rope: Rope | None = None, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None = None, cache: KVCache | None = None, pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """pos: the first position (int), or every position as a (T,) tensor for the fixed-shape decode path."""
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(pos, k, v)  # (B, Hkv, S, hd), S = pos + T
+        if isinstance(pos, torch.Tensor):  # static shapes: attend over the whole cache, masked by position
+            k, v = cache.update_static(pos, k, v)  # (B, Hkv, max_len, hd)
+            mask = torch.arange(k.size(2), device=x.device)[None, :] <= pos[:, None]  # (T, max_len)
+        else:
+            if cache is not None:
+                k, v = cache.update(pos, k, v)  # (B, Hkv, S, hd), S = pos + T
+            mask = causal_mask(T, k.size(2), x.device)
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        mask = causal_mask(T, k.size(2), x.device)
         if self.record_weights:
             y = self._attend_explicitly(q, k, v, mask)
         else:

@@ -26,7 +26,7 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.ff = MoE(cfg) if cfg.n_expert else MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: Rope | None = None, cache: KVCache | None = None, pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, rope: Rope | None = None, cache: KVCache | None = None, pos: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.norm1(x), rope, cache, pos)
         h, aux = self.ff(self.norm2(x))
         return x + h, aux
@@ -65,18 +65,25 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=residual_std if name.endswith(_RESIDUAL_OUT) else 0.02)
 
     def forward(
-        self, idx: torch.Tensor, *, caches: list[KVCache] | None = None, pos: int = 0, return_aux: bool = False
+        self, idx: torch.Tensor, *, caches: list[KVCache] | None = None, pos: int | torch.Tensor = 0, return_aux: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits for tokens at positions pos..pos+T-1; with return_aux, also the summed MoE balancing loss."""
+        """Logits for tokens at positions pos..pos+T-1; with return_aux, also the summed MoE balancing loss.
+
+        `pos` may also be a (T,) tensor of positions: the fixed-shape decode path used with static caches.
+        """
         B, T = idx.shape
-        if pos + T > self.cfg.block_size:
-            raise TinyLMError(
-                f"Sequence of {pos + T} tokens is longer than the model's context ({self.cfg.block_size}); crop it."
-            )
+        if isinstance(pos, torch.Tensor):
+            positions = pos
+        else:
+            if pos + T > self.cfg.block_size:
+                raise TinyLMError(
+                    f"Sequence of {pos + T} tokens is longer than the model's context ({self.cfg.block_size}); crop it."
+                )
+            positions = torch.arange(pos, pos + T, device=idx.device)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
-        rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]) if self.pos_emb is None else None
+            x = x + self.pos_emb(positions)
+        rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.pos_emb is None else None
         x = self.drop(x)
         aux = torch.zeros((), device=idx.device)
         for i, block in enumerate(self.blocks):
