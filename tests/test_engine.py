@@ -131,3 +131,15 @@ def test_stream_and_dtype_flags(tiny_run):
     out = subprocess.run([sys.executable, "-m", "tinylm", "generate", str(tiny_run), "--prompt", "ROMEO:", "--no-progress",
                           "--dtype", "bf16", "--max-new-tokens", "12", "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1])["tokens"] == 12
+
+
+def test_dtype_resolution_and_bf16_autocast_training(char_data, tmp_path):
+    from tinylm.errors import TinyLMError
+    from tinylm.runtime import resolve_dtype
+    from tinylm.train import train
+
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(TinyLMError, match="fp16 mixed precision needs a GPU"):
+        resolve_dtype("fp16", torch.device("cpu"))
+    result = train(char_data, tmp_path / "bf16", "tiny", {"max_steps": 5, "dtype": "bf16", "eval_interval": 5}, progress=False)
+    assert result.steps == 5 and result.val_loss < 4.3
