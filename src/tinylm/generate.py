@@ -181,6 +181,27 @@ def _pieces(model: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SampleConf
         yield text[len(emitted) :], len(ids)
 
 
+def _collect_until_stop(tokens: Iterator[torch.Tensor], tokenizer: Tokenizer, cfg: SampleConfig, eot: int | None,
+                        rows: int, bar: tqdm) -> list[list[int]]:
+    """Token ids per row, each row ending at end-of-text or once its text holds a stop string."""
+    ids: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    for nxt in tokens:
+        bar.update(1)
+        for row, token in enumerate(nxt.tolist()):
+            if done[row]:
+                continue
+            if token == eot:
+                done[row] = True
+                continue
+            ids[row].append(token)
+            if cfg.stop and _truncate_at_stop(tokenizer.decode(ids[row][-64:]), cfg.stop)[1]:
+                done[row] = True
+        if all(done):
+            break
+    return ids
+
+
 def _pending_stop_prefix(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest end of `text` that is the beginning of a stop string."""
     return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
@@ -231,22 +252,16 @@ def _decode_batch(model: nn.Module, tokenizer: Tokenizer, idx: torch.Tensor, cfg
     """Texts and token counts of a batch of equal-length prompts, each cut at end-of-text or a stop string."""
     eot = tokenizer.eot_id if tokenizer.kind != "char" else None
     start = time.perf_counter()
-    ids: list[list[int]] = [[] for _ in range(idx.size(0))]
-    done = [False] * idx.size(0)
     bar = tqdm(total=cfg.max_new_tokens, desc="Generating", disable=not progress, leave=False)
-    for nxt in generate_tokens(model, idx, cfg, use_cache, compile=compile):
-        bar.update(1)
-        for row, token in enumerate(nxt.tolist()):
-            if done[row]:
-                continue
-            if token == eot:
-                done[row] = True
-                continue
-            ids[row].append(token)
-            if cfg.stop and _truncate_at_stop(tokenizer.decode(ids[row][-64:]), cfg.stop)[1]:
-                done[row] = True
-        if all(done):
-            break
+    tokens = generate_tokens(model, idx, cfg, use_cache, compile=compile)
+    if eot is None and not cfg.stop:  # nothing ends a row early: keep tokens on the device, sync once
+        steps = []
+        for nxt in tokens:
+            steps.append(nxt)
+            bar.update(1)
+        ids = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(idx.size(0))]
+    else:
+        ids = _collect_until_stop(tokens, tokenizer, cfg, eot, idx.size(0), bar)
     bar.close()
     texts, counts = [], []
     for row_ids in ids:

@@ -175,7 +175,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro = self.micro_batches(step)
-        total = 0.0
+        total = torch.zeros((), device=self.rt.device)  # summed on device: no sync per micro-batch
         for i, (x, y) in enumerate(micro):
             x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
             sync = i == len(micro) - 1 or not hasattr(self.wrapped, "no_sync")
@@ -184,25 +184,27 @@ class Trainer:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                 objective = (loss + self.model_cfg.moe_aux_weight * aux) / len(micro)
             self.scaler.scale(objective).backward()
-            total += loss.item() / len(micro)
+            total += loss.detach() / len(micro)
         if self.rt.distributed:  # log the global-batch loss, as a single process would see it
             import torch.distributed as dist
 
-            t = torch.tensor([total], device=self.rt.device)
-            dist.all_reduce(t)
-            total = t.item() / self.rt.world_size
-        if not math.isfinite(total):
-            raise TinyLMError(
-                f"Loss became {total} at step {step + 1}; stopped. The last good checkpoint in {self.run_dir} is intact; "
-                "lower --lr, raise warmup_steps, or use --dtype fp32/bf16 instead of fp16."
-            )
+            dist.all_reduce(total)
+            total /= self.rt.world_size
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        loss_value, norm_value = torch.stack([total, grad_norm.float().to(total.device)]).tolist()  # the step's one sync
+        if not math.isfinite(loss_value):
+            raise TinyLMError(
+                f"Loss became {loss_value} at step {step + 1}; stopped. The last good checkpoint in {self.run_dir} is intact; "
+                "lower --lr, raise warmup_steps, or use --dtype fp32/bf16 instead of fp16."
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": total, "lr": lr, "grad_norm": float(grad_norm)}
+        return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
 
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The grad_accum micro-batches of optimizer step `step` (a pure function of the seed)."""
