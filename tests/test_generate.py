@@ -89,3 +89,14 @@ def test_static_fixed_shape_decode_matches_dynamic(flavour):
     static = torch.stack(list(generate_tokens(model, idx, cfg, static=True)))
     dynamic = torch.stack(list(generate_tokens(model, idx, cfg)))
     assert torch.equal(static, dynamic)
+
+
+@pytest.mark.parametrize("flavour", ["gpt", "llama-moe"])
+def test_compiled_decode_step_is_one_graph_and_matches_eager(flavour):
+    """fullgraph=True fails on any graph break: the precondition for CUDA-graph capture on a GPU."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS[flavour])).eval()
+    idx = torch.randint(0, 65, (1, 5))
+    cfg = SampleConfig(max_new_tokens=12, do_sample=False)
+    compiled = torch.stack(list(generate_tokens(model, idx, cfg, compile=True)))
+    assert torch.equal(compiled, torch.stack(list(generate_tokens(model, idx, cfg))))

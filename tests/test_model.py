@@ -130,3 +130,13 @@ def test_kv_cache_logits_match_full_forward(flavour):
     parts += [model(idx[:, t : t + 1], caches=caches, pos=t) for t in range(10, 13)]
     parts.append(model(idx[:, 13:], caches=caches, pos=13))  # a multi-token chunk after a prefix
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_moe_gathered_decode_path_matches_sorted_path():
+    torch.manual_seed(0)
+    moe = MoE(tiny_config(**FLAVOURS["llama-moe"])).eval()
+    for p in (moe.w1, moe.w2, moe.w3):
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(3, 32)
+    experts, weights, _ = moe.route(x)
+    torch.testing.assert_close(moe._gathered(x, experts, weights), moe(x[None])[0][0], atol=1e-5, rtol=1e-4)

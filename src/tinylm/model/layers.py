@@ -187,6 +187,9 @@ class MoE(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(-1, C)  # (N, C)
         experts, weights, probs = self.route(flat)
+        if torch.compiler.is_compiling() and not self.training:
+            # fixed shapes for compiled decoding (CUDA graphs): gather each token's chosen experts' weights
+            return self._gathered(flat, experts, weights).view(B, T, C), probs.new_zeros(())
         assignment = experts.flatten()  # (N*k,) expert of each (token, slot)
         order = assignment.argsort(stable=True)
         token = order // self.top_k  # token of each sorted slot
@@ -196,6 +199,14 @@ class MoE(nn.Module):
         out = out * weights.flatten()[order, None].to(out.dtype)
         y = torch.zeros_like(flat).index_add_(0, token, out.to(flat.dtype))
         return self.drop(y.view(B, T, C)), load_balancing_loss(probs, counts, self.n_expert)
+
+
+    def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(N, C) output from per-token gathered expert weights: cheap when N * k is small (decoding)."""
+        h = torch.einsum("nc,nkch->nkh", x, self.w1[experts])
+        h = F.silu(h) * torch.einsum("nc,nkch->nkh", x, self.w3[experts]) if self.w3 is not None else F.gelu(h, approximate="tanh")
+        out = torch.einsum("nkh,nkhc->nkc", h, self.w2[experts])
+        return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
 
 
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, n_expert: int) -> torch.Tensor:
