@@ -270,12 +270,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tinylm.config import PRESETS
-
-    parser = argparse.ArgumentParser(prog="tinylm", description="Build, train, evaluate and sample small language models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _parser_prepare(sub: argparse._SubParsersAction) -> None:
+    """`tinylm prepare`."""
     p = sub.add_parser("prepare", help="tokenize text into train/val shards")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="text file, directory of .txt, built-in name (shakespeare) or hf:NAME[:CONFIG]")
     p.add_argument("--tokenizer", choices=("char", "bpe", "gpt2"), default="char", help="tokenizer kind (default char)")
@@ -284,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output data directory")
     _add_common(p)
     p.set_defaults(func=cmd_prepare)
+
+
+def _parser_train(sub: argparse._SubParsersAction) -> None:
+    """`tinylm train`."""
+    from tinylm.config import PRESETS
 
     p = sub.add_parser("train", help="train a model (or --resume a run)")
     p.add_argument("--data", help="prepared data directory")
@@ -310,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
+
+def _parser_generate(sub: argparse._SubParsersAction) -> None:
+    """`tinylm generate`."""
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--prompt", default="", help="text to continue (empty starts from the end-of-text/newline token)")
@@ -321,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_generate)
 
+
+def _parser_eval(sub: argparse._SubParsersAction) -> None:
+    """`tinylm eval`."""
     p = sub.add_parser("eval", help="loss, perplexity and bits per char/byte on held-out text")
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--data", help="prepared data directory (default: the one the run trained on)")
@@ -334,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _parser_apps(sub: argparse._SubParsersAction) -> None:
+    """`tinylm complete, story and ask`."""
     for name, help_text, arg in (("complete", "continue a text", "text to complete"),
                                  ("story", "write a short story about a theme", "theme"),
                                  ("ask", "answer a question (Q: ... A: format)", "question")):
@@ -344,12 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
         p.set_defaults(func=cmd_app)
 
+
+def _parser_chat(sub: argparse._SubParsersAction) -> None:
+    """`tinylm chat`."""
     p = sub.add_parser("chat", help="interactive prompt loop with streamed replies")
     p.add_argument("run_dir", help="run directory")
     _add_sampling(p)
     _add_common(p)
     p.set_defaults(func=cmd_chat)
 
+
+def _parser_attention(sub: argparse._SubParsersAction) -> None:
+    """`tinylm attention`."""
     p = sub.add_parser("attention", help="heatmaps of attention while generating")
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--prompt", required=True, help="prompt to continue")
@@ -359,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_attention)
 
+
+def _parser_finetune(sub: argparse._SubParsersAction) -> None:
+    """`tinylm finetune`."""
     p = sub.add_parser("finetune", help="continue training a run on new text or prompt/response pairs")
     p.add_argument("run_dir", nargs="?", help="base run directory")
     p.add_argument("--data", help="JSONL of {prompt, response} (loss on responses only), a prepared data dir, or text")
@@ -382,12 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_finetune)
 
+
+def _parser_merge(sub: argparse._SubParsersAction) -> None:
+    """`tinylm merge`."""
     p = sub.add_parser("merge", help="fold a LoRA run's adapters into its weights")
     p.add_argument("run_dir", help="LoRA fine-tuning run")
     p.add_argument("--out", help="merged run directory (default RUN_DIR-merged)")
     _add_common(p)
     p.set_defaults(func=cmd_merge)
 
+
+def _parser_export(sub: argparse._SubParsersAction) -> None:
+    """`tinylm export`."""
     p = sub.add_parser("export", help="export a run as a Hugging Face transformers model directory")
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--format", default="hf", choices=("hf",), help="export format (hf)")
@@ -396,18 +421,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_export)
 
+
+def _parser_import_hf(sub: argparse._SubParsersAction) -> None:
+    """`tinylm import-hf`."""
     p = sub.add_parser("import-hf", help="import a local transformers GPT-2 / LLaMA / Mixtral model as a run")
     p.add_argument("src", help="Hugging Face model directory (config.json + weights + tokenizer)")
     p.add_argument("--out", required=True, help="run directory to create")
     _add_common(p)
     p.set_defaults(func=cmd_import_hf)
 
+
+def _parser_plot(sub: argparse._SubParsersAction) -> None:
+    """`tinylm plot`."""
     p = sub.add_parser("plot", help="plot training and validation loss and the learning rate")
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
     _add_common(p)
     p.set_defaults(func=cmd_plot)
 
+
+def _parser_info(sub: argparse._SubParsersAction) -> None:
+    """`tinylm info`."""
     p = sub.add_parser("info", help="count trainable tensors and parameters")
     p.add_argument("run_dir", nargs="?", help="run directory (else describe --preset)")
     p.add_argument("--preset", default="tiny", help="preset to describe")
@@ -415,6 +449,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=65, help="vocabulary size for a preset (default 65)")
     _add_common(p)
     p.set_defaults(func=cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="tinylm", description="Build, train, evaluate and sample small language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _parser_prepare(sub)
+    _parser_train(sub)
+    _parser_generate(sub)
+    _parser_eval(sub)
+    _parser_apps(sub)
+    _parser_chat(sub)
+    _parser_attention(sub)
+    _parser_finetune(sub)
+    _parser_merge(sub)
+    _parser_export(sub)
+    _parser_import_hf(sub)
+    _parser_plot(sub)
+    _parser_info(sub)
     return parser
 
 
