@@ -125,3 +125,10 @@ def test_ctrl_c_saves_a_resumable_checkpoint(char_data, tmp_path):
         trainer.train()
     assert json.loads((checkpoint_dir(tmp_path / "int", "last") / "meta.json").read_text())["step"] == 7
     assert train(out=tmp_path / "int", resume=True, progress=False).steps == 20
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_a_warning(char_data, tmp_path):
+    with pytest.warns(UserWarning, match="warmup_steps \\(500\\) is not shorter than the run \\(20 steps\\); using 2"):
+        train(char_data, tmp_path / "w", "tiny", {"max_steps": 20, "warmup_steps": 500, "log_interval": 1}, progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["lr"] for r in rows if r["type"] == "train") == pytest.approx(3e-3)  # the peak is reached

@@ -7,7 +7,7 @@ import math
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,6 +104,10 @@ class Trainer:
         else:
             self.sampler = RandomWindows(self.train_tokens, self.model_cfg.block_size, cfg.batch_size, cfg.seed, r.rank, r.world_size)
             self.total_steps = cfg.max_steps
+        if cfg.warmup_steps >= self.total_steps:
+            warmup = max(1, self.total_steps // 10)
+            warnings.warn(f"warmup_steps ({cfg.warmup_steps}) is not shorter than the run ({self.total_steps} steps); using {warmup}.")
+            self.cfg = cfg = replace(cfg, warmup_steps=warmup)
         # A fixed set of validation windows, so successive estimates are comparable.
         val = RandomWindows(self.val_tokens, self.model_cfg.block_size, cfg.batch_size, cfg.seed + 1, r.rank, r.world_size)
         self.val_batches = [val.batch(0, i) for i in range(cfg.eval_batches)]
