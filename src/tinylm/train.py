@@ -82,6 +82,7 @@ class Trainer:
         self.step, self.best_val = 0, math.inf
         self.history: dict[str, list[dict]] = {"train_losses": [], "val_losses": [], "epoch_losses": []}
         self._make_batches(batches)
+        self._fit_warmup()
         self.wrapped = self._wrap(self.model)
         self.sinks = self._make_sinks()
 
@@ -104,13 +105,16 @@ class Trainer:
         else:
             self.sampler = RandomWindows(self.train_tokens, self.model_cfg.block_size, cfg.batch_size, cfg.seed, r.rank, r.world_size)
             self.total_steps = cfg.max_steps
-        if cfg.warmup_steps >= self.total_steps:
-            warmup = max(1, self.total_steps // 10)
-            warnings.warn(f"warmup_steps ({cfg.warmup_steps}) is not shorter than the run ({self.total_steps} steps); using {warmup}.")
-            self.cfg = cfg = replace(cfg, warmup_steps=warmup)
         # A fixed set of validation windows, so successive estimates are comparable.
         val = RandomWindows(self.val_tokens, self.model_cfg.block_size, cfg.batch_size, cfg.seed + 1, r.rank, r.world_size)
         self.val_batches = [val.batch(0, i) for i in range(cfg.eval_batches)]
+
+    def _fit_warmup(self) -> None:
+        """A warmup as long as the run would never reach the peak lr: use a tenth of the run instead."""
+        if self.cfg.warmup_steps >= self.total_steps:
+            warmup = max(1, self.total_steps // 10)
+            warnings.warn(f"warmup_steps ({self.cfg.warmup_steps}) is not shorter than the run ({self.total_steps} steps); using {warmup}.")
+            self.cfg = replace(self.cfg, warmup_steps=warmup)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """Apply FSDP2 or DDP (under torchrun) and torch.compile from outside the model."""
