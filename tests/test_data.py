@@ -82,3 +82,18 @@ def test_sliding_window_dataset_covers_every_position():
 def test_corpus_shorter_than_context_is_a_clear_error():
     with pytest.raises(TinyLMError, match="shorter than one context window"):
         RandomWindows(np.arange(10, dtype=np.uint16), block_size=32, batch_size=2, seed=0)
+
+
+def test_hf_source_uses_official_splits(tmp_path, monkeypatch, shakespeare_text):
+    datasets = pytest.importorskip("datasets")
+    local = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": [shakespeare_text[:30_000], shakespeare_text[30_000:60_000]]}),
+        "validation": datasets.Dataset.from_dict({"text": [shakespeare_text[60_000:70_000]]}),
+    })
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: calls.append((name, config)) or local)
+    meta = prepare(["hf:wikitext:wikitext-2-raw-v1"], tmp_path, "char")
+    assert calls == [("wikitext", "wikitext-2-raw-v1")]
+    assert meta["split"] == "official" and meta["train_tokens"] == 60_000 and meta["val_tokens"] == 10_000
+    with pytest.raises(TinyLMError, match="hf:NAME or hf:NAME:CONFIG"):
+        prepare(["hf:"], tmp_path, "char")
