@@ -48,3 +48,24 @@ def test_gpt2_tokenizer_offline_is_a_clear_error(monkeypatch):
         assert "GPT-2" in str(exc) or "transformers" in str(exc)
     else:  # a cached copy exists on this machine: then it must work
         assert tok.decode(tok.encode("Hello world")) == "Hello world"
+
+
+def test_gpt2_falls_back_to_tiktoken(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    class Encoding:  # a stand-in with tiktoken's interface (its real BPE file needs a network)
+        n_vocab, eot_token = 50257, 50256
+
+        def encode(self, text, allowed_special=()):
+            return [ord(c) for c in text]
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    monkeypatch.setitem(sys.modules, "tiktoken", types.SimpleNamespace(get_encoding=lambda name: Encoding()))
+    monkeypatch.setattr(HFTokenizer, "gpt2", classmethod(lambda cls: (_ for _ in ()).throw(TinyLMError("no transformers"))))
+    tok = build_tokenizer("gpt2", [])
+    assert tok.kind == "gpt2" and tok.vocab_size == 50257 and tok.decode(tok.encode("Hi there")) == "Hi there"
+    tok.save(tmp_path / "t.json")
+    assert load_tokenizer(tmp_path / "t.json").encode("ab") == [97, 98]

@@ -111,8 +111,8 @@ class HFTokenizer:
             hf = AutoTokenizer.from_pretrained("gpt2")
         except Exception as exc:  # offline, no cache, proxy errors...
             raise TinyLMError(
-                "Could not load GPT-2's tokenizer (no network and no local copy in the Hugging Face cache); "
-                f"use --tokenizer bpe or char instead. ({type(exc).__name__})"
+                "Could not load GPT-2's tokenizer (no network and no local copy in the Hugging Face or tiktoken "
+                f"cache); use --tokenizer bpe or char instead. ({type(exc).__name__})"
             ) from None
         return cls(hf.backend_tokenizer, "gpt2")
 
@@ -137,6 +137,49 @@ class HFTokenizer:
         self.tok.save(str(path))  # the standard HF format, loadable by tokenizers and transformers
 
 
+class TiktokenTokenizer:
+    """GPT-2's tokenizer through OpenAI's tiktoken (used when transformers cannot load it)."""
+
+    kind = "gpt2"
+
+    def __init__(self, encoding: str = "gpt2") -> None:
+        try:
+            import tiktoken
+
+            self.enc = tiktoken.get_encoding(encoding)
+        except Exception as exc:  # not installed, or its BPE file cannot be downloaded
+            raise TinyLMError(f"tiktoken could not load {encoding!r} ({type(exc).__name__}).") from None
+        self.encoding = encoding
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.enc.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode(text, allowed_special={EOT})
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"type": "tiktoken", "encoding": self.encoding}))
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's tokenizer from transformers, else tiktoken; one clear error when neither can load it."""
+    try:
+        return HFTokenizer.gpt2()
+    except TinyLMError as first:
+        try:
+            return TiktokenTokenizer("gpt2")
+        except TinyLMError:
+            raise first from None
+
+
 def build_tokenizer(kind: str, texts: list[str], vocab_size: int = 0) -> Tokenizer:
     """Make a tokenizer of `kind` ("char", "bpe", "gpt2") for this corpus."""
     if kind == "char":
@@ -144,7 +187,7 @@ def build_tokenizer(kind: str, texts: list[str], vocab_size: int = 0) -> Tokeniz
     if kind == "bpe":
         return HFTokenizer.train_bpe(texts, vocab_size or 4096)
     if kind == "gpt2":
-        return HFTokenizer.gpt2()
+        return gpt2_tokenizer()
     raise TinyLMError(f"Unknown tokenizer {kind!r}; use char, bpe or gpt2.")
 
 
@@ -159,6 +202,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise TinyLMError(f"{path} is not a valid tokenizer file (corrupt JSON).") from None
     if data.get("type") == "char":
         return CharTokenizer(data["chars"])
+    if data.get("type") == "tiktoken":
+        return TiktokenTokenizer(data["encoding"])
     from tokenizers import Tokenizer as _Tok
 
     try:
