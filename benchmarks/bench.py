@@ -91,6 +91,25 @@ def device_name(device: torch.device) -> str:
 
 
 # ----- training throughput ----------------------------------------------------------------
+def time_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, args: argparse.Namespace) -> float:
+    """Median seconds of one AdamW training step (forward, cross-entropy, backward, update)."""
+    dev = x.device
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    fwd = torch.compile(model) if args.compile else model
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = fwd(x)
+            logits = out.logits if hasattr(out, "logits") else out
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(step, dev, args.warmup, args.iters)
+
+
 def bench_train(args: argparse.Namespace) -> None:
     dev = args.device
     overrides = {"dropout": 0.0, **({"block_size": args.block_size} if args.block_size else {})}
@@ -106,24 +125,9 @@ def bench_train(args: argparse.Namespace) -> None:
         except Exception as exc:  # the peer cannot represent this model (e.g. GPT-style MoE)
             print(f"{name}: skipped ({exc})")
             continue
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-        fwd = model
-        if args.compile:
-            fwd = torch.compile(model)
-
-        def step() -> None:
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                out = fwd(x)
-                logits = out.logits if hasattr(out, "logits") else out
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        sec = timed(step, dev, args.warmup, args.iters)
+        sec = time_train_step(model, x, y, dtype, args)
         tps = B * T / sec
         row = {"bench": "train", "impl": name, "preset": args.preset, "batch": B, "block": T,
                "compile": args.compile, "dtype": str(dtype).replace("torch.", ""), "tokens_per_s": round(tps)}
@@ -133,7 +137,7 @@ def bench_train(args: argparse.Namespace) -> None:
             row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         record(args, row)
         results[name] = tps
-        del model, opt, fwd
+        del model
     if len(results) == 2:
         print(f"train {args.preset}: tinylm / hf = {results['tinylm'] / results['hf']:.2f}x")
 

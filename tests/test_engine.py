@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import FLAVOURS, tiny_config
 from tinylm.model import Transformer

@@ -80,23 +80,23 @@ def test_stop_strings_cut_the_text(tiny_run):
     assert cut == full[: full.find(stop)]
 
 
-@pytest.mark.parametrize("flavour", ["gpt", "llama-gqa", "llama-moe"])
-def test_static_fixed_shape_decode_matches_dynamic(flavour):
+def _greedy_both_ways(flavour: str, batch: int, new_tokens: int, **mode) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens decoded with `mode` (static=True / compile=True) and with the default path."""
     torch.manual_seed(0)
     model = Transformer(tiny_config(**FLAVOURS[flavour])).eval()
-    idx = torch.randint(0, 65, (2, 5))
-    cfg = SampleConfig(max_new_tokens=40, do_sample=False)
-    static = torch.stack(list(generate_tokens(model, idx, cfg, static=True)))
-    dynamic = torch.stack(list(generate_tokens(model, idx, cfg)))
+    idx = torch.randint(0, 65, (batch, 5))
+    cfg = SampleConfig(max_new_tokens=new_tokens, do_sample=False)
+    return torch.stack(list(generate_tokens(model, idx, cfg, **mode))), torch.stack(list(generate_tokens(model, idx, cfg)))
+
+
+@pytest.mark.parametrize("flavour", ["gpt", "llama-gqa", "llama-moe"])
+def test_static_fixed_shape_decode_matches_dynamic(flavour):
+    static, dynamic = _greedy_both_ways(flavour, batch=2, new_tokens=40, static=True)
     assert torch.equal(static, dynamic)
 
 
 @pytest.mark.parametrize("flavour", ["gpt", "llama-moe"])
 def test_compiled_decode_step_is_one_graph_and_matches_eager(flavour):
     """fullgraph=True fails on any graph break: the precondition for CUDA-graph capture on a GPU."""
-    torch.manual_seed(0)
-    model = Transformer(tiny_config(**FLAVOURS[flavour])).eval()
-    idx = torch.randint(0, 65, (1, 5))
-    cfg = SampleConfig(max_new_tokens=12, do_sample=False)
-    compiled = torch.stack(list(generate_tokens(model, idx, cfg, compile=True)))
-    assert torch.equal(compiled, torch.stack(list(generate_tokens(model, idx, cfg))))
+    compiled, eager = _greedy_both_ways(flavour, batch=1, new_tokens=12, compile=True)
+    assert torch.equal(compiled, eager)

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import FLAVOURS, tiny_config
 from tinylm.model import Transformer

@@ -21,6 +21,15 @@ def _emit(args: argparse.Namespace, summary: dict[str, Any]) -> None:
 
 
 # ----- commands ---------------------------------------------------------------------------
+def _overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
+    """--set pairs plus the config fields given as their own flags (flags win)."""
+    from tinylm.config import parse_overrides
+
+    overrides = parse_overrides(args.set or [])
+    overrides.update({k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+    return overrides
+
+
 def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.data import prepare
 
@@ -31,13 +40,9 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from tinylm.config import parse_overrides
     from tinylm.train import train
 
-    overrides = parse_overrides(args.set or [])
-    for key in ("max_steps", "epochs", "batch_size", "lr", "device", "seed", "dtype", "grad_accum", "eval_interval"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
+    overrides = _overrides(args, ("max_steps", "epochs", "batch_size", "lr", "device", "seed", "dtype", "grad_accum", "eval_interval"))
     if args.epochs:
         overrides.setdefault("max_steps", 0)
     if args.max_steps:
@@ -208,14 +213,10 @@ def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
-    from tinylm.config import parse_overrides
     from tinylm.finetune import finetune
     from tinylm.lora import LoRAConfig
 
-    overrides = parse_overrides(args.set or [])
-    for key in ("max_steps", "batch_size", "lr", "device", "seed", "dtype"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
+    overrides = _overrides(args, ("max_steps", "batch_size", "lr", "device", "seed", "dtype"))
     lora = None
     if args.lora:
         targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else ()

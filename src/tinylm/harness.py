@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinylm.generate import generate
-from tinylm.tokenizer import Tokenizer
 
 
 @torch.no_grad()

@@ -72,18 +72,16 @@ class Transformer(nn.Module):
         `pos` may also be a (T,) tensor of positions: the fixed-shape decode path used with static caches.
         """
         B, T = idx.shape
-        if isinstance(pos, torch.Tensor):
-            positions = pos
-        else:
-            if pos + T > self.cfg.block_size:
-                raise TinyLMError(
-                    f"Sequence of {pos + T} tokens is longer than the model's context ({self.cfg.block_size}); crop it."
-                )
-            positions = torch.arange(pos, pos + T, device=idx.device)
+        if not isinstance(pos, torch.Tensor) and pos + T > self.cfg.block_size:
+            raise TinyLMError(
+                f"Sequence of {pos + T} tokens is longer than the model's context ({self.cfg.block_size}); crop it."
+            )
+        where = pos if isinstance(pos, torch.Tensor) else slice(pos, pos + T)  # a view unless positions are a tensor
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
+            positions = pos if isinstance(pos, torch.Tensor) else torch.arange(pos, pos + T, device=idx.device)
             x = x + self.pos_emb(positions)
-        rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.pos_emb is None else None
+        rope = (self.rope_cos[where], self.rope_sin[where]) if self.pos_emb is None else None
         x = self.drop(x)
         aux = torch.zeros((), device=idx.device)
         for i, block in enumerate(self.blocks):
