@@ -71,3 +71,14 @@ def test_run_dir_without_weights(capsys, tiny_run, tmp_path):
     shutil.rmtree(broken / "checkpoints")
     code, _, err = run(capsys, "generate", broken, "--no-progress")
     assert code == 2 and "no checkpoint" in err
+
+
+def test_eval_of_a_run_without_data_asks_for_it(capsys, tiny_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "imported"
+    shutil.copytree(tiny_run, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "data": None}))
+    code, _, err = run(capsys, "eval", run_dir, "--no-progress")
+    assert code == 2 and "pass --data DIR or --text FILE" in err

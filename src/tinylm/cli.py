@@ -111,7 +111,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         tokens = np.asarray(run.tokenizer.encode(text), dtype=np.int64)
         chars, n_bytes, source = len(text), len(text.encode("utf-8")), args.text
     else:
-        data = TokenData(args.data or run.config.get("data", ""))
+        if not (args.data or run.config.get("data")):
+            raise TinyLMError(f"{args.run_dir} records no data directory (e.g. an imported model); pass --data DIR or --text FILE.")
+        data = TokenData(args.data or run.config["data"])
         tokens, chars, n_bytes, source = data.split(args.split), data.chars(args.split), data.bytes(args.split), f"{data.path}:{args.split}"
     result = evaluate_tokens(run.model, tokens, block_size=run.model_cfg.block_size, batch_size=args.batch_size,
                              stride=args.stride, chars=chars, n_bytes=n_bytes, progress=not args.no_progress)
