@@ -42,6 +42,20 @@ def test_resume_is_exact(char_data, tmp_path):
         train(char_data, tmp_path / "two", "tiny", overrides, progress=False)
 
 
+def test_muon_run_learns_and_resumes_exactly(char_data, tmp_path):
+    overrides = {"max_steps": 30, "eval_interval": 10, "optimizer": "muon", "muon_lr": 0.02, "lr": 3e-3}
+    one = train(char_data, tmp_path / "one", "tiny", overrides, progress=False)
+    losses = [row["loss"] for row in one.val_losses]
+    assert losses[-1] < losses[0] - 0.3
+    train(char_data, tmp_path / "two", "tiny", overrides, stop_after=15, progress=False)
+    with pytest.raises(TinyLMError, match="does not fit optimizer 'adamw'"):
+        train(out=tmp_path / "two", resume=True, overrides={"optimizer": "adamw"}, progress=False)
+    train(out=tmp_path / "two", resume=True, progress=False)
+    a, b = load_run(tmp_path / "one").model.state_dict(), load_run(tmp_path / "two").model.state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
 def _trainer(char_data, tmp_path, name, **overrides):
     data = TokenData(char_data)
     model_cfg, cfg = build_configs("tiny", {"max_steps": 5, **overrides}, vocab_size=data.tokenizer.vocab_size)

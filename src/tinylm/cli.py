@@ -42,7 +42,7 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.train import train
 
-    overrides = _overrides(args, ("max_steps", "epochs", "batch_size", "lr", "device", "seed", "dtype", "grad_accum", "eval_interval"))
+    overrides = _overrides(args, ("max_steps", "epochs", "batch_size", "lr", "device", "seed", "dtype", "grad_accum", "eval_interval", "optimizer"))
     if args.epochs:
         overrides.setdefault("max_steps", 0)
     if args.max_steps:
@@ -298,6 +298,7 @@ def _parser_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--optimizer", help="adamw, or muon (Muon on the blocks' matrices, AdamW on the rest; lr for Muon: --set muon_lr=)")
     p.add_argument("--eval-interval", type=int, help="steps between validation estimates")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", help="auto, fp32, bf16 or fp16 (default auto: bf16/fp16 on GPU, fp32 on CPU)")

@@ -1,4 +1,4 @@
-"""AdamW with weight decay on matrices only, and the learning-rate schedule as a pure function."""
+"""The optimizers (AdamW; Muon for hidden matrices plus AdamW for the rest) and the learning-rate schedule."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from tinylm.config import TrainConfig
+from tinylm.errors import TinyLMError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -18,14 +19,117 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> torch.optim.AdamW:
-    """AdamW over `param_groups`, with the fused kernel on GPUs."""
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        fused=device_type == "cuda",
-    )
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> "torch.optim.Optimizer | MuonAdamW":
+    """cfg.optimizer: "adamw" over `param_groups` (fused kernel), or "muon" (see `MuonAdamW`)."""
+    if cfg.optimizer == "muon":
+        return MuonAdamW(model, cfg)
+    return _adamw(param_groups(model, cfg.weight_decay), cfg)
+
+
+def _adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """A 2-D weight inside the blocks: what Muon orthogonalizes (not embeddings, the head, norms or 3-D experts)."""
+    return p.dim() == 2 and name.startswith("blocks.")
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T, batched over leading dimensions: the quintic Newton-Schulz
+    iteration of Muon (Jordan et al., 2024). bf16 on GPUs; float32 elsewhere (CPU bf16 matmuls are slow)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    batched = x.dim() == 3
+    x = x if batched else x.unsqueeze(0)
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b * gram + c * gram^2
+        x = torch.baddbmm(x, poly, x, beta=a)  # a * x + poly @ x
+    x = x if batched else x.squeeze(0)
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D weights: Nesterov momentum, then the update is
+    replaced by its nearest semi-orthogonal matrix, scaled by sqrt(max(1, rows / cols)). Decoupled weight decay.
+    Same-shaped matrices are orthogonalized together in one batched iteration."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5) -> None:
+        if any(p.dim() != 2 for p in params):
+            raise TinyLMError("Muon optimizes 2-D weight matrices only.")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "ns_steps": ns_steps})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(p.shape, []).append(p)
+            for shape, params in by_shape.items():
+                grads = [p.grad for p in params]
+                bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
+                torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+                nesterov = torch.stack(grads).lerp_(torch.stack(bufs), group["momentum"])
+                update = orthogonalize(nesterov, group["ns_steps"]).unbind(0)
+                if group["weight_decay"]:
+                    torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                scale = max(1.0, shape[0] / shape[1]) ** 0.5
+                torch._foreach_add_(params, update, alpha=-group["lr"] * scale)
+
+
+class MuonAdamW:
+    """`Muon` on hidden matrices, AdamW on everything else (embeddings, head, norms, biases, 3-D experts).
+
+    Muon's learning rate is cfg.muon_lr; the schedule scales it with AdamW's through each group's
+    "lr_scale" (muon_lr / lr), so one `lr_at` drives both. Looks like one optimizer to the Trainer:
+    shared param_groups, step, zero_grad, and one state_dict.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        hidden = [p for n, p in named if is_hidden_matrix(n, p)]
+        if not hidden:
+            raise TinyLMError("optimizer muon needs 2-D weight matrices inside the blocks to train; this model has none.")
+        hidden_ids = {id(p) for p in hidden}
+        rest = [p for _, p in named if id(p) not in hidden_ids]
+        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+        self.adamw = _adamw([g for g in groups if g["params"]], cfg)
+        self.muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+        for group in self.muon.param_groups:
+            group["lr_scale"] = cfg.muon_lr / cfg.lr
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def state(self) -> dict:
+        return {**self.muon.state, **self.adamw.state}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"muon", "adamw"}:
+            raise TinyLMError("This optimizer state is not from optimizer muon.")
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:

@@ -122,6 +122,9 @@ class Trainer:
             if self.cfg.fsdp:
                 from torch.distributed.fsdp import fully_shard
 
+                if self.cfg.optimizer == "muon":
+                    raise TinyLMError("optimizer muon orthogonalizes whole matrices, which FSDP shards; train it with DDP (omit --fsdp).")
+
                 for block in model.blocks:
                     fully_shard(block)
                 fully_shard(model)
@@ -181,7 +184,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches: forward, backward, clip, update."""
         lr = lr_at(step, self.total_steps, self.cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         micro = self.micro_batches(step)
         total = torch.zeros((), device=self.rt.device)  # summed on device: no sync per micro-batch
         for i, (x, y) in enumerate(micro):
@@ -375,7 +378,11 @@ class Trainer:
 
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, TinyLMError) as exc:
+                raise TinyLMError(f"The optimizer state in {ckpt} does not fit optimizer {self.cfg.optimizer!r}; "
+                                  "resume with the optimizer the run was trained with.") from exc
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.best_val, self.history = state["step"], state["best_val"], state["history"]
         torch.set_rng_state(state["rng_cpu"])
