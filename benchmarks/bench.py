@@ -30,6 +30,9 @@ from tinylm.model import Transformer
 from tinylm.model.layers import MLP, MoE
 
 
+CHAR_PRESETS = {"seed-char-moe", "shakespeare-char", "cpu-char", "cpu-llama", "tiny"}  # Tiny Shakespeare's 65 characters
+
+
 # ----- helpers ----------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -91,12 +94,13 @@ def device_name(device: torch.device) -> str:
 
 
 # ----- training throughput ----------------------------------------------------------------
-def time_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, args: argparse.Namespace) -> float:
-    """Median seconds of one AdamW training step (forward, cross-entropy, backward, update)."""
+def time_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, args: argparse.Namespace,
+                    compile: bool) -> float:
+    """Median seconds of one AdamW training step (forward, cross-entropy, backward, update); fused AdamW for both."""
     dev = x.device
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    fwd = torch.compile(model) if args.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if compile else model
 
     def step() -> None:
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -119,27 +123,31 @@ def bench_train(args: argparse.Namespace) -> None:
     x = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
     results = {}
-    for name, build in (("tinylm", lambda: Transformer(cfg).to(dev)), ("hf", lambda: hf_model(cfg, dev))):
+    variants = [(name, False) for name in ("tinylm", "hf")] + ([(name, True) for name in ("tinylm", "hf")] if args.compile else [])
+    for name, compiled in variants:
         try:
-            model = build()
+            model = Transformer(cfg).to(dev) if name == "tinylm" else hf_model(cfg, dev)
         except Exception as exc:  # the peer cannot represent this model (e.g. GPT-style MoE)
             print(f"{name}: skipped ({exc})")
             continue
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        sec = time_train_step(model, x, y, dtype, args)
+        sec = time_train_step(model, x, y, dtype, args, compiled)
         tps = B * T / sec
         row = {"bench": "train", "impl": name, "preset": args.preset, "batch": B, "block": T,
-               "compile": args.compile, "dtype": str(dtype).replace("torch.", ""), "tokens_per_s": round(tps)}
+               "compile": compiled, "dtype": str(dtype).replace("torch.", ""), "tokens_per_s": round(tps)}
         if dev.type == "cuda":
             n = sum(p.numel() for p in model.parameters())
             row["mfu"] = round(tps * flops_per_token(cfg, n) / args.peak, 3)
             row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         record(args, row)
-        results[name] = tps
+        results[(name, compiled)] = tps
         del model
-    if len(results) == 2:
-        print(f"train {args.preset}: tinylm / hf = {results['tinylm'] / results['hf']:.2f}x")
+    label = {False: "eager", True: "compiled"}
+    for ours, theirs in ((False, False), (True, True), (True, False)):
+        if ("tinylm", ours) in results and ("hf", theirs) in results:
+            print(f"train {args.preset}: tinylm {label[ours]} / hf {label[theirs]} = "
+                  f"{results[('tinylm', ours)] / results[('hf', theirs)]:.2f}x")
 
 
 # ----- generation -------------------------------------------------------------------------
@@ -162,6 +170,8 @@ def bench_generate(args: argparse.Namespace) -> None:
             "tinylm": lambda: list(generate_tokens(ours, prompt, sample)),
             "hf": lambda: peer.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0),
         }
+        if args.compile or dev.type == "cuda":  # fixed-shape decode step, compiled (CUDA graphs on a GPU)
+            runs["tinylm-compiled"] = lambda: list(generate_tokens(ours, prompt, sample, compile=True))
         if dev.type == "cuda":
             runs["hf-static"] = lambda: peer.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
                                                       pad_token_id=0, cache_implementation="static")
@@ -172,10 +182,11 @@ def bench_generate(args: argparse.Namespace) -> None:
                 record(args, {"bench": "generate", "impl": name, "preset": args.preset, "batch": batch,
                               "new_tokens": n_new, "tokens_per_s": round(tps, 1)})
                 results[(name, batch)] = tps
-        for peer_name in ("hf", "hf-static"):
-            if (peer_name, batch) in results:
-                print(f"generate {args.preset} batch {batch}: tinylm / {peer_name} = "
-                      f"{results[('tinylm', batch)] / results[(peer_name, batch)]:.2f}x")
+        for ours_name in ("tinylm", "tinylm-compiled"):
+            for peer_name in ("hf", "hf-static"):
+                if (ours_name, batch) in results and (peer_name, batch) in results:
+                    print(f"generate {args.preset} batch {batch}: {ours_name} / {peer_name} = "
+                          f"{results[(ours_name, batch)] / results[(peer_name, batch)]:.2f}x")
 
 
 def _hf_state(cfg, model: Transformer) -> dict:
@@ -253,8 +264,8 @@ def main() -> None:
     p.add_argument("--preset", default=None, help="model preset (default depends on the benchmark)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch")
     p.add_argument("--block-size", type=int, default=None, help="override the context length")
-    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default 65 for char presets, else 50257)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default 65 for the character-level presets, else 50257)")
+    p.add_argument("--compile", action="store_true", help="also time compiled variants (train: both models; generate: tinylm's decode step)")
     p.add_argument("--new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8], help="generation batch sizes")
     p.add_argument("--iters", type=int, default=5, help="timed iterations")
@@ -275,7 +286,7 @@ def main() -> None:
     for job in jobs:
         preset = args.preset or {"train": "shakespeare-char", "generate": "shakespeare-char", "quality": "cpu-char", "moe": ""}[job]
         sub = argparse.Namespace(**{**vars(args), "preset": preset})
-        sub.vocab_size = args.vocab_size or (65 if "char" in preset else 50257)
+        sub.vocab_size = args.vocab_size or (65 if preset in CHAR_PRESETS else 50257)
         if args.quick:
             sub.batch_size = args.batch_size or 8
             sub.block_size = args.block_size or 128
