@@ -47,6 +47,12 @@ def test_validation_messages():
         build_configs("nope")
     with pytest.raises(TinyLMError, match="schedule"):
         TrainConfig(schedule="linear")
+    with pytest.raises(TinyLMError, match="optimizer must be one of adamw, muon"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(TinyLMError, match="train it with DDP"):
+        TrainConfig(optimizer="muon", fsdp=True)
+    with pytest.raises(TinyLMError, match="muon_lr"):
+        TrainConfig(muon_lr=0.0)
     with pytest.raises(TinyLMError, match="top_p"):
         SampleConfig(top_p=0.0)
     with pytest.raises(TinyLMError, match="temperature"):

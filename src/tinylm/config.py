@@ -106,6 +106,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("schedule", self.schedule, ("cosine", "constant", "wsd"))
         _check_choice("optimizer", self.optimizer, ("adamw", "muon"))
+        if self.optimizer == "muon" and self.fsdp:
+            raise TinyLMError("optimizer muon orthogonalizes whole matrices, which FSDP shards; train it with DDP (omit --fsdp).")
         _check_choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval", "window_stride"):
             if getattr(self, name) <= 0:

@@ -122,9 +122,6 @@ class Trainer:
             if self.cfg.fsdp:
                 from torch.distributed.fsdp import fully_shard
 
-                if self.cfg.optimizer == "muon":
-                    raise TinyLMError("optimizer muon orthogonalizes whole matrices, which FSDP shards; train it with DDP (omit --fsdp).")
-
                 for block in model.blocks:
                     fully_shard(block)
                 fully_shard(model)
