@@ -53,18 +53,11 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: in
     return statistics.median(times)
 
 
-def hf_model(cfg, device: torch.device):
-    """The transformers model with the same shape as a tinylm config (GPT-2 or LLaMA family)."""
-    import transformers
+def hf_model(cfg, device: torch.device, model: Transformer | None = None):
+    """The transformers model (GPT-2 or LLaMA family, SDPA attention) with the shape, and the weights, of a tinylm model."""
+    from tinylm.export import to_hf_model
 
-    from tinylm.export import _gpt2, _llama_like, hf_architecture
-
-    arch = hf_architecture(cfg)
-    sd = Transformer(cfg).state_dict()
-    config, _ = (_gpt2 if arch == "gpt2" else _llama_like)(cfg, sd)
-    config._attn_implementation = "sdpa"
-    cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM, "mixtral": transformers.MixtralForCausalLM}[arch]
-    return cls(config).to(device)
+    return to_hf_model(cfg, (model or Transformer(cfg)).state_dict()).to(device)
 
 
 def flops_per_token(cfg, n_params_active: int) -> float:
@@ -160,11 +153,10 @@ def bench_generate(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     n_new = min(args.new_tokens, cfg.block_size - 16)
     ours = Transformer(cfg).to(dev, dtype).eval()
-    peer = hf_model(cfg, dev).to(dtype).eval()
-    peer.load_state_dict(_hf_state(cfg, ours), strict=False)
+    peer = hf_model(cfg, dev, ours).to(dtype).eval()
     results = {}
     for batch in args.gen_batches:
-        prompt = torch.randint(0, cfg.vocab_size, (batch, 16), device=dev)
+        prompt = torch.randint(1, cfg.vocab_size, (batch, 16), device=dev)  # 0 is the pad id
         sample = SampleConfig(max_new_tokens=n_new, do_sample=False)
         runs = {
             "tinylm": lambda: list(generate_tokens(ours, prompt, sample)),
@@ -187,13 +179,6 @@ def bench_generate(args: argparse.Namespace) -> None:
                 if (ours_name, batch) in results and (peer_name, batch) in results:
                     print(f"generate {args.preset} batch {batch}: {ours_name} / {peer_name} = "
                           f"{results[(ours_name, batch)] / results[(peer_name, batch)]:.2f}x")
-
-
-def _hf_state(cfg, model: Transformer) -> dict:
-    from tinylm.export import _gpt2, _llama_like, hf_architecture
-
-    fn = _gpt2 if hf_architecture(cfg) == "gpt2" else _llama_like
-    return fn(cfg, model.state_dict())[1]
 
 
 # ----- MoE layer --------------------------------------------------------------------------

@@ -120,23 +120,29 @@ def hf_tokenizer(tokenizer: Tokenizer) -> Any:
     raise TinyLMError(f"Cannot export a {type(tokenizer).__name__} tokenizer.")
 
 
+def to_hf_model(cfg: ModelConfig, sd: State) -> Any:
+    """The transformers GPT2LMHeadModel / LlamaForCausalLM / MixtralForCausalLM holding a tinylm state dict."""
+    tf = _transformers()
+    arch = hf_architecture(cfg)
+    config, state = (_gpt2 if arch == "gpt2" else _llama_like)(cfg, sd)
+    cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "mixtral": tf.MixtralForCausalLM}[arch]
+    hf_model = cls(config)
+    missing, unexpected = hf_model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings) and "attn.bias" not in k]
+    if missing or unexpected:
+        raise TinyLMError(f"Export mapping is incomplete (missing {missing[:5]}, unexpected {unexpected[:5]}); please report this.")
+    return hf_model
+
+
 def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "last") -> Path:
     """Write a directory that transformers' AutoModelForCausalLM / AutoTokenizer load offline."""
-    tf = _transformers()
     run = load_run(run_dir, checkpoint)
     model = run.model
     if run.config.get("lora"):
         from tinylm.lora import merge_lora
 
         model = merge_lora(model)
-    arch = hf_architecture(run.model_cfg)
-    config, state = (_gpt2 if arch == "gpt2" else _llama_like)(run.model_cfg, model.state_dict())
-    cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "mixtral": tf.MixtralForCausalLM}[arch]
-    hf_model = cls(config)
-    missing, unexpected = hf_model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and run.model_cfg.tie_embeddings) and "attn.bias" not in k]
-    if missing or unexpected:
-        raise TinyLMError(f"Export mapping is incomplete (missing {missing[:5]}, unexpected {unexpected[:5]}); please report this.")
+    hf_model = to_hf_model(run.model_cfg, model.state_dict())
     out = Path(out)
     hf_model.save_pretrained(out)
     hf_tokenizer(run.tokenizer).save_pretrained(out)

@@ -1,6 +1,7 @@
 """Autoregressive sampling: small pure logit filters, a KV-cache decode loop, text streaming."""
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass
@@ -73,16 +74,14 @@ def decode_one_token(model: nn.Module, token: torch.Tensor, input_pos: torch.Ten
     return model(token, caches=caches, pos=input_pos)[:, -1]
 
 
-_COMPILED: dict[int, object] = {}
-
-
 def compiled_decode(model: nn.Module) -> object:
-    """decode_one_token compiled once per model (CUDA graphs on GPU)."""
-    key = id(model)
-    if key not in _COMPILED:
-        mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
-        _COMPILED[key] = torch.compile(decode_one_token, mode=mode, fullgraph=True)
-    return _COMPILED[key]
+    """decode_one_token compiled (CUDA graphs on GPU); the model is an argument, so one per mode serves all models."""
+    return _compiled_step("reduce-overhead" if next(model.parameters()).is_cuda else "default")
+
+
+@functools.cache
+def _compiled_step(mode: str) -> object:
+    return torch.compile(decode_one_token, mode=mode, fullgraph=True)
 
 
 @torch.no_grad()

@@ -12,14 +12,17 @@ from tinylm.errors import TinyLMError
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay tensors with 2+ dimensions (matrices, embeddings, expert weights); not biases or norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    return decay_groups([p for p in model.parameters() if p.requires_grad], weight_decay)
+
+
+def decay_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict]:
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> "torch.optim.Optimizer | MuonAdamW":
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> "torch.optim.Optimizer | MuonAdamW":
     """cfg.optimizer: "adamw" over `param_groups` (fused kernel), or "muon" (see `MuonAdamW`)."""
     if cfg.optimizer == "muon":
         return MuonAdamW(model, cfg)
@@ -73,7 +76,10 @@ class Muon(torch.optim.Optimizer):
                     by_shape.setdefault(p.shape, []).append(p)
             for shape, params in by_shape.items():
                 grads = [p.grad for p in params]
-                bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
+                for p in params:
+                    if "momentum" not in self.state[p]:
+                        self.state[p]["momentum"] = torch.zeros_like(p)
+                bufs = [self.state[p]["momentum"] for p in params]
                 torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
                 nesterov = torch.stack(grads).lerp_(torch.stack(bufs), group["momentum"])
                 update = orthogonalize(nesterov, group["ns_steps"]).unbind(0)
@@ -98,9 +104,7 @@ class MuonAdamW:
             raise TinyLMError("optimizer muon needs 2-D weight matrices inside the blocks to train; this model has none.")
         hidden_ids = {id(p) for p in hidden}
         rest = [p for _, p in named if id(p) not in hidden_ids]
-        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-        self.adamw = _adamw([g for g in groups if g["params"]], cfg)
+        self.adamw = _adamw([g for g in decay_groups(rest, cfg.weight_decay) if g["params"]], cfg)
         self.muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
         for group in self.muon.param_groups:
             group["lr_scale"] = cfg.muon_lr / cfg.lr
@@ -108,10 +112,6 @@ class MuonAdamW:
     @property
     def param_groups(self) -> list[dict]:
         return self.muon.param_groups + self.adamw.param_groups
-
-    @property
-    def state(self) -> dict:
-        return {**self.muon.state, **self.adamw.state}
 
     @torch.no_grad()
     def step(self) -> None:

@@ -77,7 +77,7 @@ class Trainer:
         if model_init is not None:  # e.g. load pre-trained weights, wrap LoRA adapters
             model_init(self.model)
         self.model.grad_checkpointing = cfg.grad_checkpointing
-        self.optimizer = build_optimizer(self.model, cfg, self.rt.device.type)
+        self.optimizer = build_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.dtype == torch.float16)
         self.step, self.best_val = 0, math.inf
         self.history: dict[str, list[dict]] = {"train_losses": [], "val_losses": [], "epoch_losses": []}
@@ -125,7 +125,7 @@ class Trainer:
                 for block in model.blocks:
                     fully_shard(block)
                 fully_shard(model)
-                self.optimizer = build_optimizer(model, self.cfg, self.rt.device.type)
+                self.optimizer = build_optimizer(model, self.cfg)
             else:
                 from torch.nn.parallel import DistributedDataParallel
 

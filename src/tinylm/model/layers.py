@@ -200,7 +200,6 @@ class MoE(nn.Module):
         y = torch.zeros_like(flat).index_add_(0, token, out.to(flat.dtype))
         return self.drop(y.view(B, T, C)), load_balancing_loss(probs, counts, self.n_expert)
 
-
     def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(N, C) output from per-token gathered expert weights: cheap when N * k is small (decoding)."""
         h = torch.einsum("nc,nkch->nkh", x, self.w1[experts])
