@@ -4,7 +4,7 @@ SHARED := $(abspath ../shared/datasets)
 export TINYLM_DATA_DIR ?= $(if $(wildcard $(SHARED)),$(SHARED),)
 BIN := .venv/bin
 
-.PHONY: setup demo test bench-quick clean
+.PHONY: setup demo test test-avx2 lint bench-quick clean
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,15 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest tests
+
+# Style: ruff lint and format check (configured in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
+
+# The floating-point comparisons again on PyTorch's AVX2 kernels (the AVX-512 ones round differently).
+test-avx2: setup
+	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest tests -m numerics
 
 clean:
 	rm -rf .venv data runs .pytest_cache

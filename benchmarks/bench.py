@@ -8,6 +8,7 @@
 
 Every figure printed is also appended as a JSON line to --log (default benchmarks/results.jsonl).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,13 @@ from tinylm.config import build_configs
 from tinylm.model import Transformer
 from tinylm.model.layers import MLP, MoE
 
-
-CHAR_PRESETS = {"seed-char-moe", "shakespeare-char", "cpu-char", "cpu-llama", "tiny"}  # Tiny Shakespeare's 65 characters
+CHAR_PRESETS = {
+    "seed-char-moe",
+    "shakespeare-char",
+    "cpu-char",
+    "cpu-llama",
+    "tiny",
+}  # Tiny Shakespeare's 65 characters
 
 
 # ----- helpers ----------------------------------------------------------------------------
@@ -87,8 +93,14 @@ def device_name(device: torch.device) -> str:
 
 
 # ----- training throughput ----------------------------------------------------------------
-def time_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, args: argparse.Namespace,
-                    compile: bool) -> float:
+def time_train_step(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    dtype: torch.dtype,
+    args: argparse.Namespace,
+    compile: bool,
+) -> float:
     """Median seconds of one AdamW training step (forward, cross-entropy, backward, update); fused AdamW for both."""
     dev = x.device
     model.train()
@@ -116,7 +128,9 @@ def bench_train(args: argparse.Namespace) -> None:
     x = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
     results = {}
-    variants = [(name, False) for name in ("tinylm", "hf")] + ([(name, True) for name in ("tinylm", "hf")] if args.compile else [])
+    variants = [(name, False) for name in ("tinylm", "hf")] + (
+        [(name, True) for name in ("tinylm", "hf")] if args.compile else []
+    )
     for name, compiled in variants:
         try:
             model = Transformer(cfg).to(dev) if name == "tinylm" else hf_model(cfg, dev)
@@ -127,8 +141,16 @@ def bench_train(args: argparse.Namespace) -> None:
             torch.cuda.reset_peak_memory_stats()
         sec = time_train_step(model, x, y, dtype, args, compiled)
         tps = B * T / sec
-        row = {"bench": "train", "impl": name, "preset": args.preset, "batch": B, "block": T,
-               "compile": compiled, "dtype": str(dtype).replace("torch.", ""), "tokens_per_s": round(tps)}
+        row = {
+            "bench": "train",
+            "impl": name,
+            "preset": args.preset,
+            "batch": B,
+            "block": T,
+            "compile": compiled,
+            "dtype": str(dtype).replace("torch.", ""),
+            "tokens_per_s": round(tps),
+        }
         if dev.type == "cuda":
             n = sum(p.numel() for p in model.parameters())
             row["mfu"] = round(tps * flops_per_token(cfg, n) / args.peak, 3)
@@ -139,8 +161,10 @@ def bench_train(args: argparse.Namespace) -> None:
     label = {False: "eager", True: "compiled"}
     for ours, theirs in ((False, False), (True, True), (True, False)):
         if ("tinylm", ours) in results and ("hf", theirs) in results:
-            print(f"train {args.preset}: tinylm {label[ours]} / hf {label[theirs]} = "
-                  f"{results[('tinylm', ours)] / results[('hf', theirs)]:.2f}x")
+            print(
+                f"train {args.preset}: tinylm {label[ours]} / hf {label[theirs]} = "
+                f"{results[('tinylm', ours)] / results[('hf', theirs)]:.2f}x"
+            )
 
 
 # ----- generation -------------------------------------------------------------------------
@@ -164,24 +188,43 @@ def bench_generate(args: argparse.Namespace) -> None:
         sample = SampleConfig(max_new_tokens=n_new, do_sample=False)
         runs = {"tinylm": lambda: list(generate_tokens(ours, prompt, sample))}
         if peer is not None:
-            runs["hf"] = lambda: peer.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+            runs["hf"] = lambda: peer.generate(
+                prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0
+            )
         if args.compile or dev.type == "cuda":  # fixed-shape decode step, compiled (CUDA graphs on a GPU)
             runs["tinylm-compiled"] = lambda: list(generate_tokens(ours, prompt, sample, compile=True))
         if peer is not None and dev.type == "cuda":
-            runs["hf-static"] = lambda: peer.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                                      pad_token_id=0, cache_implementation="static")
+            runs["hf-static"] = lambda: peer.generate(
+                prompt,
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                do_sample=False,
+                pad_token_id=0,
+                cache_implementation="static",
+            )
         with torch.no_grad():
             for name, fn in runs.items():
                 sec = timed(fn, dev, 1, args.iters)
                 tps = batch * n_new / sec
-                record(args, {"bench": "generate", "impl": name, "preset": args.preset, "batch": batch,
-                              "new_tokens": n_new, "tokens_per_s": round(tps, 1)})
+                record(
+                    args,
+                    {
+                        "bench": "generate",
+                        "impl": name,
+                        "preset": args.preset,
+                        "batch": batch,
+                        "new_tokens": n_new,
+                        "tokens_per_s": round(tps, 1),
+                    },
+                )
                 results[(name, batch)] = tps
         for ours_name in ("tinylm", "tinylm-compiled"):
             for peer_name in ("hf", "hf-static"):
                 if (ours_name, batch) in results and (peer_name, batch) in results:
-                    print(f"generate {args.preset} batch {batch}: {ours_name} / {peer_name} = "
-                          f"{results[(ours_name, batch)] / results[(peer_name, batch)]:.2f}x")
+                    print(
+                        f"generate {args.preset} batch {batch}: {ours_name} / {peer_name} = "
+                        f"{results[(ours_name, batch)] / results[(peer_name, batch)]:.2f}x"
+                    )
 
 
 # ----- MoE layer --------------------------------------------------------------------------
@@ -189,8 +232,14 @@ def bench_moe(args: argparse.Namespace) -> None:
     """Top-2-of-8 MoE forward+backward vs a dense SwiGLU with the same active parameters, and vs a naive loop."""
     dev = args.device
     C = 256 if args.quick else 512
-    cfg, _ = build_configs("seed-char-moe", {"n_embd": C, "n_expert": 8, "n_expert_active": 2, "ffn_hidden": 2 * C, "n_head": 8}, vocab_size=64)
-    dense_cfg, _ = build_configs("seed-char-moe", {"n_embd": C, "n_expert": 0, "ffn_hidden": 2 * 2 * C, "n_head": 8}, vocab_size=64)
+    cfg, _ = build_configs(
+        "seed-char-moe",
+        {"n_embd": C, "n_expert": 8, "n_expert_active": 2, "ffn_hidden": 2 * C, "n_head": 8},
+        vocab_size=64,
+    )
+    dense_cfg, _ = build_configs(
+        "seed-char-moe", {"n_embd": C, "n_expert": 0, "ffn_hidden": 2 * 2 * C, "n_head": 8}, vocab_size=64
+    )
     x = torch.randn(8 if args.quick else 16, 256, C, device=dev, requires_grad=True)
     moe, dense = MoE(cfg).to(dev), MLP(dense_cfg).to(dev)
     for p in moe.parameters():
@@ -210,14 +259,25 @@ def bench_moe(args: argparse.Namespace) -> None:
             out = fn()
             out = out[0] if isinstance(out, tuple) else out
             out.float().square().mean().backward()
+
         return step
 
     t_moe = timed(run(lambda: moe(x)), dev, 2, args.iters)
     t_dense = timed(run(lambda: dense(x)), dev, 2, args.iters)
     t_loop = timed(run(naive_loop), dev, 2, args.iters)
-    record(args, {"bench": "moe", "width": C, "tokens": x.shape[0] * x.shape[1], "moe_ms": round(t_moe * 1e3, 2),
-                  "dense_same_active_ms": round(t_dense * 1e3, 2), "naive_loop_ms": round(t_loop * 1e3, 2),
-                  "moe_over_dense": round(t_moe / t_dense, 2), "loop_over_moe": round(t_loop / t_moe, 2)})
+    record(
+        args,
+        {
+            "bench": "moe",
+            "width": C,
+            "tokens": x.shape[0] * x.shape[1],
+            "moe_ms": round(t_moe * 1e3, 2),
+            "dense_same_active_ms": round(t_dense * 1e3, 2),
+            "naive_loop_ms": round(t_loop * 1e3, 2),
+            "moe_over_dense": round(t_moe / t_dense, 2),
+            "loop_over_moe": round(t_loop / t_moe, 2),
+        },
+    )
 
 
 # ----- time to quality --------------------------------------------------------------------
@@ -226,34 +286,89 @@ def bench_quality(args: argparse.Namespace) -> None:
     data = Path(args.workdir) / "shakespeare-char"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not (data / "meta.json").is_file():
-        subprocess.run([sys.executable, "-m", "tinylm", "prepare", "shakespeare", "--out", str(data)], check=True, env=env)
+        subprocess.run(
+            [sys.executable, "-m", "tinylm", "prepare", "shakespeare", "--out", str(data)],
+            check=True,
+            env=env,
+        )
     run_dir = Path(args.workdir) / f"quality-{args.preset}-{int(time.time())}"
-    cmd = [sys.executable, "-m", "tinylm", "train", "--data", str(data), "--preset", args.preset, "--out", str(run_dir),
-           "--no-progress", "--json", "--device", str(args.device), *sum((["--set", s] for s in args.set), [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tinylm",
+        "train",
+        "--data",
+        str(data),
+        "--preset",
+        args.preset,
+        "--out",
+        str(run_dir),
+        "--no-progress",
+        "--json",
+        "--device",
+        str(args.device),
+        *sum((["--set", s] for s in args.set), []),
+    ]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if out.returncode:
         raise SystemExit(out.stderr)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    ev = subprocess.run([sys.executable, "-m", "tinylm", "eval", str(run_dir), "--json", "--no-progress", "--device", str(args.device)],
-                        capture_output=True, text=True, env=env)
+    ev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinylm",
+            "eval",
+            str(run_dir),
+            "--json",
+            "--no-progress",
+            "--device",
+            str(args.device),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     full_val = json.loads(ev.stdout.strip().splitlines()[-1])["loss"]
-    record(args, {"bench": "quality", "preset": args.preset, "set": args.set, "steps": summary["steps"],
-                  "val_loss_estimate": round(summary["val_loss"], 4), "val_loss_full_split": round(full_val, 4),
-                  "wall_s_from_process_start": round(wall, 1), "target": args.target, "met": full_val <= args.target})
+    record(
+        args,
+        {
+            "bench": "quality",
+            "preset": args.preset,
+            "set": args.set,
+            "steps": summary["steps"],
+            "val_loss_estimate": round(summary["val_loss"], 4),
+            "val_loss_full_split": round(full_val, 4),
+            "wall_s_from_process_start": round(wall, 1),
+            "target": args.target,
+            "met": full_val <= args.target,
+        },
+    )
 
 
 # ----- entry point ------------------------------------------------------------------------
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="all", choices=("all", "train", "generate", "moe", "quality"))
-    p.add_argument("--quick", action="store_true", help="small sizes: the whole suite in < 2 minutes on 2 CPU cores")
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes: the whole suite in < 2 minutes on 2 CPU cores"
+    )
     p.add_argument("--preset", default=None, help="model preset (default depends on the benchmark)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch")
     p.add_argument("--block-size", type=int, default=None, help="override the context length")
-    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default 65 for the character-level presets, else 50257)")
-    p.add_argument("--compile", action="store_true", help="also time compiled variants (train: both models; generate: tinylm's decode step)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="vocabulary size (default 65 for the character-level presets, else 50257)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time compiled variants (train: both models; generate: tinylm's decode step)",
+    )
     p.add_argument("--new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8], help="generation batch sizes")
     p.add_argument("--iters", type=int, default=5, help="timed iterations")
@@ -270,9 +385,21 @@ def main() -> None:
         args.peak = matmul_peak(args.device, torch.bfloat16)
         print(f"measured bf16 matmul peak: {args.peak / 1e12:.0f} TFLOP/s")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    jobs = [args.what] if args.what != "all" else ["train", "generate", "moe"] + ([] if args.quick else ["quality"])
+    jobs = (
+        [args.what]
+        if args.what != "all"
+        else ["train", "generate", "moe"] + ([] if args.quick else ["quality"])
+    )
     for job in jobs:
-        preset = args.preset or {"train": "shakespeare-char", "generate": "shakespeare-char", "quality": "cpu-char", "moe": ""}[job]
+        preset = (
+            args.preset
+            or {
+                "train": "shakespeare-char",
+                "generate": "shakespeare-char",
+                "quality": "cpu-char",
+                "moe": "",
+            }[job]
+        )
         sub = argparse.Namespace(**{**vars(args), "preset": preset})
         sub.vocab_size = args.vocab_size or (65 if preset in CHAR_PRESETS else 50257)
         if args.quick:
@@ -281,7 +408,9 @@ def main() -> None:
             sub.new_tokens, sub.iters, sub.warmup = min(args.new_tokens, 64), 3, 1
         else:
             sub.batch_size = args.batch_size or 16
-        {"train": bench_train, "generate": bench_generate, "moe": bench_moe, "quality": bench_quality}[job](sub)
+        {"train": bench_train, "generate": bench_generate, "moe": bench_moe, "quality": bench_quality}[job](
+            sub
+        )
 
 
 if __name__ == "__main__":

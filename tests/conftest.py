@@ -1,4 +1,5 @@
 """Shared fixtures: real text from ../shared/datasets, tiny prepared data, and a tiny trained run."""
+
 from __future__ import annotations
 
 import os

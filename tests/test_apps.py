@@ -1,4 +1,5 @@
 """Batched generation, the tutorial's applications, chat and attention maps."""
+
 import json
 import subprocess
 import sys
@@ -39,7 +40,9 @@ def test_apps_use_the_tutorial_prompts(tiny_run, monkeypatch):
     assert story.startswith("Write a short story about a king. Once upon a time,")
     answer = apps.answer_question(run.model, run.tokenizer, "Who art thou?", max_new_tokens=10, seed=0)
     assert seen[-1][0] == "Q: Who art thou?\nA:" and "\n" not in answer and seen[-1][1]["stop"] == ("\n",)
-    assert apps.complete_text(run.model, run.tokenizer, "ROMEO:", max_new_tokens=5, seed=0).startswith("ROMEO:")
+    assert apps.complete_text(run.model, run.tokenizer, "ROMEO:", max_new_tokens=5, seed=0).startswith(
+        "ROMEO:"
+    )
 
 
 def test_attention_from_generation_is_causal_and_normalised():
@@ -49,7 +52,11 @@ def test_attention_from_generation_is_causal_and_normalised():
     context, generated, steps = generation_attention(model, tok, "abc def", n_tokens=3)
     assert context == list("abc def") and len(generated) == 3
     for i, w in enumerate(steps):
-        assert w.shape == (2, 4, len(context) + i)  # (layers, heads, positions so far): nothing from the future
+        assert w.shape == (
+            2,
+            4,
+            len(context) + i,
+        )  # (layers, heads, positions so far): nothing from the future
         torch.testing.assert_close(w.sum(-1), torch.ones(2, 4))
     # the recorded path generates the same tokens as normal greedy decoding
     assert "".join(generated) == generate(model, tok, "abc def", max_new_tokens=3, do_sample=False)[0].text
@@ -63,12 +70,45 @@ def test_attention_png(tiny_run, tmp_path):
 
 def test_chat_loop_and_app_commands(tiny_run):
     script = "ROMEO:\n/temp 0.5\n/temp -1\n/quit\n"
-    out = subprocess.run([sys.executable, "-m", "tinylm", "chat", str(tiny_run), "--max-new-tokens", "10", "--seed", "1", "--json"],
-                         input=script, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinylm",
+            "chat",
+            str(tiny_run),
+            "--max-new-tokens",
+            "10",
+            "--seed",
+            "1",
+            "--json",
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "temperature = 0.5" in out.stdout and "error: temperature (-1.0)" in out.stdout
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"turns": 1}
     for command, arg in (("story", "a king"), ("ask", "Who?"), ("complete", "ROMEO:")):
-        out = subprocess.run([sys.executable, "-m", "tinylm", command, str(tiny_run), arg, "--max-new-tokens", "8",
-                              "--seed", "0", "--json", "--no-progress"], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tinylm",
+                command,
+                str(tiny_run),
+                arg,
+                "--max-new-tokens",
+                "8",
+                "--seed",
+                "0",
+                "--json",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0 and "text" in json.loads(out.stdout.strip().splitlines()[-1])

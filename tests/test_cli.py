@@ -1,4 +1,5 @@
 """The CLI end to end: every command's --json summary, and one clear sentence for each user error."""
+
 import json
 
 import pytest
@@ -19,38 +20,75 @@ def last_json(out):
 def test_prepare_train_generate_eval_info(capsys, tmp_path, shakespeare_slice):
     code, out, _ = run(capsys, "prepare", shakespeare_slice, "--out", tmp_path / "d", "--json")
     assert code == 0 and last_json(out)["train_tokens"] == 90_000
-    code, out, _ = run(capsys, "train", "--data", tmp_path / "d", "--preset", "tiny", "--max-steps", 30,
-                       "--out", tmp_path / "r", "--no-progress", "--json")
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--data",
+        tmp_path / "d",
+        "--preset",
+        "tiny",
+        "--max-steps",
+        30,
+        "--out",
+        tmp_path / "r",
+        "--no-progress",
+        "--json",
+    )
     summary = last_json(out)
     assert code == 0 and summary["steps"] == 30 and summary["tokens_per_sec"] > 0 and summary["val_loss"] < 4
-    args = ("generate", tmp_path / "r", "--prompt", "ROMEO:", "--max-new-tokens", 20, "--seed", 3, "--no-progress", "--json")
+    args = (
+        "generate",
+        tmp_path / "r",
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        20,
+        "--seed",
+        3,
+        "--no-progress",
+        "--json",
+    )
     code, out, _ = run(capsys, *args)
     first = last_json(out)
     assert code == 0 and first["tokens"] == 20 and out.startswith("ROMEO:")
     assert last_json(run(capsys, *args)[1])["text"] == first["text"]  # same seed, same text
     code, out, _ = run(capsys, "eval", tmp_path / "r", "--no-progress", "--json")
     ev = last_json(out)
-    assert code == 0 and ev["perplexity"] == pytest.approx(2.718281828 ** ev["loss"], rel=1e-6) and ev["tokens"] == 9_999
+    assert (
+        code == 0
+        and ev["perplexity"] == pytest.approx(2.718281828 ** ev["loss"], rel=1e-6)
+        and ev["tokens"] == 9_999
+    )
     code, out, _ = run(capsys, "info", tmp_path / "r", "--json")
     assert code == 0 and last_json(out)["tensors"] == 36
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["prepare", "nope.txt", "--out", "{tmp}/o"], "is not a file"),
-    (["train", "--data", "{tmp}", "--out", "{tmp}/r"], "not a prepared data directory"),
-    (["train", "--data", "{data}", "--preset", "huge", "--out", "{tmp}/r"], "Unknown preset"),
-    (["train", "--data", "{data}", "--set", "colour=blue", "--out", "{tmp}/r"], "Unknown config key"),
-    (["train", "--data", "{data}", "--set", "n_layer=two", "--out", "{tmp}/r"], "not a valid int"),
-    (["train", "--data", "{data}", "--set", "block_size=20000", "--out", "{tmp}/r"], "shorter than one context window"),
-    (["generate", "{tmp}"], "not a tinylm run directory"),
-    (["generate", "{run}", "--prompt", "日本"], "outside this model's vocabulary"),
-    (["generate", "{run}", "--top-p", "1.5"], "top_p"),
-    (["generate", "{run}", "--device", "cuda"], "no CUDA GPU"),
-    (["eval", "{tmp}/missing"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prepare", "nope.txt", "--out", "{tmp}/o"], "is not a file"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/r"], "not a prepared data directory"),
+        (["train", "--data", "{data}", "--preset", "huge", "--out", "{tmp}/r"], "Unknown preset"),
+        (["train", "--data", "{data}", "--set", "colour=blue", "--out", "{tmp}/r"], "Unknown config key"),
+        (["train", "--data", "{data}", "--set", "n_layer=two", "--out", "{tmp}/r"], "not a valid int"),
+        (
+            ["train", "--data", "{data}", "--set", "block_size=20000", "--out", "{tmp}/r"],
+            "shorter than one context window",
+        ),
+        (["generate", "{tmp}"], "not a tinylm run directory"),
+        (["generate", "{run}", "--prompt", "日本"], "outside this model's vocabulary"),
+        (["generate", "{run}", "--top-p", "1.5"], "top_p"),
+        (["generate", "{run}", "--device", "cuda"], "no CUDA GPU"),
+        (["eval", "{tmp}/missing"], "does not exist"),
+    ],
+)
 def test_bad_input_is_one_clear_sentence(capsys, tmp_path, char_data, tiny_run, argv, message):
     argv = [a.format(tmp=tmp_path, data=char_data, run=tiny_run) for a in argv]
-    code, out, err = run(capsys, *argv, "--no-progress") if argv[0] in ("train", "generate", "eval") else run(capsys, *argv)
+    code, out, err = (
+        run(capsys, *argv, "--no-progress")
+        if argv[0] in ("train", "generate", "eval")
+        else run(capsys, *argv)
+    )
     assert code == 2
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1

@@ -19,7 +19,14 @@ def test_presets_build_and_have_expected_sizes():
 
 def test_mini_gpt_preset_matches_tutorial_shape():
     m, t = build_configs("mini-gpt", vocab_size=50257)
-    assert (m.block_size, m.n_embd, m.n_head, m.n_layer, m.hidden_dim, m.dropout) == (128, 256, 8, 4, 1024, 0.1)
+    assert (m.block_size, m.n_embd, m.n_head, m.n_layer, m.hidden_dim, m.dropout) == (
+        128,
+        256,
+        8,
+        4,
+        1024,
+        0.1,
+    )
     assert t.lr == 3e-4 and t.min_lr_ratio == 0.1 and t.max_grad_norm == 1.0
 
 
@@ -30,11 +37,14 @@ def test_overrides_are_typed_and_routed():
     assert m.n_layer == 3 and m.bias is False and t.schedule == "wsd"
 
 
-@pytest.mark.parametrize("pairs, message", [
-    (["n_layer=abc"], "not a valid int"),
-    (["nope=1"], "Unknown config key"),
-    (["n_layer"], "key=value"),
-])
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        (["n_layer=abc"], "not a valid int"),
+        (["nope=1"], "Unknown config key"),
+        (["n_layer"], "key=value"),
+    ],
+)
 def test_bad_overrides(pairs, message):
     with pytest.raises(TinyLMError, match=message):
         parse_overrides(pairs)

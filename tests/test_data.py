@@ -33,12 +33,15 @@ def test_prepare_builtin_and_directory(tmp_path, shakespeare_slice):
     assert meta["tokenizer"] == "bpe" and meta["train_tokens"] > 0
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda p: p / "missing.txt", "is not a file"),
-    (lambda p: (p / "empty.txt").write_text("   ") and p / "empty.txt", "empty"),
-    (lambda p: (p / "bin.txt").write_bytes(b"ok\xff\xfe") and p / "bin.txt", "not UTF-8"),
-    (lambda p: (p / "d").mkdir() or p / "d", "no .txt files"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: p / "missing.txt", "is not a file"),
+        (lambda p: (p / "empty.txt").write_text("   ") and p / "empty.txt", "empty"),
+        (lambda p: (p / "bin.txt").write_bytes(b"ok\xff\xfe") and p / "bin.txt", "not UTF-8"),
+        (lambda p: (p / "d").mkdir() or p / "d", "no .txt files"),
+    ],
+)
 def test_prepare_bad_inputs(tmp_path, setup, message):
     with pytest.raises(TinyLMError, match=message):
         prepare([str(setup(tmp_path))], tmp_path / "out", "char")
@@ -86,12 +89,18 @@ def test_corpus_shorter_than_context_is_a_clear_error():
 
 def test_hf_source_uses_official_splits(tmp_path, monkeypatch, shakespeare_text):
     datasets = pytest.importorskip("datasets")
-    local = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"text": [shakespeare_text[:30_000], shakespeare_text[30_000:60_000]]}),
-        "validation": datasets.Dataset.from_dict({"text": [shakespeare_text[60_000:70_000]]}),
-    })
+    local = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {"text": [shakespeare_text[:30_000], shakespeare_text[30_000:60_000]]}
+            ),
+            "validation": datasets.Dataset.from_dict({"text": [shakespeare_text[60_000:70_000]]}),
+        }
+    )
     calls = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: calls.append((name, config)) or local)
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda name, config=None: calls.append((name, config)) or local
+    )
     meta = prepare(["hf:wikitext:wikitext-2-raw-v1"], tmp_path, "char")
     assert calls == [("wikitext", "wikitext-2-raw-v1")]
     assert meta["split"] == "official" and meta["train_tokens"] == 60_000 and meta["val_tokens"] == 10_000

@@ -44,7 +44,9 @@ def test_perplexity_is_exp_loss_and_stride_helps(tiny_run):
     tokens = TokenData(run.config["data"]).split("val")[:2000]
     plain = evaluate_tokens(run.model, tokens, block_size=32, chars=2000, n_bytes=2000)
     assert plain.perplexity == pytest.approx(math.exp(plain.loss))
-    assert plain.bits_per_char == pytest.approx(plain.loss / math.log(2), rel=1e-3)  # char-level: 1 token = 1 char
+    assert plain.bits_per_char == pytest.approx(
+        plain.loss / math.log(2), rel=1e-3
+    )  # char-level: 1 token = 1 char
     # a direct cross-entropy over the same non-overlapping windows gives the same mean loss
     head = np.asarray(tokens[: 10 * 32 + 1], dtype=np.int64)
     x, y = torch.from_numpy(head[:-1]).view(10, 32), torch.from_numpy(head[1:]).view(10, 32)

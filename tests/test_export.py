@@ -1,4 +1,5 @@
 """Hugging Face parity: exported runs load in transformers with the same logits and greedy text; imports round-trip."""
+
 import pytest
 import torch
 
@@ -6,21 +7,28 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import FLAVOURS  # noqa: E402
 from tinylm.checkpoint import load_run, save_checkpoint, write_run_config  # noqa: E402
-from tinylm.config import ModelConfig, TrainConfig  # noqa: E402
+from tinylm.config import (  # noqa: E402
+    ModelConfig,
+    SampleConfig,  # noqa: E402
+    TrainConfig,
+)
 from tinylm.errors import TinyLMError  # noqa: E402
 from tinylm.export import export_hf, import_hf  # noqa: E402
-from tinylm.config import SampleConfig  # noqa: E402
 from tinylm.generate import generate_tokens  # noqa: E402
 from tinylm.model import Transformer  # noqa: E402
 from tinylm.tokenizer import CharTokenizer, HFTokenizer  # noqa: E402
 
+pytestmark = pytest.mark.numerics
+
 
 def _make_run(path, tokenizer, **flavour):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=4, n_embd=32, **flavour)
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=4, n_embd=32, **flavour
+    )
     model = Transformer(cfg)
     with torch.no_grad():  # non-trivial norms and biases, so the mapping of every tensor is checked
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     write_run_config(path, cfg, TrainConfig(), tokenizer, {"data": None})
@@ -58,7 +66,9 @@ def test_export_parity_logits_and_greedy(case, bpe, tmp_path):
     assert tok(prompt)["input_ids"] == bpe.encode(prompt)
     ids = torch.tensor([bpe.encode(prompt)])
     ours = torch.cat(list(generate_tokens(run.model, ids, SampleConfig(max_new_tokens=15, do_sample=False))))
-    theirs = hf.generate(ids, max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.size(1):]
+    theirs = hf.generate(ids, max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=None)[
+        0, ids.size(1) :
+    ]
     assert theirs.tolist() == ours.tolist()
 
 
@@ -81,7 +91,9 @@ def test_import_round_trip(case, bpe, tmp_path):
 
 
 def test_import_random_transformers_gpt2(tmp_path, bpe):
-    config = transformers.GPT2Config(vocab_size=bpe.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    config = transformers.GPT2Config(
+        vocab_size=bpe.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4
+    )
     hf = transformers.GPT2LMHeadModel(config).eval()
     hf.save_pretrained(tmp_path / "hf")
     bpe.save(tmp_path / "hf" / "tokenizer.json")
@@ -95,7 +107,9 @@ def test_unexportable_and_unimportable(tmp_path, bpe):
     run_dir = _make_run(tmp_path / "run", bpe, position="rope", norm="layernorm", mlp="gelu")
     with pytest.raises(TinyLMError, match="not exportable"):
         export_hf(run_dir, tmp_path / "hf")
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
     transformers.BertModel(config).save_pretrained(tmp_path / "bert")
     with pytest.raises(TinyLMError, match="cannot be imported"):
         import_hf(tmp_path / "bert", tmp_path / "out")

@@ -1,4 +1,5 @@
 """Fine-tuning: response-only loss, LoRA leaves base weights untouched, adapters save alone, merge is exact."""
+
 import json
 
 import pytest
@@ -13,8 +14,16 @@ from tinylm.lora import LoRAConfig, LoRALinear, apply_lora, lora_state_dict, mer
 from tinylm.model import Transformer
 from tinylm.tokenizer import CharTokenizer
 
-PAIRS = [{"prompt": f"Q: Who is {n}?\nA:", "response": f" {r}.\n"} for n, r in
-         [("Romeo", "a Montague"), ("Juliet", "a Capulet"), ("Lear", "a king"), ("Puck", "a sprite"), ("Hal", "a prince")]]
+PAIRS = [
+    {"prompt": f"Q: Who is {n}?\nA:", "response": f" {r}.\n"}
+    for n, r in [
+        ("Romeo", "a Montague"),
+        ("Juliet", "a Capulet"),
+        ("Lear", "a king"),
+        ("Puck", "a sprite"),
+        ("Hal", "a prince"),
+    ]
+]
 
 
 @pytest.fixture
@@ -31,7 +40,9 @@ def test_only_response_tokens_carry_loss():
     assert len(ids) == len(labels) == prompt_len + len(" yes.\n") - 1
     assert labels[: prompt_len - 1] == [IGNORE] * (prompt_len - 1)
     assert tok.decode(labels[prompt_len - 1 :]) == " yes.\n"  # every response token is a target
-    assert ids[prompt_len - 1] == tok.encode(":")[0]  # the last prompt token predicts the first response token
+    assert (
+        ids[prompt_len - 1] == tok.encode(":")[0]
+    )  # the last prompt token predicts the first response token
 
 
 def test_bad_jsonl_lines(tmp_path):
@@ -52,7 +63,9 @@ def test_lora_targets_and_trainable_count():
     wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert len(wrapped) == 2 * 7  # wq wk wv wo w1 w2 w3 per layer
     trainable, total = trainable_parameters(model)
-    assert trainable == sum(p.numel() for m in wrapped for p in (m.lora_a, m.lora_b)) and trainable < total / 5
+    assert (
+        trainable == sum(p.numel() for m in wrapped for p in (m.lora_a, m.lora_b)) and trainable < total / 5
+    )
 
 
 def test_merge_gives_the_same_logits():
@@ -70,8 +83,14 @@ def test_merge_gives_the_same_logits():
 
 def test_lora_finetune_keeps_base_bitwise_and_saves_small_adapter(tiny_run, pairs_file, tmp_path):
     base = load_run(tiny_run).model.state_dict()
-    result = finetune(tiny_run, pairs_file, tmp_path / "ft", lora=LoRAConfig(rank=4),
-                      overrides={"max_steps": 15, "eval_interval": 15, "lr": 1e-2}, progress=False)
+    result = finetune(
+        tiny_run,
+        pairs_file,
+        tmp_path / "ft",
+        lora=LoRAConfig(rank=4),
+        overrides={"max_steps": 15, "eval_interval": 15, "lr": 1e-2},
+        progress=False,
+    )
     assert result.steps == 15
     tuned = load_run(tmp_path / "ft")
     for name, tensor in tuned.model.state_dict().items():
@@ -90,7 +109,9 @@ def test_lora_finetune_keeps_base_bitwise_and_saves_small_adapter(tiny_run, pair
 def test_full_finetune_on_text_and_resume(tiny_run, shakespeare_text, tmp_path):
     text = tmp_path / "more.txt"
     text.write_text(shakespeare_text[40_000:100_000])  # within the base run's character vocabulary
-    finetune(tiny_run, text, tmp_path / "ft", overrides={"max_steps": 20, "eval_interval": 10}, progress=False)
+    finetune(
+        tiny_run, text, tmp_path / "ft", overrides={"max_steps": 20, "eval_interval": 10}, progress=False
+    )
     with pytest.raises(TinyLMError, match="tinylm finetune --resume"):
         from tinylm.train import train
 
@@ -111,9 +132,15 @@ def test_lora_on_moe_experts_trains_only_adapters_and_merges_exactly():
         model(idx).logsumexp(-1).mean().backward()
         opt.step()
         opt.zero_grad()
-    originals = {k.replace(".parametrizations", "").replace(".original", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    originals = {
+        k.replace(".parametrizations", "").replace(".original", ""): v
+        for k, v in model.state_dict().items()
+        if "lora_" not in k
+    }
     for name, tensor in base.items():
-        key = name if name in originals else name.replace("weight", "base.weight").replace("bias", "base.bias")
+        key = (
+            name if name in originals else name.replace("weight", "base.weight").replace("bias", "base.bias")
+        )
         assert torch.equal(originals[key], tensor), name
     model.eval()
     before = model(idx)

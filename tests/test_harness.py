@@ -1,4 +1,5 @@
 """The LM Evaluation Harness adapter: scoring helpers, and a real offline harness run on a local task."""
+
 import json
 import math
 from types import SimpleNamespace
@@ -8,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from tinylm.checkpoint import load_run
-from tinylm.harness import continuation_logprob, rolling_logprob
 from tinylm.evaluate import evaluate_tokens
+from tinylm.harness import continuation_logprob, rolling_logprob
 
 
 def test_continuation_logprob_matches_log_softmax(tiny_run):
@@ -28,7 +29,9 @@ def test_rolling_logprob_is_total_nll(tiny_run):
     run = load_run(tiny_run)
     ids = run.tokenizer.encode("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 2)
     start = run.tokenizer.eot_id
-    assert rolling_logprob(run.model, ids, start) == pytest.approx(-evaluate_tokens(run.model, [start] + ids, block_size=32).nll)
+    assert rolling_logprob(run.model, ids, start) == pytest.approx(
+        -evaluate_tokens(run.model, [start] + ids, block_size=32).nll
+    )
 
 
 def test_real_harness_run_on_a_local_task(tiny_run, tmp_path, monkeypatch, shakespeare_text):
@@ -39,7 +42,10 @@ def test_real_harness_run_on_a_local_task(tiny_run, tmp_path, monkeypatch, shake
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     lines = [l for l in shakespeare_text[:100_000].splitlines() if len(l) > 30][:12]
-    docs = [{"question": l[:15], "choices": [l[15:30], lines[(i + 5) % len(lines)][15:30]], "answer": 0} for i, l in enumerate(lines)]
+    docs = [
+        {"question": l[:15], "choices": [l[15:30], lines[(i + 5) % len(lines)][15:30]], "answer": 0}
+        for i, l in enumerate(lines)
+    ]
     (tmp_path / "toy.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "toy.yaml").write_text(
         "task: tinylm_toy\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
@@ -47,8 +53,12 @@ def test_real_harness_run_on_a_local_task(tiny_run, tmp_path, monkeypatch, shake
         'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
         "metric_list:\n  - metric: acc\n"
     )
-    results = lm_eval.simple_evaluate(model="tinylm", model_args=f"run={tiny_run}", tasks=["tinylm_toy"],
-                                      task_manager=TaskManager(include_path=str(tmp_path)))
+    results = lm_eval.simple_evaluate(
+        model="tinylm",
+        model_args=f"run={tiny_run}",
+        tasks=["tinylm_toy"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+    )
     acc = results["results"]["tinylm_toy"]["acc,none"]
     assert 0.0 <= acc <= 1.0 and not math.isnan(acc)
     lm = tinylm.harness.TinyLMEval(run=str(tiny_run))

@@ -7,6 +7,8 @@ from conftest import FLAVOURS, tiny_config
 from tinylm.model import Transformer
 from tinylm.model.layers import MoE, RMSNorm, apply_rope, load_balancing_loss, rope_tables
 
+pytestmark = pytest.mark.numerics
+
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_shapes_and_causality(flavour):
@@ -54,8 +56,13 @@ def test_rope_matches_naive_complex_rotation():
     torch.testing.assert_close(out, expected)
     # relative: <rope(q, m), rope(k, n)> depends only on m - n
     q, k = torch.randn(hd), torch.randn(hd)
+
     def dot(m, n):
-        return (apply_rope(q[None, None, None], cos[m : m + 1], sin[m : m + 1]) * apply_rope(k[None, None, None], cos[n : n + 1], sin[n : n + 1])).sum()
+        return (
+            apply_rope(q[None, None, None], cos[m : m + 1], sin[m : m + 1])
+            * apply_rope(k[None, None, None], cos[n : n + 1], sin[n : n + 1])
+        ).sum()
+
     torch.testing.assert_close(dot(5, 2), dot(7, 4))
 
 

@@ -64,7 +64,9 @@ def test_gpt2_falls_back_to_tiktoken(tmp_path, monkeypatch):
             return "".join(chr(i) for i in ids)
 
     monkeypatch.setitem(sys.modules, "tiktoken", types.SimpleNamespace(get_encoding=lambda name: Encoding()))
-    monkeypatch.setattr(HFTokenizer, "gpt2", classmethod(lambda cls: (_ for _ in ()).throw(TinyLMError("no transformers"))))
+    monkeypatch.setattr(
+        HFTokenizer, "gpt2", classmethod(lambda cls: (_ for _ in ()).throw(TinyLMError("no transformers")))
+    )
     tok = build_tokenizer("gpt2", [])
     assert tok.kind == "gpt2" and tok.vocab_size == 50257 and tok.decode(tok.encode("Hi there")) == "Hi there"
     tok.save(tmp_path / "t.json")

@@ -11,6 +11,8 @@ from tinylm.data import TokenData
 from tinylm.errors import TinyLMError
 from tinylm.train import Trainer, train
 
+pytestmark = pytest.mark.numerics
+
 
 def test_short_real_run_loss_falls_clearly(tiny_run):
     rows = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
@@ -58,7 +60,9 @@ def test_muon_run_learns_and_resumes_exactly(char_data, tmp_path):
 
 def _trainer(char_data, tmp_path, name, **overrides):
     data = TokenData(char_data)
-    model_cfg, cfg = build_configs("tiny", {"max_steps": 5, **overrides}, vocab_size=data.tokenizer.vocab_size)
+    model_cfg, cfg = build_configs(
+        "tiny", {"max_steps": 5, **overrides}, vocab_size=data.tokenizer.vocab_size
+    )
     return Trainer(model_cfg, cfg, data, tmp_path / name, progress=False)
 
 
@@ -77,12 +81,23 @@ def test_gradient_accumulation_equals_larger_batch(char_data, tmp_path):
 
 def test_epoch_mode_logs_and_checkpoints_each_epoch(char_data, tmp_path):
     lines = []
-    result = train(char_data, tmp_path / "ep", "tiny", {"epochs": 2, "max_steps": 0, "window_stride": 64},
-                   progress=False, log=lines.append)
+    result = train(
+        char_data,
+        tmp_path / "ep",
+        "tiny",
+        {"epochs": 2, "max_steps": 0, "window_stride": 64},
+        progress=False,
+        log=lines.append,
+    )
     assert [l.split(":")[0] for l in lines] == ["Epoch 1/2", "Epoch 2/2"]
     assert "average loss" in lines[0] and "validation loss" in lines[0]
     assert [e["epoch"] for e in result.epoch_losses] == [1, 2]
-    assert {p.name for p in (tmp_path / "ep" / "checkpoints").iterdir()} >= {"epoch_1", "epoch_2", "last", "best"}
+    assert {p.name for p in (tmp_path / "ep" / "checkpoints").iterdir()} >= {
+        "epoch_1",
+        "epoch_2",
+        "last",
+        "best",
+    }
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(tiny_run, monkeypatch):
@@ -118,8 +133,13 @@ def test_unwritable_run_directory_is_a_clear_error(char_data, tmp_path):
 
 
 def test_moe_preset_trains(char_data, tmp_path):
-    result = train(char_data, tmp_path / "moe", "seed-char-moe",
-                   {"max_steps": 8, "batch_size": 4, "block_size": 32, "eval_interval": 8, "eval_batches": 2}, progress=False)
+    result = train(
+        char_data,
+        tmp_path / "moe",
+        "seed-char-moe",
+        {"max_steps": 8, "batch_size": 4, "block_size": 32, "eval_interval": 8, "eval_batches": 2},
+        progress=False,
+    )
     assert math.isfinite(result.val_loss) and result.val_loss < 4.2
 
 
@@ -142,7 +162,15 @@ def test_ctrl_c_saves_a_resumable_checkpoint(char_data, tmp_path):
 
 
 def test_warmup_longer_than_the_run_is_clamped_with_a_warning(char_data, tmp_path):
-    with pytest.warns(UserWarning, match="warmup_steps \\(500\\) is not shorter than the run \\(20 steps\\); using 2"):
-        train(char_data, tmp_path / "w", "tiny", {"max_steps": 20, "warmup_steps": 500, "log_interval": 1}, progress=False)
+    with pytest.warns(
+        UserWarning, match="warmup_steps \\(500\\) is not shorter than the run \\(20 steps\\); using 2"
+    ):
+        train(
+            char_data,
+            tmp_path / "w",
+            "tiny",
+            {"max_steps": 20, "warmup_steps": 500, "log_interval": 1},
+            progress=False,
+        )
     rows = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["lr"] for r in rows if r["type"] == "train") == pytest.approx(3e-3)  # the peak is reached

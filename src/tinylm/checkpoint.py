@@ -11,6 +11,7 @@ RUN_DIR/
 Every checkpoint is written to a temporary directory and renamed into place, so a crash leaves
 either the old or the new checkpoint, never a half-written one.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as exc:
-        raise TinyLMError(f"Checkpoint weights {path} are corrupt or unreadable ({exc}); use another checkpoint.") from None
+        raise TinyLMError(
+            f"Checkpoint weights {path} are corrupt or unreadable ({exc}); use another checkpoint."
+        ) from None
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -76,7 +79,13 @@ def load_weights(model: nn.Module, path: Path) -> None:
         )
 
 
-def save_checkpoint(run_dir: Path, name: str, model_state: dict[str, torch.Tensor], train_state: dict[str, Any] | None, meta: dict[str, Any]) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    name: str,
+    model_state: dict[str, torch.Tensor],
+    train_state: dict[str, Any] | None,
+    meta: dict[str, Any],
+) -> Path:
     """Write checkpoints/NAME atomically and return its path."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -108,7 +117,11 @@ def checkpoint_dir(run_dir: Path, name: str = "last") -> Path:
     available = sorted(p.name for p in root.glob("*") if not p.name.startswith(".")) if root.is_dir() else []
     raise TinyLMError(
         f"{run_dir} has no checkpoint {name!r}"
-        + (f"; available: {', '.join(available)}." if available else "; train it first (tinylm train ... --out RUN_DIR).")
+        + (
+            f"; available: {', '.join(available)}."
+            if available
+            else "; train it first (tinylm train ... --out RUN_DIR)."
+        )
     )
 
 
@@ -119,12 +132,16 @@ def list_checkpoints(run_dir: Path, prefix: str) -> list[Path]:
 
 def prune_checkpoints(run_dir: Path, prefix: str, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints whose names start with prefix."""
-    found = sorted(list_checkpoints(run_dir, prefix), key=lambda p: json.loads((p / META).read_text()).get("step", 0))
+    found = sorted(
+        list_checkpoints(run_dir, prefix), key=lambda p: json.loads((p / META).read_text()).get("step", 0)
+    )
     for old in found[: max(0, len(found) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_run_config(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, tokenizer: Tokenizer, extra: dict[str, Any]) -> None:
+def write_run_config(
+    run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, tokenizer: Tokenizer, extra: dict[str, Any]
+) -> None:
     """config.json and tokenizer.json: what a run directory needs besides weights."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), **extra}
@@ -135,7 +152,9 @@ def write_run_config(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConf
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise TinyLMError(f"{run_dir} is not a tinylm run directory (no config.json); pass the --out of `tinylm train`.")
+        raise TinyLMError(
+            f"{run_dir} is not a tinylm run directory (no config.json); pass the --out of `tinylm train`."
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError:

@@ -1,4 +1,5 @@
 """The `tinylm` command: argparse subcommands; the only module that reads argv or prints."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from tinylm.errors import TinyLMError
 
@@ -34,15 +36,31 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.data import prepare
 
     meta = prepare(args.inputs, args.out, args.tokenizer, args.vocab_size, args.val_fraction)
-    print(f"Wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-          f"({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}")
+    print(
+        f"Wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+        f"({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}"
+    )
     return {"out": args.out, **meta}
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.train import train
 
-    overrides = _overrides(args, ("max_steps", "epochs", "batch_size", "lr", "device", "seed", "dtype", "grad_accum", "eval_interval", "optimizer"))
+    overrides = _overrides(
+        args,
+        (
+            "max_steps",
+            "epochs",
+            "batch_size",
+            "lr",
+            "device",
+            "seed",
+            "dtype",
+            "grad_accum",
+            "eval_interval",
+            "optimizer",
+        ),
+    )
     if args.epochs:
         overrides.setdefault("max_steps", 0)
     if args.max_steps:
@@ -50,13 +68,22 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("compile", "grad_checkpointing", "fsdp", "tensorboard", "wandb"):
         if getattr(args, flag):
             overrides[flag] = True
-    result = train(args.data, args.resume or args.out, args.preset, overrides, resume=bool(args.resume),
-                   stop_after=args.stop_after, progress=not args.no_progress)
+    result = train(
+        args.data,
+        args.resume or args.out,
+        args.preset,
+        overrides,
+        resume=bool(args.resume),
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
+    )
     if result.rank != 0:  # under torchrun, rank 0 speaks for the run
         args.json = False
         return {}
-    print(f"Trained {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_sec:,.0f} tokens/s): "
-          f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}. Run saved in {result.run_dir}")
+    print(
+        f"Trained {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_sec:,.0f} tokens/s): "
+        f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}. Run saved in {result.run_dir}"
+    )
     return result.summary()
 
 
@@ -72,8 +99,16 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         from tinylm.runtime import resolve_dtype
 
         run.model.to(resolve_dtype(args.dtype, device))
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  do_sample=not args.greedy, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()), seed=args.seed)
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        do_sample=not args.greedy,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop or ()),
+        seed=args.seed,
+    )
     if args.stream:
         cfg = SampleConfig(**kwargs)
         start, pieces = time.perf_counter(), []
@@ -83,27 +118,42 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
             print(piece, end="", flush=True)
         print()
         text = "".join(pieces)
-        return {"text": text, "tokens": len(run.tokenizer.encode(text)) if text else 0, "seconds": time.perf_counter() - start}
-    results = generate(run.model, run.tokenizer, args.prompt, num_samples=args.num_samples, progress=not args.no_progress,
-                       compile=args.compile, **kwargs)
+        return {
+            "text": text,
+            "tokens": len(run.tokenizer.encode(text)) if text else 0,
+            "seconds": time.perf_counter() - start,
+        }
+    results = generate(
+        run.model,
+        run.tokenizer,
+        args.prompt,
+        num_samples=args.num_samples,
+        progress=not args.no_progress,
+        compile=args.compile,
+        **kwargs,
+    )
     for i, r in enumerate(results):
         if len(results) > 1:
             print(f"--- sample {i + 1} ---")
         print(args.prompt + r.text)
     first = results[0]
-    summary = {"text": first.text, "tokens": first.tokens, "tokens_per_second": round(first.tokens_per_second, 1)}
+    summary = {
+        "text": first.text,
+        "tokens": first.tokens,
+        "tokens_per_second": round(first.tokens_per_second, 1),
+    }
     if len(results) > 1:
         summary["samples"] = [r.text for r in results]
     return summary
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
     from tinylm.checkpoint import load_run
     from tinylm.data import TokenData, read_text_file
     from tinylm.evaluate import evaluate_tokens
     from tinylm.runtime import resolve_device
-
-    import numpy as np
 
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
     if args.text:
@@ -112,13 +162,30 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         chars, n_bytes, source = len(text), len(text.encode("utf-8")), args.text
     else:
         if not (args.data or run.config.get("data")):
-            raise TinyLMError(f"{args.run_dir} records no data directory (e.g. an imported model); pass --data DIR or --text FILE.")
+            raise TinyLMError(
+                f"{args.run_dir} records no data directory (e.g. an imported model); pass --data DIR or --text FILE."
+            )
         data = TokenData(args.data or run.config["data"])
-        tokens, chars, n_bytes, source = data.split(args.split), data.chars(args.split), data.bytes(args.split), f"{data.path}:{args.split}"
-    result = evaluate_tokens(run.model, tokens, block_size=run.model_cfg.block_size, batch_size=args.batch_size,
-                             stride=args.stride, chars=chars, n_bytes=n_bytes, progress=not args.no_progress)
-    print(f"{source}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
-          f"bits/char {result.bits_per_char:.4f}, bits/byte {result.bits_per_byte:.4f} over {result.tokens:,} tokens")
+        tokens, chars, n_bytes, source = (
+            data.split(args.split),
+            data.chars(args.split),
+            data.bytes(args.split),
+            f"{data.path}:{args.split}",
+        )
+    result = evaluate_tokens(
+        run.model,
+        tokens,
+        block_size=run.model_cfg.block_size,
+        batch_size=args.batch_size,
+        stride=args.stride,
+        chars=chars,
+        n_bytes=n_bytes,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{source}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
+        f"bits/char {result.bits_per_char:.4f}, bits/byte {result.bits_per_byte:.4f} over {result.tokens:,} tokens"
+    )
     return result.summary()
 
 
@@ -155,9 +222,18 @@ def cmd_app(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.runtime import resolve_device
 
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, do_sample=not args.greedy,
-                    repetition_penalty=args.repetition_penalty, seed=args.seed, max_new_tokens=args.max_new_tokens)
-    fn = {"complete": apps.complete_text, "story": apps.generate_story, "ask": apps.answer_question}[args.command]
+    sampling = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        do_sample=not args.greedy,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+    )
+    fn = {"complete": apps.complete_text, "story": apps.generate_story, "ask": apps.answer_question}[
+        args.command
+    ]
     text = fn(run.model, run.tokenizer, args.text, **sampling)
     print(text)
     return {"text": text}
@@ -182,10 +258,23 @@ def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.runtime import resolve_device
 
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
-    cfg = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, do_sample=not args.greedy, seed=args.seed)
-    settings = {"/temp": ("temperature", float), "/top_k": ("top_k", int), "/top_p": ("top_p", float), "/max": ("max_new_tokens", int)}
-    print("tinylm chat: type a prompt; /temp 0.8, /top_k 50, /top_p 0.9, /max 200 change settings; /quit leaves.")
+    cfg = SampleConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        do_sample=not args.greedy,
+        seed=args.seed,
+    )
+    settings = {
+        "/temp": ("temperature", float),
+        "/top_k": ("top_k", int),
+        "/top_p": ("top_p", float),
+        "/max": ("max_new_tokens", int),
+    }
+    print(
+        "tinylm chat: type a prompt; /temp 0.8, /top_k 50, /top_p 0.9, /max 200 change settings; /quit leaves."
+    )
     turns = 0
     while True:
         try:
@@ -223,10 +312,20 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     if args.lora:
         targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else ()
         lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, targets, args.lora_experts)
-    result = finetune(args.run_dir, args.data, args.resume or args.out, lora=lora, overrides=overrides,
-                      checkpoint=args.checkpoint, resume=bool(args.resume), progress=not args.no_progress)
-    print(f"Fine-tuned {result.steps} steps: train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}. "
-          f"Run saved in {result.run_dir}")
+    result = finetune(
+        args.run_dir,
+        args.data,
+        args.resume or args.out,
+        lora=lora,
+        overrides=overrides,
+        checkpoint=args.checkpoint,
+        resume=bool(args.resume),
+        progress=not args.no_progress,
+    )
+    print(
+        f"Fine-tuned {result.steps} steps: train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}. "
+        f"Run saved in {result.run_dir}"
+    )
     return result.summary()
 
 
@@ -262,24 +361,44 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature > 0 (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens, 0 = off (default 50)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0 = off)")
+    p.add_argument(
+        "--top-k", type=int, default=50, help="keep the k most likely tokens, 0 = off (default 50)"
+    )
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0 = off)"
+    )
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0 = off)"
+    )
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default cpu)")
-    p.add_argument("--checkpoint", default="last", help="checkpoint name in the run (default last; e.g. best)")
+    p.add_argument(
+        "--checkpoint", default="last", help="checkpoint name in the run (default last; e.g. best)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _parser_prepare(sub: argparse._SubParsersAction) -> None:
     """`tinylm prepare`."""
     p = sub.add_parser("prepare", help="tokenize text into train/val shards")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text file, directory of .txt, built-in name (shakespeare) or hf:NAME[:CONFIG]")
-    p.add_argument("--tokenizer", choices=("char", "bpe", "gpt2"), default="char", help="tokenizer kind (default char)")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="text file, directory of .txt, built-in name (shakespeare) or hf:NAME[:CONFIG]",
+    )
+    p.add_argument(
+        "--tokenizer", choices=("char", "bpe", "gpt2"), default="char", help="tokenizer kind (default char)"
+    )
     p.add_argument("--vocab-size", type=int, default=0, help="BPE vocabulary size (default 4096)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the text held out for validation (default 0.1)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="last fraction of the text held out for validation (default 0.1)",
+    )
     p.add_argument("--out", required=True, help="output data directory")
     _add_common(p)
     p.set_defaults(func=cmd_prepare)
@@ -291,23 +410,39 @@ def _parser_train(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train", help="train a model (or --resume a run)")
     p.add_argument("--data", help="prepared data directory")
-    p.add_argument("--preset", default="tiny", help=f"model/training preset: {', '.join(PRESETS)} (default tiny)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field, e.g. --set n_layer=4 (repeatable)")
+    p.add_argument(
+        "--preset", default="tiny", help=f"model/training preset: {', '.join(PRESETS)} (default tiny)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set n_layer=4 (repeatable)",
+    )
     p.add_argument("--max-steps", type=int, help="optimizer steps over random windows")
-    p.add_argument("--epochs", type=int, help="passes over the sliding-window dataset (instead of --max-steps)")
+    p.add_argument(
+        "--epochs", type=int, help="passes over the sliding-window dataset (instead of --max-steps)"
+    )
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--optimizer", help="adamw, or muon (Muon on the blocks' matrices, AdamW on the rest; lr for Muon: --set muon_lr=)")
+    p.add_argument(
+        "--optimizer",
+        help="adamw, or muon (Muon on the blocks' matrices, AdamW on the rest; lr for Muon: --set muon_lr=)",
+    )
     p.add_argument("--eval-interval", type=int, help="steps between validation estimates")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", help="auto, fp32, bf16 or fp16 (default auto: bf16/fp16 on GPU, fp32 on CPU)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the model with FSDP2 instead of DDP")
+    p.add_argument(
+        "--fsdp", action="store_true", help="with torchrun: shard the model with FSDP2 instead of DDP"
+    )
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (RUN_DIR/tensorboard)")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (needs wandb installed)")
+    p.add_argument(
+        "--wandb", action="store_true", help="also log to Weights & Biases (needs wandb installed)"
+    )
     p.add_argument("--out", default="runs/run", help="run directory (default runs/run)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--stop-after", type=int, help="stop (resumably) after this many steps in this session")
@@ -320,11 +455,19 @@ def _parser_generate(sub: argparse._SubParsersAction) -> None:
     """`tinylm generate`."""
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
     p.add_argument("run_dir", help="run directory")
-    p.add_argument("--prompt", default="", help="text to continue (empty starts from the end-of-text/newline token)")
+    p.add_argument(
+        "--prompt", default="", help="text to continue (empty starts from the end-of-text/newline token)"
+    )
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw (default 1)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="cast the weights for decoding (bf16 is ~1.5x faster on CPU)")
-    p.add_argument("--compile", action="store_true", help="compile the fixed-shape decode step (CUDA graphs on a GPU)")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        help="cast the weights for decoding (bf16 is ~1.5x faster on CPU)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="compile the fixed-shape decode step (CUDA graphs on a GPU)"
+    )
     _add_sampling(p)
     _add_common(p)
     p.set_defaults(func=cmd_generate)
@@ -348,9 +491,11 @@ def _parser_eval(sub: argparse._SubParsersAction) -> None:
 
 def _parser_apps(sub: argparse._SubParsersAction) -> None:
     """`tinylm complete, story and ask`."""
-    for name, help_text, arg in (("complete", "continue a text", "text to complete"),
-                                 ("story", "write a short story about a theme", "theme"),
-                                 ("ask", "answer a question (Q: ... A: format)", "question")):
+    for name, help_text, arg in (
+        ("complete", "continue a text", "text to complete"),
+        ("story", "write a short story about a theme", "theme"),
+        ("ask", "answer a question (Q: ... A: format)", "question"),
+    ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("run_dir", help="run directory")
         p.add_argument("text", help=arg)
@@ -384,7 +529,9 @@ def _parser_finetune(sub: argparse._SubParsersAction) -> None:
     """`tinylm finetune`."""
     p = sub.add_parser("finetune", help="continue training a run on new text or prompt/response pairs")
     p.add_argument("run_dir", nargs="?", help="base run directory")
-    p.add_argument("--data", help="JSONL of {prompt, response} (loss on responses only), a prepared data dir, or text")
+    p.add_argument(
+        "--data", help="JSONL of {prompt, response} (loss on responses only), a prepared data dir, or text"
+    )
     p.add_argument("--out", default="runs/finetune", help="new run directory (default runs/finetune)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped fine-tuning run")
     p.add_argument("--checkpoint", default="last", help="base checkpoint to start from (default last)")
@@ -392,7 +539,9 @@ def _parser_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-rank", type=int, default=8, help="adapter rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale numerator (default 16)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on adapter inputs (default 0)")
-    p.add_argument("--lora-targets", help="comma-separated layer names (default wq,wk,wv,wo,fc,proj,w1,w2,w3)")
+    p.add_argument(
+        "--lora-targets", help="comma-separated layer names (default wq,wk,wv,wo,fc,proj,w1,w2,w3)"
+    )
     p.add_argument("--lora-experts", action="store_true", help="also adapt Mixture-of-Experts expert weights")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override training fields")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default 200)")
@@ -457,7 +606,9 @@ def _parser_info(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="tinylm", description="Build, train, evaluate and sample small language models.")
+    parser = argparse.ArgumentParser(
+        prog="tinylm", description="Build, train, evaluate and sample small language models."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _parser_prepare(sub)
     _parser_train(sub)

@@ -1,4 +1,5 @@
 """Typed configuration: the model's shape, the training recipe, sampling, and named presets."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -107,9 +108,18 @@ class TrainConfig:
         _check_choice("schedule", self.schedule, ("cosine", "constant", "wsd"))
         _check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         if self.optimizer == "muon" and self.fsdp:
-            raise TinyLMError("optimizer muon orthogonalizes whole matrices, which FSDP shards; train it with DDP (omit --fsdp).")
+            raise TinyLMError(
+                "optimizer muon orthogonalizes whole matrices, which FSDP shards; train it with DDP (omit --fsdp)."
+            )
         _check_choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
-        for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval", "window_stride"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "window_stride",
+        ):
             if getattr(self, name) <= 0:
                 raise TinyLMError(f"{name} ({getattr(self, name)}) must be a positive integer.")
         if self.max_steps <= 0 and self.epochs <= 0:
@@ -139,7 +149,9 @@ class SampleConfig:
         if self.max_new_tokens < 0:
             raise TinyLMError(f"max_new_tokens ({self.max_new_tokens}) cannot be negative.")
         if self.do_sample and self.temperature <= 0:
-            raise TinyLMError(f"temperature ({self.temperature}) must be > 0 when sampling; use greedy decoding instead.")
+            raise TinyLMError(
+                f"temperature ({self.temperature}) must be > 0 when sampling; use greedy decoding instead."
+            )
         if self.top_k < 0:
             raise TinyLMError(f"top_k ({self.top_k}) cannot be negative (0 turns it off).")
         if not 0.0 < self.top_p <= 1.0:
@@ -157,40 +169,115 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The first tutorial's LLaMA-style character model with a Mixture-of-Experts feed-forward:
     # 43 trainable tensors, about 2.25M parameters with a 65-character vocabulary.
     "seed-char-moe": dict(
-        **_LLAMA, block_size=128, n_layer=4, n_head=8, n_embd=128, ffn_hidden=320,
-        n_expert=4, n_expert_active=2, dropout=0.0,
-        batch_size=32, lr=1e-3, warmup_steps=100, max_steps=2000, eval_interval=200,
+        **_LLAMA,
+        block_size=128,
+        n_layer=4,
+        n_head=8,
+        n_embd=128,
+        ffn_hidden=320,
+        n_expert=4,
+        n_expert_active=2,
+        dropout=0.0,
+        batch_size=32,
+        lr=1e-3,
+        warmup_steps=100,
+        max_steps=2000,
+        eval_interval=200,
     ),
     # The second tutorial's Mini-GPT (WikiText-2, subword tokenizer).
     "mini-gpt": dict(
-        **_GPT, block_size=128, n_layer=4, n_head=8, n_embd=256, ffn_hidden=1024, dropout=0.1,
-        batch_size=32, lr=3e-4, warmup_steps=500, max_steps=5000, eval_interval=500,
+        **_GPT,
+        block_size=128,
+        n_layer=4,
+        n_head=8,
+        n_embd=256,
+        ffn_hidden=1024,
+        dropout=0.1,
+        batch_size=32,
+        lr=3e-4,
+        warmup_steps=500,
+        max_steps=5000,
+        eval_interval=500,
     ),
     # nanoGPT's baby GPT on Tiny Shakespeare characters (about 10.7M parameters).
     "shakespeare-char": dict(
-        **_GPT, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2, bias=False,
-        batch_size=64, lr=1e-3, beta2=0.99, warmup_steps=100, max_steps=5000, eval_interval=250,
+        **_GPT,
+        block_size=256,
+        n_layer=6,
+        n_head=6,
+        n_embd=384,
+        dropout=0.2,
+        bias=False,
+        batch_size=64,
+        lr=1e-3,
+        beta2=0.99,
+        warmup_steps=100,
+        max_steps=5000,
+        eval_interval=250,
         eval_batches=200,
     ),
     # GPT-2 small, 124M parameters.
     "gpt2-small": dict(
-        **_GPT, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0,
-        batch_size=12, grad_accum=40, lr=6e-4, warmup_steps=2000, max_steps=600000, eval_interval=1000,
+        **_GPT,
+        block_size=1024,
+        n_layer=12,
+        n_head=12,
+        n_embd=768,
+        dropout=0.0,
+        batch_size=12,
+        grad_accum=40,
+        lr=6e-4,
+        warmup_steps=2000,
+        max_steps=600000,
+        eval_interval=1000,
     ),
     # A fast CPU recipe for characters: 4 layers, 128 wide, context 64.
     "cpu-char": dict(
-        **_GPT, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False,
-        batch_size=12, lr=1e-3, beta2=0.99, warmup_steps=100, max_steps=2000, eval_interval=500,
+        **_GPT,
+        block_size=64,
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        dropout=0.0,
+        bias=False,
+        batch_size=12,
+        lr=1e-3,
+        beta2=0.99,
+        warmup_steps=100,
+        max_steps=2000,
+        eval_interval=500,
     ),
     # The fastest CPU recipe we measured to validation loss <= 1.88: cpu-char's shape, LLaMA-style, Muon + AdamW.
     "cpu-llama": dict(
-        **{**_LLAMA, "tie_embeddings": True}, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
-        batch_size=24, optimizer="muon", muon_lr=0.04, lr=6e-3, beta2=0.99, warmup_steps=50, max_steps=225, eval_interval=225,
+        **{**_LLAMA, "tie_embeddings": True},
+        block_size=64,
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        dropout=0.0,
+        batch_size=24,
+        optimizer="muon",
+        muon_lr=0.04,
+        lr=6e-3,
+        beta2=0.99,
+        warmup_steps=50,
+        max_steps=225,
+        eval_interval=225,
     ),
     # Seconds-long runs for tests and smoke checks.
     "tiny": dict(
-        **_GPT, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
-        batch_size=8, lr=3e-3, warmup_steps=10, max_steps=100, eval_interval=50, eval_batches=5,
+        **_GPT,
+        block_size=32,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        dropout=0.0,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=10,
+        max_steps=100,
+        eval_interval=50,
+        eval_batches=5,
     ),
 }
 
@@ -235,7 +322,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise TinyLMError(f"--set expects key=value, got {pair!r}.")
         if key not in types:
-            raise TinyLMError(f"Unknown config key {key!r} in --set; see `tinylm info --preset NAME --json` for keys.")
+            raise TinyLMError(
+                f"Unknown config key {key!r} in --set; see `tinylm info --preset NAME --json` for keys."
+            )
         out[key] = _coerce(key, raw.strip(), str(types[key]))
     return out
 
@@ -269,6 +358,12 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 __all__ = [
-    "ModelConfig", "TrainConfig", "SampleConfig", "PRESETS", "build_configs", "parse_overrides",
-    "to_dict", "from_dict",
+    "ModelConfig",
+    "TrainConfig",
+    "SampleConfig",
+    "PRESETS",
+    "build_configs",
+    "parse_overrides",
+    "to_dict",
+    "from_dict",
 ]

@@ -1,4 +1,5 @@
 """Text sources -> token shards on disk (train.bin / val.bin + meta.json), and batches drawn from them."""
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +44,9 @@ def read_text_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise TinyLMError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8 first.") from None
+        raise TinyLMError(
+            f"{path} is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8 first."
+        ) from None
 
 
 def _sha256(path: Path) -> str:
@@ -53,12 +56,16 @@ def _sha256(path: Path) -> str:
 def load_builtin(name: str) -> Source:
     """A built-in corpus from $TINYLM_DATA_DIR, the cache, or its canonical URL (checksum verified)."""
     spec = BUILTINS[name]
-    candidates = [Path(os.environ["TINYLM_DATA_DIR"]) / spec["path"]] if os.environ.get("TINYLM_DATA_DIR") else []
+    candidates = (
+        [Path(os.environ["TINYLM_DATA_DIR"]) / spec["path"]] if os.environ.get("TINYLM_DATA_DIR") else []
+    )
     candidates.append(cache_dir() / spec["path"])
     for path in candidates:
         if path.is_file():
             if _sha256(path) != spec["sha256"]:
-                raise TinyLMError(f"{path} does not match the expected checksum of {name!r}; delete or replace it.")
+                raise TinyLMError(
+                    f"{path} does not match the expected checksum of {name!r}; delete or replace it."
+                )
             return Source(name, read_text_file(path))
     target = candidates[-1]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +92,9 @@ def load_hf(spec: str) -> Source:
     try:
         import datasets
     except ImportError:
-        raise TinyLMError("Hugging Face datasets need the `datasets` package: pip install 'tinylm[datasets]'.") from None
+        raise TinyLMError(
+            "Hugging Face datasets need the `datasets` package: pip install 'tinylm[datasets]'."
+        ) from None
     try:
         ds = datasets.load_dataset(parts[1], parts[2] if len(parts) == 3 else None)
     except Exception as exc:  # no network, unknown name, ...
@@ -132,7 +141,11 @@ def _encode(tok: Tokenizer, text: str) -> np.ndarray:
 
 
 def prepare(
-    inputs: list[str], out: str | Path, tokenizer: str | Tokenizer = "char", vocab_size: int = 0, val_fraction: float = 0.1
+    inputs: list[str],
+    out: str | Path,
+    tokenizer: str | Tokenizer = "char",
+    vocab_size: int = 0,
+    val_fraction: float = 0.1,
 ) -> dict:
     """Tokenize the inputs (with a new tokenizer of that kind, or a given one) and write train.bin,
     val.bin, tokenizer.json and meta.json into `out`."""
@@ -151,7 +164,9 @@ def prepare(
         cut = int(len(text) * (1.0 - val_fraction))
         train_text, val_text = text[:cut], text[cut:]
     if isinstance(tokenizer, str):
-        tok = build_tokenizer(tokenizer, [train_text, val_text] if tokenizer == "char" else [train_text], vocab_size)
+        tok = build_tokenizer(
+            tokenizer, [train_text, val_text] if tokenizer == "char" else [train_text], vocab_size
+        )
     else:
         tok = tokenizer
     out = Path(out)
@@ -163,7 +178,9 @@ def prepare(
         "dtype": dtype.name,
         "sources": [s.name for s in sources],
         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        "split": "official" if official_val and len(official_val) == len(sources) else f"contiguous {1 - val_fraction:g}/{val_fraction:g}",
+        "split": "official"
+        if official_val and len(official_val) == len(sources)
+        else f"contiguous {1 - val_fraction:g}/{val_fraction:g}",
     }
     for split, part in (("train", train_text), ("val", val_text)):
         ids = _encode(tok, part)
@@ -183,7 +200,9 @@ class TokenData:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise TinyLMError(f"{self.path} is not a prepared data directory (no meta.json); run `tinylm prepare` first.")
+            raise TinyLMError(
+                f"{self.path} is not a prepared data directory (no meta.json); run `tinylm prepare` first."
+            )
         self.meta = json.loads(meta_path.read_text())
         self.tokenizer = load_tokenizer(self.path / "tokenizer.json")
 
@@ -223,7 +242,15 @@ class RandomWindows:
     """nanoGPT-style random windows. Batch `step` is a pure function of (seed, step), so the
     sampler's whole state is the step number, and each rank takes its slice of one global batch."""
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         check_length(tokens, block_size, "train")
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -253,12 +280,13 @@ class SlidingWindowDataset(Dataset):
         return x[0], y[0]
 
 
-
 class EpochWindows:
     """Shuffled passes over a SlidingWindowDataset. Batch (epoch, index) is a pure function of the
     seed, so resuming mid-epoch needs only the step number; ranks take slices of one global batch."""
 
-    def __init__(self, dataset: SlidingWindowDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, dataset: SlidingWindowDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self._order: tuple[int, np.ndarray] | None = None

@@ -1,10 +1,12 @@
 """Held-out loss, perplexity, and bits per token / character / byte over whole token streams."""
+
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import asdict, dataclass
-from typing import ContextManager, Iterable
 
 import numpy as np
 import torch
@@ -48,8 +50,12 @@ class EvalResult:
 
     def summary(self) -> dict:
         return {
-            "loss": self.loss, "perplexity": self.perplexity, "bits_per_token": self.bits_per_token,
-            "bits_per_char": self.bits_per_char, "bits_per_byte": self.bits_per_byte, **asdict(self),
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "bits_per_token": self.bits_per_token,
+            "bits_per_char": self.bits_per_char,
+            "bits_per_byte": self.bits_per_byte,
+            **asdict(self),
         }
 
 
@@ -104,7 +110,9 @@ def evaluate_tokens(
         x, y = x.to(device), y.to(device)
         with autocast or contextlib.nullcontext():
             logits = model(x)
-        nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
+        nll += F.cross_entropy(
+            logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"
+        ).item()
         count += int((y != IGNORE).sum())
     model.train(was_training)
     scored = count / (len(tokens) - 1)  # the first token is never predicted
@@ -112,7 +120,11 @@ def evaluate_tokens(
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], autocast: ContextManager | None = None) -> float:
+def mean_loss(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    autocast: ContextManager | None = None,
+) -> float:
     """Average cross-entropy over a few (x, y) batches: the quick estimate used during training."""
     was_training = model.training
     model.eval()

@@ -1,10 +1,12 @@
 """Fine-tuning a trained run on new text or prompt/response pairs, optionally with LoRA, through the same Trainer."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +34,11 @@ def read_pairs(path: Path) -> list[dict[str, str]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise TinyLMError(f"{path} line {n} is not valid JSON.") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("prompt"), str)
+            or not isinstance(row.get("response"), str)
+        ):
             raise TinyLMError(f'{path} line {n} needs string fields "prompt" and "response".')
         rows.append(row)
     if not rows:
@@ -66,17 +72,26 @@ class PairBatches:
         self.examples, self.block_size, self.batch_size, self.seed = examples, block_size, batch_size, seed
 
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = np.random.default_rng([self.seed, step, micro]).integers(0, len(self.examples), self.batch_size)
+        picks = np.random.default_rng([self.seed, step, micro]).integers(
+            0, len(self.examples), self.batch_size
+        )
         return pad_batch([self.examples[i] for i in picks], self.block_size)
 
 
 def pair_batches(path: Path, tokenizer: Tokenizer, model_cfg: ModelConfig, cfg: TrainConfig) -> Batches:
     """Training and validation batches from a JSONL file (the last 10% of pairs, at least one, validate)."""
-    examples = [encode_pair(tokenizer, r["prompt"], r["response"], model_cfg.block_size) for r in read_pairs(path)]
+    examples = [
+        encode_pair(tokenizer, r["prompt"], r["response"], model_cfg.block_size) for r in read_pairs(path)
+    ]
     n_val = max(1, len(examples) // 10) if len(examples) > 1 else 0
     train, val = examples[: len(examples) - n_val] or examples, examples[len(examples) - n_val :] or examples
-    val_batches = [pad_batch(val[i : i + cfg.batch_size], model_cfg.block_size) for i in range(0, len(val), cfg.batch_size)]
-    return Batches(PairBatches(train, model_cfg.block_size, cfg.batch_size, cfg.seed), val_batches[: cfg.eval_batches])
+    val_batches = [
+        pad_batch(val[i : i + cfg.batch_size], model_cfg.block_size)
+        for i in range(0, len(val), cfg.batch_size)
+    ]
+    return Batches(
+        PairBatches(train, model_cfg.block_size, cfg.batch_size, cfg.seed), val_batches[: cfg.eval_batches]
+    )
 
 
 def finetune(
@@ -106,7 +121,13 @@ def finetune(
     base_cfg = read_run_config(Path(base_run))
     model_cfg = from_dict(ModelConfig, base_cfg["model"])
     tokenizer = load_tokenizer(Path(base_run) / "tokenizer.json")
-    train_values = {**base_cfg["train"], "warmup_steps": 20, "max_steps": 200, "epochs": 0, "lr": base_cfg["train"]["lr"] / 3}
+    train_values = {
+        **base_cfg["train"],
+        "warmup_steps": 20,
+        "max_steps": 200,
+        "epochs": 0,
+        "lr": base_cfg["train"]["lr"] / 3,
+    }
     cfg = from_dict(TrainConfig, {**train_values, **(overrides or {})})
     base_weights = checkpoint_dir(Path(base_run), checkpoint) / WEIGHTS
     data = Path(data)
@@ -116,7 +137,9 @@ def finetune(
     elif (data / "meta.json").is_file():
         token_data = TokenData(data)
         if token_data.tokenizer.vocab_size != tokenizer.vocab_size:
-            raise TinyLMError(f"{data} was prepared with another tokenizer; prepare the text with the base run's tokenizer.")
+            raise TinyLMError(
+                f"{data} was prepared with another tokenizer; prepare the text with the base run's tokenizer."
+            )
     else:  # plain text: tokenize it with the base run's tokenizer
         prepare([str(data)], out / "data", tokenizer)
         token_data = TokenData(out / "data")
@@ -126,9 +149,15 @@ def finetune(
         if lora is not None:
             apply_lora(model, lora)
 
-    extra = {"data": str((token_data.path if token_data else data).resolve()),
-             "finetune": {"base": str(Path(base_run).resolve()), "data": str(data.resolve()), "checkpoint": checkpoint},
-             "lora": asdict(lora) if lora else None}
+    extra = {
+        "data": str((token_data.path if token_data else data).resolve()),
+        "finetune": {
+            "base": str(Path(base_run).resolve()),
+            "data": str(data.resolve()),
+            "checkpoint": checkpoint,
+        },
+        "lora": asdict(lora) if lora else None,
+    }
     shim = token_data or _PairsData(tokenizer, data)
     trainer = Trainer(model_cfg, cfg, shim, out, progress, log, extra, model_init=model_init, batches=batches)
     trainable, total = trainable_parameters(trainer.model)
@@ -159,6 +188,12 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     model = merge_lora(run.model)
     out = Path(out) if out else Path(f"{Path(run_dir).as_posix().rstrip('/')}-merged")
     extra = {k: v for k, v in run.config.items() if k not in ("model", "train", "lora")}
-    write_run_config(out, run.model_cfg, run.train_cfg, run.tokenizer, {**extra, "merged_from": str(Path(run_dir).resolve())})
+    write_run_config(
+        out,
+        run.model_cfg,
+        run.train_cfg,
+        run.tokenizer,
+        {**extra, "merged_from": str(Path(run_dir).resolve())},
+    )
     save_checkpoint(out, "last", model.state_dict(), None, {**run.meta, "merged": True})
     return out

@@ -1,11 +1,12 @@
 """Autoregressive sampling: small pure logit filters, a KV-cache decode loop, text streaming."""
+
 from __future__ import annotations
 
 import functools
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -50,7 +51,9 @@ def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penal
     return logits.scatter(-1, previous, seen)
 
 
-def select_next(logits: torch.Tensor, cfg: SampleConfig, previous: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def select_next(
+    logits: torch.Tensor, cfg: SampleConfig, previous: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Choose the next token (B,) from (B, V) logits: penalty, then greedy or filtered sampling."""
     logits = apply_repetition_penalty(logits.float(), previous, cfg.repetition_penalty)
     if not cfg.do_sample:
@@ -68,7 +71,9 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return gen
 
 
-def decode_one_token(model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor, caches: list) -> torch.Tensor:
+def decode_one_token(
+    model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor, caches: list
+) -> torch.Tensor:
     """Logits (B, V) for one new token (B, 1) at position input_pos (1,): fixed shapes, so it can be
     captured as a CUDA graph with torch.compile(mode="reduce-overhead")."""
     return model(token, caches=caches, pos=input_pos)[:, -1]
@@ -85,8 +90,14 @@ def _compiled_step(mode: str) -> object:
 
 
 @torch.no_grad()
-def generate_tokens(model: nn.Module, idx: torch.Tensor, cfg: SampleConfig, use_cache: bool = True,
-                    static: bool = False, compile: bool = False) -> Iterator[torch.Tensor]:
+def generate_tokens(
+    model: nn.Module,
+    idx: torch.Tensor,
+    cfg: SampleConfig,
+    use_cache: bool = True,
+    static: bool = False,
+    compile: bool = False,
+) -> Iterator[torch.Tensor]:
     """Yield the next token (B,) for each of cfg.max_new_tokens steps after the prompt idx (B, T).
 
     With the KV cache each step feeds one new position. Once the sequence outgrows the context,
@@ -123,7 +134,9 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[in
     if not ids:
         ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     if len(ids) > block_size:
-        warnings.warn(f"Prompt has {len(ids)} tokens, more than the context of {block_size}; keeping the last {block_size}.")
+        warnings.warn(
+            f"Prompt has {len(ids)} tokens, more than the context of {block_size}; keeping the last {block_size}."
+        )
         ids = ids[-block_size:]
     return ids
 
@@ -147,13 +160,22 @@ def _truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-def stream(model: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig, use_cache: bool = True, stop_at_eot: bool = True) -> Iterator[str]:
+def stream(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    cfg: SampleConfig,
+    use_cache: bool = True,
+    stop_at_eot: bool = True,
+) -> Iterator[str]:
     """Yield pieces of the continuation as they are generated (whole characters only)."""
     for piece, _ in _pieces(model, tokenizer, prompt, cfg, use_cache, stop_at_eot):
         yield piece
 
 
-def _pieces(model: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig, use_cache: bool, stop_at_eot: bool) -> Iterator[tuple[str, int]]:
+def _pieces(
+    model: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig, use_cache: bool, stop_at_eot: bool
+) -> Iterator[tuple[str, int]]:
     """(new text, tokens generated so far) as decoding goes."""
     device = next(model.parameters()).device
     idx = torch.tensor([encode_prompt(tokenizer, prompt, model.cfg.block_size)], device=device)
@@ -180,8 +202,14 @@ def _pieces(model: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SampleConf
         yield text[len(emitted) :], len(ids)
 
 
-def _collect_until_stop(tokens: Iterator[torch.Tensor], tokenizer: Tokenizer, cfg: SampleConfig, eot: int | None,
-                        rows: int, bar: tqdm) -> list[list[int]]:
+def _collect_until_stop(
+    tokens: Iterator[torch.Tensor],
+    tokenizer: Tokenizer,
+    cfg: SampleConfig,
+    eot: int | None,
+    rows: int,
+    bar: tqdm,
+) -> list[list[int]]:
     """Token ids per row, each row ending at end-of-text or once its text holds a stop string."""
     ids: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
@@ -203,7 +231,10 @@ def _collect_until_stop(tokens: Iterator[torch.Tensor], tokenizer: Tokenizer, cf
 
 def _pending_stop_prefix(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest end of `text` that is the beginning of a stop string."""
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
+    return max(
+        (n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+        default=0,
+    )
 
 
 def generate(
@@ -228,11 +259,15 @@ def generate(
     Prompts of equal token length decode together as one batch; the same seed gives the same texts.
     Results come in order: prompt 0's samples, then prompt 1's, ...
     """
-    cfg = SampleConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample, seed, tuple(stop))
+    cfg = SampleConfig(
+        max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample, seed, tuple(stop)
+    )
     if num_samples < 1:
         raise TinyLMError(f"num_samples ({num_samples}) must be at least 1.")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    rows = [(p, encode_prompt(tokenizer, p, model.cfg.block_size)) for p in prompts for _ in range(num_samples)]
+    rows = [
+        (p, encode_prompt(tokenizer, p, model.cfg.block_size)) for p in prompts for _ in range(num_samples)
+    ]
     groups: dict[int, list[int]] = {}
     for i, (_, ids) in enumerate(rows):
         groups.setdefault(len(ids), []).append(i)
@@ -246,8 +281,15 @@ def generate(
     return results  # type: ignore[return-value]
 
 
-def _decode_batch(model: nn.Module, tokenizer: Tokenizer, idx: torch.Tensor, cfg: SampleConfig, use_cache: bool, progress: bool,
-                  compile: bool = False) -> tuple[list[str], list[int], float]:
+def _decode_batch(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    idx: torch.Tensor,
+    cfg: SampleConfig,
+    use_cache: bool,
+    progress: bool,
+    compile: bool = False,
+) -> tuple[list[str], list[int], float]:
     """Texts and token counts of a batch of equal-length prompts, each cut at end-of-text or a stop string."""
     eot = tokenizer.eot_id if tokenizer.kind != "char" else None
     start = time.perf_counter()

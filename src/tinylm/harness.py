@@ -7,6 +7,7 @@ or export first and use the harness's own `hf` model:
     tinylm export runs/mini-gpt --format hf --out hf/mini-gpt
     lm_eval --model hf --model_args pretrained=hf/mini-gpt --tasks lambada_openai
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -53,7 +54,9 @@ def _make_harness_model() -> type | None:
     class TinyLMEval(LM):
         """A tinylm run as a harness model: model_args="run=RUN_DIR[,checkpoint=best][,device=cuda]"."""
 
-        def __init__(self, run: str, checkpoint: str = "last", device: str = "cpu", max_gen_toks: int = 128, **_: Any) -> None:
+        def __init__(
+            self, run: str, checkpoint: str = "last", device: str = "cpu", max_gen_toks: int = 128, **_: Any
+        ) -> None:
             super().__init__()
             from tinylm.checkpoint import load_run
 
@@ -83,9 +86,15 @@ def _make_harness_model() -> type | None:
             for req in requests:
                 context, kwargs = req.args
                 until = kwargs.get("until") or []
-                text = generate(self.model, self.tok, context, max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
-                                do_sample=bool(kwargs.get("do_sample", False)), temperature=float(kwargs.get("temperature", 1.0)) or 1.0,
-                                stop=[until] if isinstance(until, str) else list(until))[0].text
+                text = generate(
+                    self.model,
+                    self.tok,
+                    context,
+                    max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
+                    do_sample=bool(kwargs.get("do_sample", False)),
+                    temperature=float(kwargs.get("temperature", 1.0)) or 1.0,
+                    stop=[until] if isinstance(until, str) else list(until),
+                )[0].text
                 out.append(text)
             return out
 

@@ -1,4 +1,5 @@
 """LoRA (Hu et al., 2021): low-rank adapters wrapped around chosen linear layers, from outside the model."""
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,9 @@ class LoRAConfig:
     rank: int = 8  # adapter rank r
     alpha: float = 16.0  # scale: the update is (alpha / r) * B @ A
     dropout: float = 0.0  # dropout on the adapter's input
-    targets: tuple[str, ...] = ()  # linear layers (by attribute name) to adapt; () = attention and MLP projections
+    targets: tuple[
+        str, ...
+    ] = ()  # linear layers (by attribute name) to adapt; () = attention and MLP projections
     experts: bool = False  # also adapt Mixture-of-Experts expert weights (one low-rank update per expert)
 
     def __post_init__(self) -> None:
@@ -46,8 +49,13 @@ class LoRALinear(nn.Module):
 
     def merged(self) -> nn.Linear:
         """A plain Linear whose weight includes the adapter's update."""
-        layer = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                          device=self.base.weight.device, dtype=self.base.weight.dtype)
+        layer = nn.Linear(
+            self.base.in_features,
+            self.base.out_features,
+            bias=self.base.bias is not None,
+            device=self.base.weight.device,
+            dtype=self.base.weight.dtype,
+        )
         with torch.no_grad():
             layer.weight.copy_(self.base.weight + (self.lora_b @ self.lora_a) * self.scale)
             if self.base.bias is not None:
@@ -71,17 +79,25 @@ class ExpertLoRA(nn.Module):
 
 def _expert_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(module, name) of every 3-D expert weight (MoE w1 / w2 / w3)."""
-    return [(m, n) for m in model.modules() for n in ("w1", "w2", "w3")
-            if isinstance(getattr(m, n, None), torch.Tensor) and getattr(m, n).dim() == 3]
+    return [
+        (m, n)
+        for m in model.modules()
+        for n in ("w1", "w2", "w3")
+        if isinstance(getattr(m, n, None), torch.Tensor) and getattr(m, n).dim() == 3
+    ]
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """Freeze the model and wrap every nn.Linear whose attribute name is in cfg.targets (and experts if asked)."""
-    available = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    available = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    )
     targets = cfg.targets or tuple(t for t in DEFAULT_TARGETS if t in available)
     unknown = [t for t in targets if t not in available]
     if unknown:
-        raise TinyLMError(f"No linear layer named {', '.join(unknown)} in this model; LoRA targets can be: {', '.join(available)}.")
+        raise TinyLMError(
+            f"No linear layer named {', '.join(unknown)} in this model; LoRA targets can be: {', '.join(available)}."
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for parent in list(model.modules()):
@@ -93,9 +109,13 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
 
         experts = _expert_modules(model)
         if not experts:
-            raise TinyLMError("LoRA on experts was asked for, but this model has no Mixture-of-Experts layers.")
+            raise TinyLMError(
+                "LoRA on experts was asked for, but this model has no Mixture-of-Experts layers."
+            )
         for module, name in experts:
-            parametrize.register_parametrization(module, name, ExpertLoRA(getattr(module, name), cfg.rank, cfg.alpha))
+            parametrize.register_parametrization(
+                module, name, ExpertLoRA(getattr(module, name), cfg.rank, cfg.alpha)
+            )
     return model
 
 

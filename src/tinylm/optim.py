@@ -1,4 +1,5 @@
 """The optimizers (AdamW; Muon for hidden matrices plus AdamW for the rest) and the learning-rate schedule."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ def decay_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> "torch.optim.Optimizer | MuonAdamW":
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | MuonAdamW:
     """cfg.optimizer: "adamw" over `param_groups` (fused kernel), or "muon" (see `MuonAdamW`)."""
     if cfg.optimizer == "muon":
         return MuonAdamW(model, cfg)
@@ -62,10 +63,19 @@ class Muon(torch.optim.Optimizer):
     replaced by its nearest semi-orthogonal matrix, scaled by sqrt(max(1, rows / cols)). Decoupled weight decay.
     Same-shaped matrices are orthogonalized together in one batched iteration."""
 
-    def __init__(self, params: list[torch.Tensor], lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5) -> None:
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+    ) -> None:
         if any(p.dim() != 2 for p in params):
             raise TinyLMError("Muon optimizes 2-D weight matrices only.")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "ns_steps": ns_steps})
+        super().__init__(
+            params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "ns_steps": ns_steps}
+        )
 
     @torch.no_grad()
     def step(self) -> None:
@@ -101,7 +111,9 @@ class MuonAdamW:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         hidden = [p for n, p in named if is_hidden_matrix(n, p)]
         if not hidden:
-            raise TinyLMError("optimizer muon needs 2-D weight matrices inside the blocks to train; this model has none.")
+            raise TinyLMError(
+                "optimizer muon needs 2-D weight matrices inside the blocks to train; this model has none."
+            )
         hidden_ids = {id(p) for p in hidden}
         rest = [p for _, p in named if id(p) not in hidden_ids]
         self.adamw = _adamw([g for g in decay_groups(rest, cfg.weight_decay) if g["params"]], cfg)

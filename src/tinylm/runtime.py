@@ -1,11 +1,12 @@
 """Where and how computation runs: device, precision, seeds, and torchrun's process group."""
+
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import ContextManager
 
 import numpy as np
 import torch
@@ -53,9 +54,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise TinyLMError(f"Unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TinyLMError(f"Device {name!r} was requested but no CUDA GPU is available; use --device cpu or auto.")
+        raise TinyLMError(
+            f"Device {name!r} was requested but no CUDA GPU is available; use --device cpu or auto."
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise TinyLMError("Device 'mps' was requested but Apple's MPS backend is not available; use --device cpu.")
+        raise TinyLMError(
+            "Device 'mps' was requested but Apple's MPS backend is not available; use --device cpu."
+        )
     if device.type not in ("cpu", "cuda", "mps"):
         raise TinyLMError(f"Unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps.")
     return device

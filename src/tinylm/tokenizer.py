@@ -1,9 +1,11 @@
 """Tokenizers behind one interface: characters, byte-level BPE (HF `tokenizers`), and GPT-2's."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from tinylm.errors import TinyLMError
 
@@ -45,7 +47,7 @@ class CharTokenizer:
         self.stoi = {c: i for i, c in enumerate(self.chars)}
 
     @classmethod
-    def train(cls, text: str) -> "CharTokenizer":
+    def train(cls, text: str) -> CharTokenizer:
         return cls(text)
 
     @property
@@ -77,17 +79,20 @@ class CharTokenizer:
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer: byte-level BPE trained here, or GPT-2's."""
 
-    def __init__(self, tok: "object", kind: str) -> None:
+    def __init__(self, tok: object, kind: str) -> None:
         self.tok = tok
         self.kind = kind
 
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> "HFTokenizer":
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> HFTokenizer:
         """Train a GPT-2-style byte-level BPE on the corpus; `<|endoftext|>` is token 0."""
-        from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         if vocab_size < 257 + 1:
-            raise TinyLMError(f"A byte-level BPE needs vocab_size >= 258 (256 bytes + <|endoftext|>); got {vocab_size}.")
+            raise TinyLMError(
+                f"A byte-level BPE needs vocab_size >= 258 (256 bytes + <|endoftext|>); got {vocab_size}."
+            )
         tok = _Tok(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -101,7 +106,7 @@ class HFTokenizer:
         return cls(tok, "bpe")
 
     @classmethod
-    def gpt2(cls) -> "HFTokenizer":
+    def gpt2(cls) -> HFTokenizer:
         """GPT-2's tokenizer through `transformers` (needs the files cached or a network)."""
         try:
             from transformers import AutoTokenizer

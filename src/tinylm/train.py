@@ -1,4 +1,5 @@
 """The training engine: train() -> train_step() / evaluate() / save(), on CPU, one GPU or many."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,9 +8,10 @@ import math
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -18,7 +20,14 @@ from tqdm.auto import tqdm
 
 from tinylm import runtime as rt
 from tinylm.checkpoint import (
-    STATE, checkpoint_dir, load_weights, prune_checkpoints, read_run_config, save_checkpoint, write_run_config, WEIGHTS,
+    STATE,
+    WEIGHTS,
+    checkpoint_dir,
+    load_weights,
+    prune_checkpoints,
+    read_run_config,
+    save_checkpoint,
+    write_run_config,
 )
 from tinylm.config import ModelConfig, TrainConfig, build_configs, from_dict
 from tinylm.data import EpochWindows, RandomWindows, SlidingWindowDataset, TokenData, check_length
@@ -57,19 +66,35 @@ class TrainResult:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "run_dir": str(self.run_dir), "steps": self.steps, "train_loss": self.train_loss,
-            "val_loss": self.val_loss, "seconds": round(self.seconds, 3), "tokens_per_sec": round(self.tokens_per_sec, 1),
+            "run_dir": str(self.run_dir),
+            "steps": self.steps,
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_sec": round(self.tokens_per_sec, 1),
         }
 
 
 class Trainer:
     """Owns the model, optimizer and data of one run; `train()` is the whole loop."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data: TokenData, run_dir: Path,
-                 progress: bool = True, log: Callable[[str], None] | None = None, extra: dict[str, Any] | None = None,
-                 *, model_init: Callable[[Transformer], None] | None = None, batches: "Batches | None" = None) -> None:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        data: TokenData,
+        run_dir: Path,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+        extra: dict[str, Any] | None = None,
+        *,
+        model_init: Callable[[Transformer], None] | None = None,
+        batches: Batches | None = None,
+    ) -> None:
         self.model_cfg, self.cfg, self.data, self.run_dir = model_cfg, cfg, data, Path(run_dir)
-        self.extra = extra if extra is not None else {"data": str(data.path.resolve()), "data_meta": data.meta}
+        self.extra = (
+            extra if extra is not None else {"data": str(data.path.resolve()), "data_meta": data.meta}
+        )
         self.rt = rt.setup(cfg.device, cfg.dtype, cfg.seed)
         self.progress = progress and self.rt.is_main
         self.log = (log or tqdm.write) if self.rt.is_main else (lambda msg: None)
@@ -87,7 +112,7 @@ class Trainer:
         self.sinks = self._make_sinks()
 
     # ----- set-up -------------------------------------------------------------------------
-    def _make_batches(self, batches: "Batches | None") -> None:
+    def _make_batches(self, batches: Batches | None) -> None:
         cfg, r = self.cfg, self.rt
         if batches is not None:  # the caller brings its own (e.g. masked prompt/response pairs)
             self.sampler, self.val_batches, self.total_steps = batches.train, batches.val, cfg.max_steps
@@ -103,17 +128,23 @@ class Trainer:
             self.steps_per_epoch = max(1, self.epoch_windows.batches_per_epoch // cfg.grad_accum)
             self.total_steps = cfg.epochs * self.steps_per_epoch
         else:
-            self.sampler = RandomWindows(self.train_tokens, self.model_cfg.block_size, cfg.batch_size, cfg.seed, r.rank, r.world_size)
+            self.sampler = RandomWindows(
+                self.train_tokens, self.model_cfg.block_size, cfg.batch_size, cfg.seed, r.rank, r.world_size
+            )
             self.total_steps = cfg.max_steps
         # A fixed set of validation windows, so successive estimates are comparable.
-        val = RandomWindows(self.val_tokens, self.model_cfg.block_size, cfg.batch_size, cfg.seed + 1, r.rank, r.world_size)
+        val = RandomWindows(
+            self.val_tokens, self.model_cfg.block_size, cfg.batch_size, cfg.seed + 1, r.rank, r.world_size
+        )
         self.val_batches = [val.batch(0, i) for i in range(cfg.eval_batches)]
 
     def _fit_warmup(self) -> None:
         """A warmup as long as the run would never reach the peak lr: use a tenth of the run instead."""
         if self.cfg.warmup_steps >= self.total_steps:
             warmup = max(1, self.total_steps // 10)
-            warnings.warn(f"warmup_steps ({self.cfg.warmup_steps}) is not shorter than the run ({self.total_steps} steps); using {warmup}.")
+            warnings.warn(
+                f"warmup_steps ({self.cfg.warmup_steps}) is not shorter than the run ({self.total_steps} steps); using {warmup}."
+            )
             self.cfg = replace(self.cfg, warmup_steps=warmup)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -129,7 +160,9 @@ class Trainer:
             else:
                 from torch.nn.parallel import DistributedDataParallel
 
-                model = DistributedDataParallel(model, device_ids=[self.rt.local_rank] if self.rt.device.type == "cuda" else None)
+                model = DistributedDataParallel(
+                    model, device_ids=[self.rt.local_rank] if self.rt.device.type == "cuda" else None
+                )
         if self.cfg.compile:
             try:
                 model = torch.compile(model)
@@ -150,7 +183,13 @@ class Trainer:
             write_run_config(self.run_dir, self.model_cfg, self.cfg, self.data.tokenizer, self.extra)
         end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
         start_time, start_step = time.perf_counter(), self.step
-        bar = tqdm(total=end, initial=self.step, disable=not self.progress, desc=self._bar_label(), dynamic_ncols=True)
+        bar = tqdm(
+            total=end,
+            initial=self.step,
+            disable=not self.progress,
+            desc=self._bar_label(),
+            dynamic_ncols=True,
+        )
         loss = float("nan")
         try:
             while self.step < end:
@@ -168,13 +207,21 @@ class Trainer:
             ) from None
         bar.close()
         val_loss = self.history["val_losses"][-1]["loss"] if self.history["val_losses"] else float("nan")
-        if self.step == end and (not self.history["val_losses"] or self.history["val_losses"][-1]["step"] != self.step):
+        if self.step == end and (
+            not self.history["val_losses"] or self.history["val_losses"][-1]["step"] != self.step
+        ):
             val_loss = self.evaluate()
             self.save("last")
         seconds = time.perf_counter() - start_time
         return TrainResult(
-            self.run_dir, self.rt.rank, self.step, loss, val_loss, seconds,
-            (self.step - start_step) * self.tokens_per_step / max(seconds, 1e-9), **self.history,
+            self.run_dir,
+            self.rt.rank,
+            self.step,
+            loss,
+            val_loss,
+            seconds,
+            (self.step - start_step) * self.tokens_per_step / max(seconds, 1e-9),
+            **self.history,
         )
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -187,7 +234,7 @@ class Trainer:
         for i, (x, y) in enumerate(micro):
             x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
             sync = i == len(micro) - 1 or not hasattr(self.wrapped, "no_sync")
-            with (self.wrapped.no_sync() if not sync else contextlib.nullcontext()), self.rt.autocast():
+            with self.wrapped.no_sync() if not sync else contextlib.nullcontext(), self.rt.autocast():
                 logits, aux = self.wrapped(x, return_aux=True)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                 objective = (loss + self.model_cfg.moe_aux_weight * aux) / len(micro)
@@ -203,7 +250,9 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
-        loss_value, norm_value = torch.stack([total, grad_norm.float().to(total.device)]).tolist()  # the step's one sync
+        loss_value, norm_value = torch.stack(
+            [total, grad_norm.float().to(total.device)]
+        ).tolist()  # the step's one sync
         if not math.isfinite(loss_value):
             raise TinyLMError(
                 f"Loss became {loss_value} at step {step + 1}; stopped. The last good checkpoint in {self.run_dir} is intact; "
@@ -254,7 +303,12 @@ class Trainer:
         self.history["train_losses"].append({"step": step, "loss": stats["loss"]})
         bar.update(1)
         bar.set_description(self._bar_label(), refresh=False)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.6f}", tok_s=f"{stats['tokens_per_sec']:.0f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{stats['loss']:.3f}",
+            lr=f"{stats['lr']:.6f}",
+            tok_s=f"{stats['tokens_per_sec']:.0f}",
+            refresh=False,
+        )
         if step % cfg.log_interval == 0 or step == 1:
             self._metrics({"type": "train", "step": step, **stats})
         if cfg.epochs > 0 and step % self.steps_per_epoch == 0:
@@ -273,7 +327,9 @@ class Trainer:
         avg = sum(losses) / len(losses)
         val = self.evaluate()
         self.history["epoch_losses"].append({"epoch": epoch, "train_loss": avg, "val_loss": val})
-        self._metrics({"type": "epoch", "step": self.step, "epoch": epoch, "train_loss": avg, "val_loss": val})
+        self._metrics(
+            {"type": "epoch", "step": self.step, "epoch": epoch, "train_loss": avg, "val_loss": val}
+        )
         self.log(f"Epoch {epoch}/{self.cfg.epochs}: average loss {avg:.4f}, validation loss {val:.4f}")
         self.save(f"epoch_{epoch}")
         self.save("last")
@@ -292,12 +348,16 @@ class Trainer:
         sinks: list[Callable[[dict[str, Any]], None]] = []
         if not self.rt.is_main:
             return sinks
-        numeric = lambda row: {f"{row['type']}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        numeric = lambda row: {
+            f"{row['type']}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"
+        }
         if self.cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise TinyLMError("--tensorboard needs the tensorboard package: pip install tensorboard.") from None
+                raise TinyLMError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard."
+                ) from None
             writer = SummaryWriter(str(self.run_dir / "tensorboard"))
 
             def to_tensorboard(row: dict[str, Any]) -> None:
@@ -311,7 +371,11 @@ class Trainer:
                 import wandb
             except ImportError:
                 raise TinyLMError("--wandb needs the wandb package: pip install wandb.") from None
-            wandb.init(project="tinylm", name=self.run_dir.name, config={"model": self.model_cfg.__dict__, "train": self.cfg.__dict__})
+            wandb.init(
+                project="tinylm",
+                name=self.run_dir.name,
+                config={"model": self.model_cfg.__dict__, "train": self.cfg.__dict__},
+            )
             sinks.append(lambda row: wandb.log(numeric(row), step=row["step"]))
         return sinks
 
@@ -325,26 +389,34 @@ class Trainer:
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
-            raise TinyLMError(f"Cannot write to the run directory {self.run_dir} ({exc.strerror}); choose another --out.") from None
+            raise TinyLMError(
+                f"Cannot write to the run directory {self.run_dir} ({exc.strerror}); choose another --out."
+            ) from None
         params = sum(p.numel() for p in self.model.parameters())
         needed = params * 4 * 3 * 3  # weights + two Adam moments, for last/best/one more
         free = shutil.disk_usage(self.run_dir).free
         if free < needed:
-            raise TinyLMError(f"Only {free / 1e6:.0f} MB free at {self.run_dir}; checkpoints need about {needed / 1e6:.0f} MB.")
+            raise TinyLMError(
+                f"Only {free / 1e6:.0f} MB free at {self.run_dir}; checkpoints need about {needed / 1e6:.0f} MB."
+            )
 
     # ----- checkpoints --------------------------------------------------------------------
     def model_state(self) -> dict[str, torch.Tensor]:
         if self.rt.distributed and self.cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return get_model_state_dict(
+                self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
         return self.model.state_dict()
 
     def optimizer_state(self) -> dict[str, Any]:
         if self.rt.distributed and self.cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-            return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return get_optimizer_state_dict(
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
         return self.optimizer.state_dict()
 
     def save(self, name: str) -> None:
@@ -353,7 +425,10 @@ class Trainer:
         if not self.rt.is_main:
             return
         state = {
-            "step": self.step, "optimizer": optim_state, "scaler": self.scaler.state_dict(), "best_val": self.best_val,
+            "step": self.step,
+            "optimizer": optim_state,
+            "scaler": self.scaler.state_dict(),
+            "best_val": self.best_val,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": self.history,
@@ -368,18 +443,24 @@ class Trainer:
         ckpt = checkpoint_dir(self.run_dir, name)
         load_weights(self.model, ckpt / WEIGHTS)
         if not (ckpt / STATE).is_file():
-            raise TinyLMError(f"Checkpoint {ckpt} has no training state, so it cannot be resumed; fine-tune from it instead.")
+            raise TinyLMError(
+                f"Checkpoint {ckpt} has no training state, so it cannot be resumed; fine-tune from it instead."
+            )
         state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
         if self.rt.distributed and self.cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(
+                self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+            )
         else:
             try:
                 self.optimizer.load_state_dict(state["optimizer"])
             except (ValueError, KeyError, TinyLMError) as exc:
-                raise TinyLMError(f"The optimizer state in {ckpt} does not fit optimizer {self.cfg.optimizer!r}; "
-                                  "resume with the optimizer the run was trained with.") from exc
+                raise TinyLMError(
+                    f"The optimizer state in {ckpt} does not fit optimizer {self.cfg.optimizer!r}; "
+                    "resume with the optimizer the run was trained with."
+                ) from exc
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.best_val, self.history = state["step"], state["best_val"], state["history"]
         torch.set_rng_state(state["rng_cpu"])
@@ -391,7 +472,11 @@ class Trainer:
         """Drop metrics rows written after the checkpoint we resume from."""
         path = self.run_dir / "metrics.jsonl"
         if self.rt.is_main and path.is_file():
-            rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= self.step]
+            rows = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line).get("step", 0) <= self.step
+            ]
             path.write_text("".join(r + "\n" for r in rows))
 
 
@@ -419,7 +504,9 @@ def train(
         token_data = TokenData(data)
         model_cfg, train_cfg = build_configs(preset, overrides, vocab_size=token_data.tokenizer.vocab_size)
         if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-            raise TinyLMError(f"{run_dir} already holds a run; resume it with --resume, or choose another --out.")
+            raise TinyLMError(
+                f"{run_dir} already holds a run; resume it with --resume, or choose another --out."
+            )
         extra = {"preset": preset, "data": str(token_data.path.resolve()), "data_meta": token_data.meta}
         trainer = Trainer(model_cfg, train_cfg, token_data, run_dir, progress, log, extra)
     try:
@@ -428,14 +515,20 @@ def train(
         rt.teardown()
 
 
-def _resuming_trainer(run_dir: Path, overrides: dict[str, Any], progress: bool, log: Callable[[str], None] | None) -> Trainer:
+def _resuming_trainer(
+    run_dir: Path, overrides: dict[str, Any], progress: bool, log: Callable[[str], None] | None
+) -> Trainer:
     config = read_run_config(run_dir)
     if "finetune" in config:
-        raise TinyLMError(f"{run_dir} is a fine-tuning run; resume it with: tinylm finetune --resume {run_dir}")
+        raise TinyLMError(
+            f"{run_dir} is a fine-tuning run; resume it with: tinylm finetune --resume {run_dir}"
+        )
     model_cfg = from_dict(ModelConfig, config["model"])
     changed = {k: v for k, v in overrides.items() if k in config["model"] and config["model"][k] != v}
     if changed:
-        raise TinyLMError(f"Cannot resume with a different model config ({', '.join(changed)}); start a new run instead.")
+        raise TinyLMError(
+            f"Cannot resume with a different model config ({', '.join(changed)}); start a new run instead."
+        )
     train_values = {**config["train"], **{k: v for k, v in overrides.items() if k not in config["model"]}}
     train_cfg = from_dict(TrainConfig, train_values)
     extra = {k: v for k, v in config.items() if k not in ("model", "train")}

@@ -1,4 +1,5 @@
 """Figures: the training-progress plot from a run's metrics."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,20 @@ def plot_training_progress(run_dir: str | Path, out: str | Path | None = None) -
     ax_train.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", linewidth=1)
     ax_train.set(title="Training loss", xlabel="step", ylabel="loss")
     if epochs:
-        ax_val.plot([r["epoch"] for r in epochs], [r["val_loss"] for r in epochs], "o-", color="tab:orange", label="validation")
-        ax_val.plot([r["epoch"] for r in epochs], [r["train_loss"] for r in epochs], "s--", color="tab:blue", label="train (epoch average)")
+        ax_val.plot(
+            [r["epoch"] for r in epochs],
+            [r["val_loss"] for r in epochs],
+            "o-",
+            color="tab:orange",
+            label="validation",
+        )
+        ax_val.plot(
+            [r["epoch"] for r in epochs],
+            [r["train_loss"] for r in epochs],
+            "s--",
+            color="tab:blue",
+            label="train (epoch average)",
+        )
         ax_val.set(xlabel="epoch")
         ax_val.legend()
     else:
@@ -51,7 +64,9 @@ def plot_training_progress(run_dir: str | Path, out: str | Path | None = None) -
     return out
 
 
-def generation_attention(model, tokenizer, prompt: str, n_tokens: int = 5) -> tuple[list[str], list[str], list]:
+def generation_attention(
+    model, tokenizer, prompt: str, n_tokens: int = 5
+) -> tuple[list[str], list[str], list]:
     """Greedily generate n_tokens with the KV cache, recording each new token's attention.
 
     Returns (context token strings, generated token strings, per step a (n_layer, n_head, S) tensor of
@@ -64,7 +79,9 @@ def generation_attention(model, tokenizer, prompt: str, n_tokens: int = 5) -> tu
     attns = [block.attn for block in model.blocks]
     ids = encode_prompt(tokenizer, prompt, model.cfg.block_size)
     if len(ids) + n_tokens > model.cfg.block_size:
-        raise TinyLMError(f"Prompt plus {n_tokens} tokens exceeds the context ({model.cfg.block_size}); shorten the prompt.")
+        raise TinyLMError(
+            f"Prompt plus {n_tokens} tokens exceeds the context ({model.cfg.block_size}); shorten the prompt."
+        )
     device = next(model.parameters()).device
     caches = model.make_caches(1, len(ids) + n_tokens)
     for a in attns:
@@ -87,7 +104,9 @@ def generation_attention(model, tokenizer, prompt: str, n_tokens: int = 5) -> tu
     return labels[: len(ids)], labels[len(ids) :], steps
 
 
-def visualize_generation_attention(model, tokenizer, prompt: str, n_tokens: int = 5, out: str | Path = "attention.png") -> Path:
+def visualize_generation_attention(
+    model, tokenizer, prompt: str, n_tokens: int = 5, out: str | Path = "attention.png"
+) -> Path:
     """One panel per generated token: a (layer, head) x context heatmap of where it looked."""
     import matplotlib
 
@@ -97,14 +116,21 @@ def visualize_generation_attention(model, tokenizer, prompt: str, n_tokens: int 
     context, generated, steps = generation_attention(model, tokenizer, prompt, n_tokens)
     n_layer, n_head = steps[0].shape[:2]
     width = len(context) + n_tokens
-    fig, axes = plt.subplots(n_tokens, 1, figsize=(max(8, 0.35 * width + 2), (0.22 * n_layer * n_head + 1.2) * n_tokens), squeeze=False)
+    fig, axes = plt.subplots(
+        n_tokens,
+        1,
+        figsize=(max(8, 0.35 * width + 2), (0.22 * n_layer * n_head + 1.2) * n_tokens),
+        squeeze=False,
+    )
     show = lambda s: repr(s)[1:-1].replace(" ", "␣") or "∅"
     for i, (ax, weights) in enumerate(zip(axes[:, 0], steps)):
         grid = weights.reshape(n_layer * n_head, -1).float().numpy()
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
         labels = [show(t) for t in (context + generated)[: grid.shape[1]]]
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(n_layer * n_head), [f"L{l}H{h}" for l in range(n_layer) for h in range(n_head)], fontsize=6)
+        ax.set_yticks(
+            range(n_layer * n_head), [f"L{l}H{h}" for l in range(n_layer) for h in range(n_head)], fontsize=6
+        )
         ax.set_title(f"token {i + 1}: attention when predicting {show(generated[i])!r}", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.02)
     fig.tight_layout()

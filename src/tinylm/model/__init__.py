@@ -1,4 +1,5 @@
 """The model: layers and the transformer that stacks them."""
+
 from tinylm.model.layers import KVCache
 from tinylm.model.transformer import Transformer, parameter_summary
 

@@ -1,4 +1,5 @@
 """Transformer building blocks: norms, rotary embeddings, causal attention, MLPs, Mixture-of-Experts."""
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer: (B, n_kv_head, max_len, head_dim)."""
 
-    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        batch: int,
+        n_kv_head: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         shape = (batch, n_kv_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -61,7 +70,9 @@ class KVCache(nn.Module):
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def update_static(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update_static(
+        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v at tensor `positions` (T,) and return the whole fixed-size cache (CUDA-graph friendly)."""
         self.k.index_copy_(2, positions, k)
         self.v.index_copy_(2, positions, v)
@@ -84,7 +95,13 @@ class CausalSelfAttention(nn.Module):
         self.record_weights = False  # set from outside (viz) to keep the attention probabilities
         self.weights: torch.Tensor | None = None  # (B, n_head, T, S) when recorded
 
-    def forward(self, x: torch.Tensor, rope: Rope | None = None, cache: KVCache | None = None, pos: int | torch.Tensor = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope | None = None,
+        cache: KVCache | None = None,
+        pos: int | torch.Tensor = 0,
+    ) -> torch.Tensor:
         """pos: the first position (int), or every position as a (T,) tensor for the fixed-shape decode path."""
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -106,20 +123,26 @@ class CausalSelfAttention(nn.Module):
             y = self._attend_explicitly(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1,
                 dropout_p=self.dropout if self.training else 0.0,
             )
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_drop(self.wo(y))
 
-    def _attend_explicitly(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _attend_explicitly(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         T, S = q.size(2), k.size(2)
         if mask is None:
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
         probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         self.weights = probs.detach()
-        return (probs.to(v.dtype) @ v)
+        return probs.to(v.dtype) @ v
 
 
 def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor | None:
@@ -203,7 +226,11 @@ class MoE(nn.Module):
     def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(N, C) output from per-token gathered expert weights: cheap when N * k is small (decoding)."""
         h = torch.einsum("nc,nkch->nkh", x, self.w1[experts])
-        h = F.silu(h) * torch.einsum("nc,nkch->nkh", x, self.w3[experts]) if self.w3 is not None else F.gelu(h, approximate="tanh")
+        h = (
+            F.silu(h) * torch.einsum("nc,nkch->nkh", x, self.w3[experts])
+            if self.w3 is not None
+            else F.gelu(h, approximate="tanh")
+        )
         out = torch.einsum("nkh,nkhc->nkc", h, self.w2[experts])
         return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
 

@@ -1,4 +1,5 @@
 """The decoder-only transformer: GPT (Radford et al., 2019) or LLaMA (Touvron et al., 2023) flavoured."""
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,13 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.ff = MoE(cfg) if cfg.n_expert else MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: Rope | None = None, cache: KVCache | None = None, pos: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope | None = None,
+        cache: KVCache | None = None,
+        pos: int | torch.Tensor = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.norm1(x), rope, cache, pos)
         h, aux = self.ff(self.norm2(x))
         return x + h, aux
@@ -65,7 +72,12 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=residual_std if name.endswith(_RESIDUAL_OUT) else 0.02)
 
     def forward(
-        self, idx: torch.Tensor, *, caches: list[KVCache] | None = None, pos: int | torch.Tensor = 0, return_aux: bool = False
+        self,
+        idx: torch.Tensor,
+        *,
+        caches: list[KVCache] | None = None,
+        pos: int | torch.Tensor = 0,
+        return_aux: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits for tokens at positions pos..pos+T-1; with return_aux, also the summed MoE balancing loss.
 
@@ -76,10 +88,14 @@ class Transformer(nn.Module):
             raise TinyLMError(
                 f"Sequence of {pos + T} tokens is longer than the model's context ({self.cfg.block_size}); crop it."
             )
-        where = pos if isinstance(pos, torch.Tensor) else slice(pos, pos + T)  # a view unless positions are a tensor
+        where = (
+            pos if isinstance(pos, torch.Tensor) else slice(pos, pos + T)
+        )  # a view unless positions are a tensor
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            positions = pos if isinstance(pos, torch.Tensor) else torch.arange(pos, pos + T, device=idx.device)
+            positions = (
+                pos if isinstance(pos, torch.Tensor) else torch.arange(pos, pos + T, device=idx.device)
+            )
             x = x + self.pos_emb(positions)
         rope = (self.rope_cos[where], self.rope_sin[where]) if self.pos_emb is None else None
         x = self.drop(x)
@@ -93,7 +109,9 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         return (logits, aux) if return_aux else logits
 
-    def make_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
+    def make_caches(
+        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> list[KVCache]:
         """One preallocated KV cache per layer for `batch` sequences of up to max_len tokens."""
         param = self.tok_emb.weight
         length = max_len or self.cfg.block_size
@@ -106,7 +124,7 @@ class Transformer(nn.Module):
 def parameter_summary(model: nn.Module) -> dict:
     """Trainable tensors and parameters, in total and per top-level module (blocks summed per part)."""
     seen: set[int] = set()
-    parts: "OrderedDict[str, dict[str, int]]" = OrderedDict()
+    parts: OrderedDict[str, dict[str, int]] = OrderedDict()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
