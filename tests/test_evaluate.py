@@ -41,7 +41,7 @@ def test_plan_windows_scores_each_target_once():
 
 def test_perplexity_is_exp_loss_and_stride_helps(tiny_run):
     run = load_run(tiny_run)
-    tokens = TokenData(run.config["data"]).split("val")[:2000]
+    tokens = TokenData(run.record.data).split("val")[:2000]
     plain = evaluate_tokens(run.model, tokens, block_size=32, chars=2000, n_bytes=2000)
     assert plain.perplexity == pytest.approx(math.exp(plain.loss))
     assert plain.bits_per_char == pytest.approx(

@@ -6,7 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from conftest import FLAVOURS  # noqa: E402
-from tinylm.checkpoint import load_run, save_checkpoint, write_run_config  # noqa: E402
+from tinylm.checkpoint import RunRecord, load_run, save_checkpoint  # noqa: E402
 from tinylm.config import (  # noqa: E402
     ModelConfig,
     SampleConfig,  # noqa: E402
@@ -31,7 +31,7 @@ def _make_run(path, tokenizer, **flavour):
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
-    write_run_config(path, cfg, TrainConfig(), tokenizer, {"data": None})
+    RunRecord(cfg, TrainConfig()).write(path, tokenizer)
     save_checkpoint(path, "last", model.state_dict(), None, {"step": 0})
     return path
 

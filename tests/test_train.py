@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from tinylm import checkpoint as ckpt_mod
-from tinylm.checkpoint import checkpoint_dir, load_run
+from tinylm.checkpoint import RunRecord, checkpoint_dir, load_run
 from tinylm.config import build_configs
-from tinylm.data import TokenData
+from tinylm.data import TokenData, token_batches
 from tinylm.errors import TinyLMError
+from tinylm.runtime import setup
 from tinylm.train import Trainer, train
 
 pytestmark = pytest.mark.numerics
@@ -61,9 +62,12 @@ def test_muon_run_learns_and_resumes_exactly(char_data, tmp_path):
 def _trainer(char_data, tmp_path, name, **overrides):
     data = TokenData(char_data)
     model_cfg, cfg = build_configs(
-        "tiny", {"max_steps": 5, **overrides}, vocab_size=data.tokenizer.vocab_size
+        "tiny", {"max_steps": 5, "device": "cpu", **overrides}, vocab_size=data.tokenizer.vocab_size
     )
-    return Trainer(model_cfg, cfg, data, tmp_path / name, progress=False)
+    source, val = token_batches(data, model_cfg.block_size, cfg)
+    record = RunRecord(model_cfg, cfg, data=str(char_data))
+    runtime = setup(cfg.device, cfg.dtype, cfg.seed)
+    return Trainer(record, source, val, tmp_path / name, data.tokenizer, runtime, progress=False)
 
 
 def test_gradient_accumulation_equals_larger_batch(char_data, tmp_path):
@@ -143,21 +147,25 @@ def test_moe_preset_trains(char_data, tmp_path):
     assert math.isfinite(result.val_loss) and result.val_loss < 4.2
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(char_data, tmp_path):
+def test_ctrl_c_saves_a_resumable_checkpoint_at_the_step_boundary(char_data, tmp_path):
+    import os
+    import signal
+
     from tinylm.train import TrainingInterrupted
 
     trainer = _trainer(char_data, tmp_path, "int", max_steps=20, eval_interval=50)
     real_step = trainer.train_step
 
-    def interrupt_at_7(step):
-        if step == 7:
-            raise KeyboardInterrupt
+    def interrupt_during_step_7(step):
+        if step == 7:  # a real SIGINT in the middle of a step: the step still completes
+            os.kill(os.getpid(), signal.SIGINT)
         return real_step(step)
 
-    trainer.train_step = interrupt_at_7
-    with pytest.raises(TrainingInterrupted, match="tinylm train --resume"):
+    trainer.train_step = interrupt_during_step_7
+    with pytest.raises(TrainingInterrupted, match="tinylm train --resume") as info:
         trainer.train()
-    assert json.loads((checkpoint_dir(tmp_path / "int", "last") / "meta.json").read_text())["step"] == 7
+    assert info.value.exit_code == 130
+    assert json.loads((checkpoint_dir(tmp_path / "int", "last") / "meta.json").read_text())["step"] == 8
     assert train(out=tmp_path / "int", resume=True, progress=False).steps == 20
 
 

@@ -1,15 +1,16 @@
-"""Run directories: JSON config + tokenizer, and checkpoints of safetensors weights + training state.
+"""Run directories: the typed RunRecord (config.json), metrics and their sinks, and crash-safe checkpoints.
 
 RUN_DIR/
-  config.json                    model and training config, data directory
+  config.json                    the RunRecord: model and training config, data, provenance
   tokenizer.json                 so the run is self-contained
   metrics.jsonl                  one JSON row per log / eval / epoch
   checkpoints/NAME/              NAME = last, best, step_000100, epoch_1, ...
       model.safetensors          weights (tied tensors stored once)
-      state.pt                   optimizer, step, epoch, sampler position, RNG states
+      state.pt                   optimizer, step, data position, RNG states, histories
       meta.json                  step, epoch, losses
-Every checkpoint is written to a temporary directory and renamed into place, so a crash leaves
-either the old or the new checkpoint, never a half-written one.
+Every checkpoint is written to a temporary directory, fsynced, and renamed into place, so a crash (even
+SIGKILL or a power cut) leaves the old or the new checkpoint, never a half-written one. Files and
+directories follow the user's umask.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -32,16 +35,49 @@ from tinylm.errors import TinyLMError
 from tinylm.model import Transformer
 from tinylm.tokenizer import Tokenizer, load_tokenizer
 
+if TYPE_CHECKING:
+    from tinylm.lora import LoRAConfig
+
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 META = "meta.json"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+
+
+class CorruptFile(TinyLMError):
+    """A run file that exists but cannot be read back (truncated, garbage, wrong format)."""
+
+
+# ----- files that survive crashes and follow the umask ------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or directory to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(path: Path, mode: int) -> None:
+    """Give `path` the permissions the user's umask asks for, and flush it."""
+    os.chmod(path, mode & ~_umask())
+    _fsync(path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via a temporary file and rename."""
+    """Write a text file via a fsynced temporary file and an atomic rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
+    _publish(tmp, 0o666)
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -55,15 +91,14 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
         seen[key] = name
         out[name] = t.detach().contiguous().cpu()
     save_file(out, str(path), metadata={"format": "pt"})
+    _publish(path, 0o666)
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise TinyLMError(
-            f"Checkpoint weights {path} are corrupt or unreadable ({exc}); use another checkpoint."
-        ) from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptFile(f"{path} is corrupt or unreadable ({exc}); use another checkpoint.") from None
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -79,6 +114,31 @@ def load_weights(model: nn.Module, path: Path) -> None:
         )
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or one sentence naming the corrupt file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        value = None
+    if not isinstance(value, dict):
+        raise CorruptFile(f"{path} is corrupt (not a JSON object); restore it or use another checkpoint.")
+    return value
+
+
+def load_train_state(ckpt: Path) -> dict[str, Any]:
+    """The training state (state.pt) of a checkpoint directory, or one sentence naming the file."""
+    path = ckpt / STATE
+    if not path.is_file():
+        raise TinyLMError(
+            f"Checkpoint {ckpt} has no training state, so it cannot be resumed; fine-tune from it instead."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, garbage bytes, pickle errors: all mean "corrupt"
+        raise CorruptFile(f"{path} is corrupt ({type(exc).__name__}); use another checkpoint.") from None
+
+
+# ----- checkpoints ----------------------------------------------------------------------------
 def save_checkpoint(
     run_dir: Path,
     name: str,
@@ -86,26 +146,47 @@ def save_checkpoint(
     train_state: dict[str, Any] | None,
     meta: dict[str, Any],
 ) -> Path:
-    """Write checkpoints/NAME atomically and return its path."""
+    """Write checkpoints/NAME atomically and durably, and return its path."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp.", dir=root))
     try:
         save_state_dict(model_state, tmp / WEIGHTS)
         if train_state is not None:
             torch.save(train_state, tmp / STATE)
+            _publish(tmp / STATE, 0o666)
         (tmp / META).write_text(json.dumps(meta, indent=2))
+        _publish(tmp / META, 0o666)
+        _publish(tmp, 0o777)  # mkdtemp makes 0700
         final, old = root / name, root / f".{name}.old"
         if old.exists():
             shutil.rmtree(old)
         if final.exists():
-            final.rename(old)
+            final.rename(old)  # from here until the next rename, .NAME.old is the checkpoint
         tmp.rename(final)
+        _fsync(root)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def recover_checkpoints(run_dir: Path) -> None:
+    """After a crash: drop half-written temporary checkpoints, and put back a `.NAME.old` whose swap
+    was cut short."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for path in root.glob(".*.tmp.*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for old in root.glob(".*.old"):
+        final = root / old.name[1 : -len(".old")]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(final)
+    _fsync(root)
 
 
 def checkpoint_dir(run_dir: Path, name: str = "last") -> Path:
@@ -125,70 +206,295 @@ def checkpoint_dir(run_dir: Path, name: str = "last") -> Path:
     )
 
 
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why checkpoint directory `ckpt` cannot be resumed from (one sentence), or None if it can."""
+    try:
+        read_json(ckpt / META)
+        load_state_dict_file(ckpt / WEIGHTS)
+        load_train_state(ckpt)
+    except TinyLMError as exc:
+        return str(exc)
+    return None
+
+
+def newest_good_checkpoint(run_dir: Path, exclude: str = "") -> tuple[str, int] | None:
+    """(name, step) of the newest resumable checkpoint other than `exclude`, if any."""
+    found = []
+    for path in list_checkpoints(run_dir, ""):
+        if path.name != exclude and (path / META).is_file() and checkpoint_problem(path) is None:
+            found.append((read_json(path / META).get("step", 0), path.name))
+    return (max(found)[1], max(found)[0]) if found else None
+
+
 def list_checkpoints(run_dir: Path, prefix: str) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
-    return sorted(p for p in root.glob(f"{prefix}*") if p.is_dir()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob(f"{prefix}*") if p.is_dir() and not p.name.startswith("."))
 
 
 def prune_checkpoints(run_dir: Path, prefix: str, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints whose names start with prefix."""
-    found = sorted(
-        list_checkpoints(run_dir, prefix), key=lambda p: json.loads((p / META).read_text()).get("step", 0)
-    )
+    found = sorted(list_checkpoints(run_dir, prefix), key=lambda p: read_json(p / META).get("step", 0))
     for old in found[: max(0, len(found) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_run_config(
-    run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, tokenizer: Tokenizer, extra: dict[str, Any]
-) -> None:
-    """config.json and tokenizer.json: what a run directory needs besides weights."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), **extra}
-    atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2))
-    tokenizer.save(run_dir / "tokenizer.json")
+def model_state(model: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """Full (unsharded, CPU for FSDP) weights of a possibly sharded model; collective under FSDP."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
 
 
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise TinyLMError(
-            f"{run_dir} is not a tinylm run directory (no config.json); pass the --out of `tinylm train`."
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
+    """Full optimizer state; collective under FSDP."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    fsdp: bool,
+    where: Path,
+    name: str,
+) -> None:
+    """Put a full optimizer state back (sharding it under FSDP), or say it belongs to another optimizer."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise TinyLMError(f"{path} is corrupt (invalid JSON).") from None
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TinyLMError) as exc:
+        raise TinyLMError(
+            f"The optimizer state in {where} does not fit optimizer {name!r}; "
+            "resume with the optimizer the run was trained with."
+        ) from exc
+
+
+# ----- the run record -------------------------------------------------------------------------
+@dataclass
+class FinetuneParent:
+    """Where a fine-tuning run came from."""
+
+    base: str  # the base run directory
+    data: str  # the fine-tuning data as given (JSONL, text or prepared directory)
+    checkpoint: str = "last"  # the base run's checkpoint it started from
 
 
 @dataclass
+class RunRecord:
+    """Everything config.json says about a run: what it is, what it trained on, where it came from."""
+
+    model: ModelConfig
+    train: TrainConfig
+    data: str | None = None  # prepared data directory (None: JSONL pairs, imported or merged runs)
+    tokenizer_hash: str | None = None  # `data.tokenizer_hash` of the tokenizer the data was prepared with
+    preset: str | None = None
+    finetune: FinetuneParent | None = None
+    lora: LoRAConfig | None = None  # adapters are part of this run's weights
+    imported_from: str | None = None  # a Hugging Face model directory
+    merged_from: str | None = None  # the LoRA run whose adapters were folded in
+    data_meta: dict[str, Any] = field(default_factory=dict)  # the data directory's meta.json
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["model"], out["train"] = to_dict(self.model), to_dict(self.train)
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> RunRecord:
+        """Read config.json, written by this version or an older one (same keys, some absent)."""
+        lora = None
+        if raw.get("lora"):
+            from tinylm.lora import LoRAConfig
+
+            lora = LoRAConfig(**{**raw["lora"], "targets": tuple(raw["lora"].get("targets", ()))})
+        parent = raw.get("finetune")
+        return cls(
+            model=from_dict(ModelConfig, raw["model"]),
+            train=from_dict(TrainConfig, raw["train"]),
+            data=raw.get("data"),
+            tokenizer_hash=raw.get("tokenizer_hash"),
+            preset=raw.get("preset"),
+            finetune=FinetuneParent(**parent) if parent else None,
+            lora=lora,
+            imported_from=raw.get("imported_from"),
+            merged_from=raw.get("merged_from"),
+            data_meta=raw.get("data_meta") or {},
+        )
+
+    def write(self, run_dir: Path, tokenizer: Tokenizer) -> None:
+        """config.json and tokenizer.json: what a run directory needs besides weights."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / CONFIG, json.dumps(self.to_json(), indent=2))
+        tokenizer.save(run_dir / "tokenizer.json")
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunRecord:
+        path = Path(run_dir) / CONFIG
+        if not path.is_file():
+            raise TinyLMError(
+                f"{run_dir} is not a tinylm run directory (no config.json); pass the --out of `tinylm train`."
+            )
+        raw = read_json(path)
+        try:
+            return cls.from_json(raw)
+        except (KeyError, TypeError) as exc:
+            raise TinyLMError(f"{path} is corrupt (missing or wrong field {exc}).") from None
+
+    def resume_command(self, run_dir: Path) -> str:
+        """The command that continues this run."""
+        return f"tinylm {'finetune' if self.finetune else 'train'} --resume {run_dir}"
+
+    def resumed(self, overrides: dict[str, Any]) -> RunRecord:
+        """This record with training fields overridden for a resumed session; the model cannot change."""
+        model = to_dict(self.model)
+        changed = sorted(k for k, v in overrides.items() if k in model and model[k] != v)
+        if changed:
+            raise TinyLMError(
+                f"Cannot resume with a different model config ({', '.join(changed)}); start a new run instead."
+            )
+        train = {k: v for k, v in overrides.items() if k not in model}
+        return replace(self, train=from_dict(TrainConfig, {**to_dict(self.train), **train}))
+
+
+# ----- the run directory while training -------------------------------------------------------
+Sink = Callable[[dict[str, Any]], None]
+
+
+class RunLog:
+    """metrics.jsonl plus the optional TensorBoard / Weights & Biases sinks of one run (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, record: RunRecord, enabled: bool = True) -> None:
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.sinks = make_sinks(self.run_dir, record) if enabled else []
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.run_dir / METRICS, "a") as f:
+            f.write(json.dumps({**row, "time": time.time()}) + "\n")
+        for sink in self.sinks:
+            sink(row)
+
+    def truncate(self, step: int) -> None:
+        """Drop rows written after the checkpoint we resume from."""
+        path = self.run_dir / METRICS
+        if self.enabled and path.is_file():
+            rows = []
+            for line in path.read_text().splitlines():
+                try:
+                    if line and json.loads(line).get("step", 0) <= step:
+                        rows.append(line)
+                except json.JSONDecodeError:  # a row cut short by a crash
+                    continue
+            atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+def make_sinks(run_dir: Path, record: RunRecord) -> list[Sink]:
+    """Optional TensorBoard / Weights & Biases loggers."""
+    sinks: list[Sink] = []
+
+    def numeric(row: dict[str, Any]) -> dict[str, float]:
+        return {
+            f"{row['type']}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"
+        }
+
+    if record.train.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise TinyLMError(
+                "--tensorboard needs the tensorboard package: pip install tensorboard."
+            ) from None
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+        def to_tensorboard(row: dict[str, Any]) -> None:
+            for k, v in numeric(row).items():
+                writer.add_scalar(k, v, row["step"])
+            writer.flush()
+
+        sinks.append(to_tensorboard)
+    if record.train.wandb:
+        try:
+            import wandb
+        except ImportError:
+            raise TinyLMError("--wandb needs the wandb package: pip install wandb.") from None
+        wandb.init(project="tinylm", name=run_dir.name, config=record.to_json())
+        sinks.append(lambda row: wandb.log(numeric(row), step=row["step"]))
+    return sinks
+
+
+def check_run_dir(run_dir: Path, n_params: int) -> None:
+    """Fail before training, not at the first checkpoint, when the run directory cannot hold one."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise TinyLMError(
+            f"Cannot write to the run directory {run_dir} ({exc.strerror}); choose another --out."
+        ) from None
+    needed = n_params * 4 * 3 * 3  # weights + two Adam moments, for last/best/one more
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise TinyLMError(
+            f"Only {free / 1e6:.0f} MB free at {run_dir}; checkpoints need about {needed / 1e6:.0f} MB."
+        )
+
+
+# ----- loading a run --------------------------------------------------------------------------
+@dataclass
 class LoadedRun:
-    """A model ready to use, with its tokenizer and configs."""
+    """A model ready to use, with its tokenizer and record."""
 
     model: Transformer
     tokenizer: Tokenizer
-    model_cfg: ModelConfig
-    train_cfg: TrainConfig
-    config: dict[str, Any]
+    record: RunRecord
     meta: dict[str, Any]
     path: Path
 
+    @property
+    def model_cfg(self) -> ModelConfig:
+        return self.record.model
+
+    @property
+    def train_cfg(self) -> TrainConfig:
+        return self.record.train
+
+
+def build_model(record: RunRecord) -> Transformer:
+    """The run's model architecture, with LoRA adapters when its weights include them."""
+    model = Transformer(record.model)
+    if record.lora is not None:
+        from tinylm.lora import apply_lora
+
+        apply_lora(model, record.lora)
+    return model
+
 
 def load_run(run_dir: str | Path, checkpoint: str = "last", device: str | torch.device = "cpu") -> LoadedRun:
-    """Load a run directory's model (in eval mode), tokenizer and configs."""
+    """Load a run directory's model (in eval mode), tokenizer and record."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise TinyLMError(f"Run directory {run_dir} does not exist.")
-    config = read_run_config(run_dir)
-    model_cfg = from_dict(ModelConfig, config["model"])
-    train_cfg = from_dict(TrainConfig, config["train"])
+    record = RunRecord.read(run_dir)
     ckpt = checkpoint_dir(run_dir, checkpoint)
-    model = Transformer(model_cfg)
-    if config.get("lora"):  # adapters are part of this run's weights
-        from tinylm.lora import LoRAConfig, apply_lora
-
-        apply_lora(model, LoRAConfig(**config["lora"]))
+    model = build_model(record)
     load_weights(model, ckpt / WEIGHTS)
-    meta = json.loads((ckpt / META).read_text()) if (ckpt / META).is_file() else {}
+    meta = read_json(ckpt / META) if (ckpt / META).is_file() else {}
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    return LoadedRun(model.to(device).eval(), tokenizer, model_cfg, train_cfg, config, meta, run_dir)
+    return LoadedRun(model.to(device).eval(), tokenizer, record, meta, run_dir)

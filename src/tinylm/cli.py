@@ -74,16 +74,32 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         args.preset,
         overrides,
         resume=bool(args.resume),
+        checkpoint=args.checkpoint,
         stop_after=args.stop_after,
         progress=not args.no_progress,
     )
+    return _report(args, result, "Trained")
+
+
+def _report(args: argparse.Namespace, result: Any, verb: str) -> dict[str, Any]:
+    """The end-of-session summary of train and finetune: this session's steps and which losses they are."""
     if result.rank != 0:  # under torchrun, rank 0 speaks for the run
         args.json = False
         return {}
-    print(
-        f"Trained {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_sec:,.0f} tokens/s): "
-        f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}. Run saved in {result.run_dir}"
+    span = (
+        f" (steps {result.start_step + 1}-{result.steps} of {result.total_steps})"
+        if result.start_step
+        else ""
     )
+    print(
+        f"{verb} {result.session_steps} steps{span} in {result.seconds:.1f}s ({result.tokens_per_sec:,.0f} tokens/s): "
+        f"train loss {result.train_loss:.4f} ({result.train_loss_kind}), "
+        f"val loss {result.val_loss:.4f} (step {result.steps}). Run saved in {result.run_dir}"
+    )
+    if not result.finished:
+        print(
+            f"Stopped at step {result.steps} of {result.total_steps}; continue with: {result.resume_command}"
+        )
     return result.summary()
 
 
@@ -161,11 +177,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         tokens = np.asarray(run.tokenizer.encode(text), dtype=np.int64)
         chars, n_bytes, source = len(text), len(text.encode("utf-8")), args.text
     else:
-        if not (args.data or run.config.get("data")):
+        if not (args.data or run.record.data):
             raise TinyLMError(
                 f"{args.run_dir} records no data directory (e.g. an imported model); pass --data DIR or --text FILE."
             )
-        data = TokenData(args.data or run.config["data"])
+        data = TokenData(args.data or run.record.data)
         tokens, chars, n_bytes, source = (
             data.split(args.split),
             data.chars(args.split),
@@ -322,11 +338,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
         resume=bool(args.resume),
         progress=not args.no_progress,
     )
-    print(
-        f"Fine-tuned {result.steps} steps: train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}. "
-        f"Run saved in {result.run_dir}"
-    )
-    return result.summary()
+    return _report(args, result, "Fine-tuned")
 
 
 def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
@@ -358,6 +370,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    """--device, with the same default on every command that runs a model."""
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda, cuda:N or mps (default auto: a GPU if there is one)",
+    )
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature > 0 (default 0.8)")
@@ -373,7 +394,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
-    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default cpu)")
+    _add_device(p)
     p.add_argument(
         "--checkpoint", default="last", help="checkpoint name in the run (default last; e.g. best)"
     )
@@ -431,7 +452,7 @@ def _parser_train(sub: argparse._SubParsersAction) -> None:
         help="adamw, or muon (Muon on the blocks' matrices, AdamW on the rest; lr for Muon: --set muon_lr=)",
     )
     p.add_argument("--eval-interval", type=int, help="steps between validation estimates")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    _add_device(p)
     p.add_argument("--dtype", help="auto, fp32, bf16 or fp16 (default auto: bf16/fp16 on GPU, fp32 on CPU)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -445,6 +466,9 @@ def _parser_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="runs/run", help="run directory (default runs/run)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument(
+        "--checkpoint", default="last", help="with --resume: the checkpoint to continue from (default last)"
+    )
     p.add_argument("--stop-after", type=int, help="stop (resumably) after this many steps in this session")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_common(p)
@@ -482,7 +506,7 @@ def _parser_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", help="evaluate this text file instead")
     p.add_argument("--stride", type=int, help="sliding-window stride (default: non-overlapping windows)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default 16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_device(p)
     p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_common(p)
@@ -546,8 +570,10 @@ def _parser_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override training fields")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default 200)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: a third of the base run's)")
-    p.add_argument("--device", help="auto, cpu, cuda or mps")
+    p.add_argument(
+        "--lr", type=float, help="peak learning rate (default: a third of the base run's; muon_lr follows)"
+    )
+    _add_device(p)
     p.add_argument("--dtype", help="auto, fp32, bf16 or fp16")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -635,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = args.func(args)
     except TinyLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 130 if type(exc).__name__ == "TrainingInterrupted" else 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted.", file=sys.stderr)
         return 130

@@ -8,11 +8,13 @@ import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tinylm.config import TrainConfig
 from tinylm.errors import TinyLMError
 from tinylm.tokenizer import HFTokenizer, Tokenizer, build_tokenizer, load_tokenizer
 
@@ -193,6 +195,16 @@ def prepare(
     return meta
 
 
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    """sha256 of the tokenizer's canonical JSON: equal exactly when two tokenizers map text the same way."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(Path(tmp) / "tokenizer.json")
+        canonical = json.dumps(json.loads((Path(tmp) / "tokenizer.json").read_text()), sort_keys=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 class TokenData:
     """A prepared data directory: memory-mapped token shards plus their tokenizer and meta."""
 
@@ -203,8 +215,18 @@ class TokenData:
             raise TinyLMError(
                 f"{self.path} is not a prepared data directory (no meta.json); run `tinylm prepare` first."
             )
-        self.meta = json.loads(meta_path.read_text())
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise TinyLMError(
+                f"{meta_path} is corrupt (not valid JSON); run `tinylm prepare` again."
+            ) from None
         self.tokenizer = load_tokenizer(self.path / "tokenizer.json")
+
+    @property
+    def tokenizer_hash(self) -> str:
+        """A content hash of this directory's tokenizer (see `tokenizer_hash`)."""
+        return tokenizer_hash(self.tokenizer)
 
     def split(self, name: str) -> np.ndarray:
         """The tokens of "train" or "val" as a read-only memmap."""
@@ -222,12 +244,17 @@ class TokenData:
         return int(self.meta.get(f"{name}_bytes", 0))
 
 
-def check_length(tokens: np.ndarray, block_size: int, split: str) -> None:
+IGNORE = -100  # label of positions that carry no loss (padding, prompt tokens)
+
+ADVICE = "use more text, a smaller --val-fraction, or a smaller block_size (--set block_size=N)"
+
+
+def check_length(tokens: np.ndarray, block_size: int, split: str, advice: str = ADVICE) -> None:
     """A split must hold at least one full window of block_size + 1 tokens."""
     if len(tokens) < block_size + 1:
         raise TinyLMError(
             f"The {split} split has {len(tokens)} tokens, shorter than one context window ({block_size + 1}); "
-            "use more text, a smaller --val-fraction, or a smaller block_size (--set block_size=N)."
+            f"{advice}."
         )
 
 
@@ -238,7 +265,73 @@ def windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[to
     return chunk[:, :-1], chunk[:, 1:]
 
 
-class RandomWindows:
+# ----- batch sources ----------------------------------------------------------------------------
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), both (B, T) int64
+
+
+class BatchSource(Protocol):
+    """Training batches by optimizer step. Every batch is a pure function of (seed, step, micro), so the
+    resumable position is the step number; `state_dict` identifies the data so a resume can check it."""
+
+    total_steps: int  # optimizer steps of the whole run
+
+    def batch(self, step: int, micro: int = 0) -> Batch:
+        """Micro-batch `micro` of optimizer step `step` (0-based) for this rank."""
+        ...
+
+    def epoch_of(self, step: int) -> float | None:
+        """Epochs completed after `step` steps (fractional), or None when batches are drawn by step."""
+        ...
+
+    def epoch_done(self, step: int) -> int | None:
+        """The epoch number that ends after `step` steps, else None."""
+        ...
+
+    def evaluates_at(self, step: int, eval_interval: int) -> bool:
+        """Whether validation (and a `last` checkpoint) falls after `step` steps."""
+        ...
+
+    def label(self, step: int) -> str:
+        """What the progress bar says after `step` steps."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class _BySteps:
+    """The schedule of sources drawn by step: evaluate every eval_interval steps and at the end."""
+
+    total_steps: int = 0
+
+    def epoch_of(self, step: int) -> float | None:
+        return None
+
+    def epoch_done(self, step: int) -> int | None:
+        return None
+
+    def evaluates_at(self, step: int, eval_interval: int) -> bool:
+        return step % eval_interval == 0 or step == self.total_steps
+
+    def label(self, step: int) -> str:
+        return "Training"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": type(self).__name__, "seed": self.seed, "size": self._size()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and state != self.state_dict():
+            raise TinyLMError(
+                f"The training data changed since the checkpoint ({state} then, {self.state_dict()} now), "
+                "so the run cannot continue exactly; restore the data or start a new run."
+            )
+
+    def _size(self) -> int:
+        raise NotImplementedError
+
+
+class RandomWindows(_BySteps):
     """nanoGPT-style random windows. Batch `step` is a pure function of (seed, step), so the
     sampler's whole state is the step number, and each rank takes its slice of one global batch."""
 
@@ -250,17 +343,21 @@ class RandomWindows:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        total_steps: int = 0,
     ):
         check_length(tokens, block_size, "train")
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.total_steps = seed, rank, world_size, total_steps
 
-    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, micro: int = 0) -> Batch:
         """Micro-batch `micro` of optimizer step `step` for this rank."""
         rng = np.random.default_rng([self.seed, step, micro])
         starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size * self.world_size)
         mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return windows(self.tokens, mine, self.block_size)
+
+    def _size(self) -> int:
+        return len(self.tokens)
 
 
 class SlidingWindowDataset(Dataset):
@@ -281,15 +378,31 @@ class SlidingWindowDataset(Dataset):
 
 
 class EpochWindows:
-    """Shuffled passes over a SlidingWindowDataset. Batch (epoch, index) is a pure function of the
-    seed, so resuming mid-epoch needs only the step number; ranks take slices of one global batch."""
+    """Shuffled passes over a SlidingWindowDataset as a BatchSource: step k of an epoch takes global
+    batches k*grad_accum ... k*grad_accum + grad_accum - 1 of that epoch's permutation (a pure function of
+    the seed, so resuming mid-epoch needs only the step number); ranks take slices of one global batch."""
 
     def __init__(
-        self, dataset: SlidingWindowDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        dataset: SlidingWindowDataset,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        epochs: int = 1,
+        grad_accum: int = 1,
     ):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.epochs, self.grad_accum = rank, world_size, epochs, grad_accum
         self._order: tuple[int, np.ndarray] | None = None
+        if self.batches_per_epoch < grad_accum:
+            raise TinyLMError(
+                f"--grad-accum ({grad_accum}) is larger than the {self.batches_per_epoch} batches of one epoch; "
+                "lower --grad-accum or --batch-size, or use more text."
+            )
+        self.steps_per_epoch = self.batches_per_epoch // grad_accum
+        self.total_steps = epochs * self.steps_per_epoch
 
     @property
     def batches_per_epoch(self) -> int:
@@ -301,9 +414,102 @@ class EpochWindows:
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset)))
         return self._order[1]
 
-    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch `index` of epoch `epoch` (0-based) for this rank."""
+    def window_batch(self, epoch: int, index: int) -> Batch:
+        """Global batch `index` of epoch `epoch` (0-based), this rank's slice."""
         size = self.batch_size * self.world_size
         chunk = self.order(epoch)[index * size : (index + 1) * size]
         mine = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return windows(self.dataset.tokens, mine * self.dataset.stride, self.dataset.block_size)
+
+    def batch(self, step: int, micro: int = 0) -> Batch:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self.window_batch(epoch, k * self.grad_accum + micro)
+
+    def epoch_of(self, step: int) -> float | None:
+        return step / self.steps_per_epoch
+
+    def epoch_done(self, step: int) -> int | None:
+        return step // self.steps_per_epoch if step and step % self.steps_per_epoch == 0 else None
+
+    def evaluates_at(self, step: int, eval_interval: int) -> bool:
+        return self.epoch_done(step) is not None
+
+    def label(self, step: int) -> str:
+        # After the last step the bar shows the last epoch, never "Epoch N+1/N".
+        return f"Epoch {min(step // self.steps_per_epoch + 1, self.epochs)}/{self.epochs}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "EpochWindows", "seed": self.seed, "size": len(self.dataset)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _BySteps.load_state_dict(self, state)  # type: ignore[arg-type]
+
+
+Example = tuple[list[int], list[int]]  # (input ids, labels with IGNORE on prompt tokens)
+
+
+def pad_batch(examples: list[Example], block_size: int) -> Batch:
+    """Right-pad examples to (B, block_size); padded labels are IGNORE."""
+    x = torch.zeros(len(examples), block_size, dtype=torch.long)
+    y = torch.full((len(examples), block_size), IGNORE, dtype=torch.long)
+    for i, (ids, labels) in enumerate(examples):
+        x[i, : len(ids)] = torch.tensor(ids)
+        y[i, : len(labels)] = torch.tensor(labels)
+    return x, y
+
+
+class PairBatches(_BySteps):
+    """Random prompt/response examples per step, a pure function of (seed, step, micro); each rank
+    takes its slice of one global batch, like RandomWindows."""
+
+    def __init__(
+        self,
+        examples: list[Example],
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        total_steps: int = 0,
+    ) -> None:
+        if not examples:
+            raise TinyLMError("There are no prompt/response examples to train on.")
+        self.examples, self.block_size, self.batch_size, self.seed = examples, block_size, batch_size, seed
+        self.rank, self.world_size, self.total_steps = rank, world_size, total_steps
+
+    def batch(self, step: int, micro: int = 0) -> Batch:
+        picks = np.random.default_rng([self.seed, step, micro]).integers(
+            0, len(self.examples), self.batch_size * self.world_size
+        )
+        mine = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return pad_batch([self.examples[i] for i in mine], self.block_size)
+
+    def _size(self) -> int:
+        return len(self.examples)
+
+
+def token_batches(
+    data: TokenData,
+    block_size: int,
+    cfg: TrainConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    advice: str = ADVICE,
+) -> tuple[BatchSource, list[Batch]]:
+    """The training source a config asks for (epochs of sliding windows, or random windows by step)
+    and a fixed set of validation batches, so successive estimates are comparable."""
+    train_tokens, val_tokens = data.split("train"), data.split("val")
+    check_length(train_tokens, block_size, "train", advice)
+    check_length(val_tokens, block_size, "validation", advice)
+    source: BatchSource
+    if cfg.epochs > 0:
+        dataset = SlidingWindowDataset(train_tokens, block_size, cfg.window_stride)
+        source = EpochWindows(
+            dataset, cfg.batch_size, cfg.seed, rank, world_size, epochs=cfg.epochs, grad_accum=cfg.grad_accum
+        )
+    else:
+        source = RandomWindows(
+            train_tokens, block_size, cfg.batch_size, cfg.seed, rank, world_size, total_steps=cfg.max_steps
+        )
+    val = RandomWindows(val_tokens, block_size, cfg.batch_size, cfg.seed + 1, rank, world_size)
+    return source, [val.batch(0, i) for i in range(cfg.eval_batches)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import asdict, dataclass
 
@@ -12,11 +12,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from tinylm.data import IGNORE
 from tinylm.errors import TinyLMError
+from tinylm.progress import progress_bar
 
-IGNORE = -100
+SHOW_AFTER = 3.0  # seconds of evaluation before a progress bar appears
 
 
 @dataclass
@@ -98,7 +99,8 @@ def evaluate_tokens(
     plan = plan_windows(len(tokens), block_size, stride)
     nll, count = 0.0, 0
     batches = range(0, len(plan), batch_size)
-    for b in tqdm(batches, desc="Evaluating", disable=not progress, leave=False):
+    bar = progress_bar(len(batches), desc="Evaluating", enabled=progress, delay=SHOW_AFTER)
+    for b in batches:
         group = plan[b : b + batch_size]
         width = max(length for _, length, _ in group)
         x = torch.zeros(len(group), width, dtype=torch.long)
@@ -114,6 +116,8 @@ def evaluate_tokens(
             logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"
         ).item()
         count += int((y != IGNORE).sum())
+        bar.update(1)
+    bar.close()
     model.train(was_training)
     scored = count / (len(tokens) - 1)  # the first token is never predicted
     return EvalResult(nll, count, round(chars * scored), round(n_bytes * scored))
@@ -122,17 +126,24 @@ def evaluate_tokens(
 @torch.no_grad()
 def mean_loss(
     model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     autocast: ContextManager | None = None,
+    progress: bool = False,
 ) -> float:
-    """Average cross-entropy over a few (x, y) batches: the quick estimate used during training."""
+    """Average cross-entropy over a few (x, y) batches (IGNORE labels skipped): the quick estimate used
+    during training, with a progress bar once it takes more than a few seconds."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     losses = []
+    bar = progress_bar(len(batches), desc="Validating", enabled=progress, delay=SHOW_AFTER)
     for x, y in batches:
         with autocast or contextlib.nullcontext():
             logits = model(x.to(device))
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item())
+        losses.append(
+            F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE).item()
+        )
+        bar.update(1)
+    bar.close()
     model.train(was_training)
     return sum(losses) / max(1, len(losses))

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tinylm.checkpoint import load_run, save_checkpoint, write_run_config
+from tinylm.checkpoint import RunRecord, load_run, save_checkpoint
 from tinylm.config import ModelConfig, TrainConfig
 from tinylm.errors import TinyLMError
 from tinylm.tokenizer import EOT, CharTokenizer, HFTokenizer, Tokenizer
@@ -202,7 +202,7 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "last") ->
     """Write a directory that transformers' AutoModelForCausalLM / AutoTokenizer load offline."""
     run = load_run(run_dir, checkpoint)
     model = run.model
-    if run.config.get("lora"):
+    if run.record.lora is not None:
         from tinylm.lora import merge_lora
 
         model = merge_lora(model)
@@ -336,9 +336,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     model_cfg, state = converters[config.model_type](config, hf_model.state_dict())
     tokenizer = _load_hf_tokenizer(src, tf)
     out = Path(out)
-    write_run_config(
-        out, model_cfg, TrainConfig(), tokenizer, {"imported_from": str(src.resolve()), "data": None}
-    )
+    RunRecord(model_cfg, TrainConfig(), imported_from=str(src.resolve())).write(out, tokenizer)
     save_checkpoint(
         out, "last", {k: v.float() for k, v in state.items()}, None, {"step": 0, "imported": True}
     )

@@ -5,11 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
+import threading
+import warnings
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from tinylm.errors import TinyLMError
 
@@ -115,3 +120,90 @@ def teardown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, runtime: Runtime, *, fsdp: bool = False, compile: bool = False) -> nn.Module:
+    """Apply FSDP2 or DDP (under torchrun) and torch.compile from outside the model, before the optimizer
+    is built. FSDP2 shards `model` in place, so load weights into it before calling this."""
+    wrapped: nn.Module = model
+    if runtime.distributed and fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+    elif runtime.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(
+            model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None
+        )
+    if compile:
+        try:
+            wrapped = EagerFallback(torch.compile(wrapped), wrapped)
+        except Exception as exc:  # e.g. unsupported platform
+            warnings.warn(f"torch.compile is not available here ({exc}); training without it.")
+    return wrapped
+
+
+class EagerFallback(nn.Module):
+    """A compiled module that falls back to its eager original (with a warning) when compilation fails
+    at the first forward pass, e.g. when the backend finds no C compiler."""
+
+    def __init__(self, compiled: nn.Module, eager: nn.Module) -> None:
+        super().__init__()
+        self.eager = eager
+        self.__dict__["compiled"] = compiled  # not a submodule: its parameters are eager's
+        self.__dict__["ok"] = None  # None: untried; then True / False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.ok is None:
+            try:
+                out = self.compiled(*args, **kwargs)
+            except Exception as exc:  # the backend's failure, at its first compile
+                warnings.warn(
+                    f"torch.compile is not available here ({type(exc).__name__}); training without it."
+                )
+                self.__dict__["ok"] = False
+                return self.eager(*args, **kwargs)
+            self.__dict__["ok"] = True
+            return out
+        return (self.compiled if self.ok else self.eager)(*args, **kwargs)
+
+    def no_sync(self) -> ContextManager:
+        """DDP's no_sync, when the eager module has one."""
+        return self.eager.no_sync() if hasattr(self.eager, "no_sync") else contextlib.nullcontext()
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set `received` (the signal number), so a loop can stop at a
+    step boundary; later signals are remembered too and never interrupt a checkpoint write."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def all_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over all processes (itself when there is one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()

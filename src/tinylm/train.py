@@ -1,11 +1,9 @@
-"""The training engine: train() -> train_step() / evaluate() / save(), on CPU, one GPU or many."""
+"""The training engine: train() -> train_step() / evaluate() / checkpoint(), on CPU, one GPU or many."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -14,61 +12,84 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from tinylm import runtime as rt
 from tinylm.checkpoint import (
-    STATE,
     WEIGHTS,
+    CorruptFile,
+    RunLog,
+    RunRecord,
+    check_run_dir,
     checkpoint_dir,
+    load_optimizer_state,
+    load_train_state,
     load_weights,
+    model_state,
+    newest_good_checkpoint,
+    optimizer_state,
     prune_checkpoints,
-    read_run_config,
+    recover_checkpoints,
     save_checkpoint,
-    write_run_config,
 )
-from tinylm.config import ModelConfig, TrainConfig, build_configs, from_dict
-from tinylm.data import EpochWindows, RandomWindows, SlidingWindowDataset, TokenData, check_length
+from tinylm.config import TrainConfig, build_configs
+from tinylm.data import Batch, BatchSource, TokenData, token_batches
 from tinylm.errors import TinyLMError
 from tinylm.evaluate import mean_loss
 from tinylm.model import Transformer
 from tinylm.optim import build_optimizer, lr_at
+from tinylm.progress import progress_bar, write
+from tinylm.tokenizer import Tokenizer
 
-
-@dataclass
-class Batches:
-    """Training batches by step (an object with .batch(step, micro) -> (x, y)) and fixed validation batches."""
-
-    train: Any
-    val: list[tuple[torch.Tensor, torch.Tensor]]
+EVAL_SHARE_WARNING = (
+    0.25  # warn when validation would take this share of the training compute (presets: < 0.1)
+)
+BatchesFor = Callable[[RunRecord, rt.Runtime], tuple[BatchSource, list[Batch]]]
 
 
 class TrainingInterrupted(TinyLMError):
-    """Ctrl-C during training: a checkpoint was saved and the run can be resumed."""
+    """SIGINT / SIGTERM during training: `last` was saved at a step boundary and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
 
 
 @dataclass
 class TrainResult:
-    """What a training run produced: where it is, how it ended, and its loss histories."""
+    """What a training session produced: where it is, how far it got, and its loss histories."""
 
     run_dir: Path
     rank: int
-    steps: int
+    steps: int  # the run's step count after this session
+    start_step: int  # where this session started (0 unless resumed)
+    total_steps: int
     train_loss: float
+    train_loss_kind: str  # which loss train_loss is, e.g. "last step" or "epoch 3 average"
     val_loss: float
     seconds: float
     tokens_per_sec: float
+    resume_command: str = ""
     train_losses: list[dict] = field(default_factory=list)  # {step, loss}
     val_losses: list[dict] = field(default_factory=list)  # {step, epoch, loss}
     epoch_losses: list[dict] = field(default_factory=list)  # {epoch, train_loss, val_loss}
+
+    @property
+    def session_steps(self) -> int:
+        return self.steps - self.start_step
+
+    @property
+    def finished(self) -> bool:
+        return self.steps >= self.total_steps
 
     def summary(self) -> dict[str, Any]:
         return {
             "run_dir": str(self.run_dir),
             "steps": self.steps,
+            "session_steps": self.session_steps,
+            "total_steps": self.total_steps,
             "train_loss": self.train_loss,
+            "train_loss_kind": self.train_loss_kind,
             "val_loss": self.val_loss,
             "seconds": round(self.seconds, 3),
             "tokens_per_sec": round(self.tokens_per_sec, 1),
@@ -76,157 +97,82 @@ class TrainResult:
 
 
 class Trainer:
-    """Owns the model, optimizer and data of one run; `train()` is the whole loop."""
+    """Owns the model, optimizer and batches of one run; `train()` is the whole loop."""
 
     def __init__(
         self,
-        model_cfg: ModelConfig,
-        cfg: TrainConfig,
-        data: TokenData,
+        record: RunRecord,
+        source: BatchSource,
+        val_batches: list[Batch],
         run_dir: Path,
-        progress: bool = True,
-        log: Callable[[str], None] | None = None,
-        extra: dict[str, Any] | None = None,
+        tokenizer: Tokenizer,
+        runtime: rt.Runtime,
         *,
         model_init: Callable[[Transformer], None] | None = None,
-        batches: Batches | None = None,
+        resume_from: Path | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
     ) -> None:
-        self.model_cfg, self.cfg, self.data, self.run_dir = model_cfg, cfg, data, Path(run_dir)
-        self.extra = (
-            extra if extra is not None else {"data": str(data.path.resolve()), "data_meta": data.meta}
-        )
-        self.rt = rt.setup(cfg.device, cfg.dtype, cfg.seed)
-        self.progress = progress and self.rt.is_main
-        self.log = (log or tqdm.write) if self.rt.is_main else (lambda msg: None)
-        self.model = Transformer(model_cfg).to(self.rt.device)
+        self.record, self.cfg, self.source, self.val_batches = record, record.train, source, val_batches
+        self.run_dir, self.tokenizer, self.rt = Path(run_dir), tokenizer, runtime
+        self.progress = progress and runtime.is_main
+        self.log = (log or write) if runtime.is_main else (lambda msg: None)
+        self.fsdp = runtime.distributed and self.cfg.fsdp
+        self.model = Transformer(record.model).to(runtime.device)
         if model_init is not None:  # e.g. load pre-trained weights, wrap LoRA adapters
             model_init(self.model)
-        self.model.grad_checkpointing = cfg.grad_checkpointing
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.dtype == torch.float16)
+            n, trainable = (sum(p.numel() for p in ps) for ps in (self.model.parameters(), self._trainable()))
+            self.log(f"Training {trainable:,} of {n:,} parameters ({100 * trainable / n:.2f}%)")
+        self.model.grad_checkpointing = self.cfg.grad_checkpointing
+        state = self._load_weights(resume_from) if resume_from else None  # before FSDP shards the model
+        self.wrapped = rt.wrap_model(self.model, runtime, fsdp=self.fsdp, compile=self.cfg.compile)
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
         self.step, self.best_val = 0, math.inf
         self.history: dict[str, list[dict]] = {"train_losses": [], "val_losses": [], "epoch_losses": []}
-        self._make_batches(batches)
-        self._fit_warmup()
-        self.wrapped = self._wrap(self.model)
-        self.sinks = self._make_sinks()
-
-    # ----- set-up -------------------------------------------------------------------------
-    def _make_batches(self, batches: Batches | None) -> None:
-        cfg, r = self.cfg, self.rt
-        if batches is not None:  # the caller brings its own (e.g. masked prompt/response pairs)
-            self.sampler, self.val_batches, self.total_steps = batches.train, batches.val, cfg.max_steps
-            if cfg.epochs > 0:
-                raise TinyLMError("These batches are drawn by step; use --max-steps instead of --epochs.")
-            return
-        self.train_tokens, self.val_tokens = self.data.split("train"), self.data.split("val")
-        check_length(self.train_tokens, self.model_cfg.block_size, "train")
-        check_length(self.val_tokens, self.model_cfg.block_size, "validation")
-        if cfg.epochs > 0:
-            dataset = SlidingWindowDataset(self.train_tokens, self.model_cfg.block_size, cfg.window_stride)
-            self.epoch_windows = EpochWindows(dataset, cfg.batch_size, cfg.seed, r.rank, r.world_size)
-            self.steps_per_epoch = max(1, self.epoch_windows.batches_per_epoch // cfg.grad_accum)
-            self.total_steps = cfg.epochs * self.steps_per_epoch
-        else:
-            self.sampler = RandomWindows(
-                self.train_tokens, self.model_cfg.block_size, cfg.batch_size, cfg.seed, r.rank, r.world_size
-            )
-            self.total_steps = cfg.max_steps
-        # A fixed set of validation windows, so successive estimates are comparable.
-        val = RandomWindows(
-            self.val_tokens, self.model_cfg.block_size, cfg.batch_size, cfg.seed + 1, r.rank, r.world_size
-        )
-        self.val_batches = [val.batch(0, i) for i in range(cfg.eval_batches)]
-
-    def _fit_warmup(self) -> None:
-        """A warmup as long as the run would never reach the peak lr: use a tenth of the run instead."""
-        if self.cfg.warmup_steps >= self.total_steps:
-            warmup = max(1, self.total_steps // 10)
-            warnings.warn(
-                f"warmup_steps ({self.cfg.warmup_steps}) is not shorter than the run ({self.total_steps} steps); using {warmup}."
-            )
-            self.cfg = replace(self.cfg, warmup_steps=warmup)
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        """Apply FSDP2 or DDP (under torchrun) and torch.compile from outside the model."""
-        if self.rt.distributed:
-            if self.cfg.fsdp:
-                from torch.distributed.fsdp import fully_shard
-
-                for block in model.blocks:
-                    fully_shard(block)
-                fully_shard(model)
-                self.optimizer = build_optimizer(model, self.cfg)
-            else:
-                from torch.nn.parallel import DistributedDataParallel
-
-                model = DistributedDataParallel(
-                    model, device_ids=[self.rt.local_rank] if self.rt.device.type == "cuda" else None
-                )
-        if self.cfg.compile:
-            try:
-                model = torch.compile(model)
-            except Exception as exc:  # e.g. no C compiler, unsupported platform
-                warnings.warn(f"torch.compile is not available here ({exc}); training without it.")
-        return model
+        self.run_log = RunLog(self.run_dir, record, enabled=runtime.is_main)
+        if state is not None:
+            self._restore(state, resume_from)
 
     # ----- the loop -----------------------------------------------------------------------
     def train(self, stop_after: int | None = None) -> TrainResult:
-        """Train until total_steps (or `stop_after` more steps); evaluate, log and checkpoint on the way."""
-        if self.step >= self.total_steps:
+        """Train until total_steps (or `stop_after` more steps); evaluate, log and checkpoint on the way.
+        SIGINT / SIGTERM stop the loop at the next step boundary, after saving `last`."""
+        total = self.source.total_steps
+        if self.step >= total:
             raise TinyLMError(
-                f"This run already finished ({self.step} of {self.total_steps} steps); "
+                f"This run already finished ({self.step} of {total} steps); "
                 "pass a larger --max-steps or --epochs to continue it."
             )
-        self._check_writable()
         if self.rt.is_main:
-            write_run_config(self.run_dir, self.model_cfg, self.cfg, self.data.tokenizer, self.extra)
-        end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
+            check_run_dir(self.run_dir, sum(p.numel() for p in self.model.parameters()))
+            self.record.write(self.run_dir, self.tokenizer)
+        end = total if stop_after is None else min(total, self.step + stop_after)
         start_time, start_step = time.perf_counter(), self.step
-        bar = tqdm(
-            total=end,
-            initial=self.step,
-            disable=not self.progress,
-            desc=self._bar_label(),
-            dynamic_ncols=True,
-        )
-        loss = float("nan")
-        try:
-            while self.step < end:
+        bar = progress_bar(total, initial=self.step, desc=self.source.label(self.step), enabled=self.progress)
+        with rt.StopSignals() as signals:  # also shields the saves below from a second Ctrl-C
+            while self.step < end and not self._agree(signals.received is not None):
                 t0 = time.perf_counter()
                 stats = self.train_step(self.step)
-                loss = stats["loss"]
                 self.step += 1
                 stats["tokens_per_sec"] = self.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-                self._after_step(stats, bar)
-        except KeyboardInterrupt:
+                self._show(bar, stats)
+                self._after_step(stats)
             bar.close()
-            self.save("last")
-            raise TrainingInterrupted(
-                f"Interrupted at step {self.step}; saved a checkpoint. Resume with: tinylm train --resume {self.run_dir}"
-            ) from None
-        bar.close()
-        val_loss = self.history["val_losses"][-1]["loss"] if self.history["val_losses"] else float("nan")
-        if self.step == end and (
-            not self.history["val_losses"] or self.history["val_losses"][-1]["step"] != self.step
-        ):
-            val_loss = self.evaluate()
-            self.save("last")
-        seconds = time.perf_counter() - start_time
-        return TrainResult(
-            self.run_dir,
-            self.rt.rank,
-            self.step,
-            loss,
-            val_loss,
-            seconds,
-            (self.step - start_step) * self.tokens_per_step / max(seconds, 1e-9),
-            **self.history,
-        )
+            if signals.received is not None:
+                self.save("last")
+                raise TrainingInterrupted(
+                    f"Interrupted at step {self.step}; saved checkpoint 'last'. "
+                    f"Resume with: {self.record.resume_command(self.run_dir)}",
+                    signals.received,
+                )
+            if not self.history["val_losses"] or self.history["val_losses"][-1]["step"] != self.step:
+                self.checkpoint(self.evaluate(), epoch=None)  # e.g. --stop-after between evaluations
+        return self._result(start_step, time.perf_counter() - start_time)
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches: forward, backward, clip, update."""
-        lr = lr_at(step, self.total_steps, self.cfg)
+        lr = lr_at(step, self.source.total_steps, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         micro = self.micro_batches(step)
@@ -237,247 +183,223 @@ class Trainer:
             with self.wrapped.no_sync() if not sync else contextlib.nullcontext(), self.rt.autocast():
                 logits, aux = self.wrapped(x, return_aux=True)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                objective = (loss + self.model_cfg.moe_aux_weight * aux) / len(micro)
+                objective = (loss + self.record.model.moe_aux_weight * aux) / len(micro)
             self.scaler.scale(objective).backward()
             total += loss.detach() / len(micro)
         if self.rt.distributed:  # log the global-batch loss, as a single process would see it
-            import torch.distributed as dist
-
-            dist.all_reduce(total)
-            total /= self.rt.world_size
+            total = rt.all_mean(total)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
-        loss_value, norm_value = torch.stack(
-            [total, grad_norm.float().to(total.device)]
-        ).tolist()  # the step's one sync
+        loss_value, norm_value = torch.stack([total, grad_norm.float().to(total.device)]).tolist()  # one sync
         if not math.isfinite(loss_value):
             raise TinyLMError(
-                f"Loss became {loss_value} at step {step + 1}; stopped. The last good checkpoint in {self.run_dir} is intact; "
-                "lower --lr, raise warmup_steps, or use --dtype fp32/bf16 instead of fp16."
+                f"Loss became {loss_value} at step {step + 1}; stopped. The last good checkpoint in {self.run_dir} "
+                "is intact; lower --lr, raise warmup_steps, or use --dtype fp32/bf16 instead of fp16."
             )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
 
-    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def micro_batches(self, step: int) -> list[Batch]:
         """The grad_accum micro-batches of optimizer step `step` (a pure function of the seed)."""
-        accum = self.cfg.grad_accum
-        if self.cfg.epochs > 0:
-            epoch, k = divmod(step, self.steps_per_epoch)
-            return [self.epoch_windows.batch(epoch, k * accum + m) for m in range(accum)]
-        return [self.sampler.batch(step, m) for m in range(accum)]
+        return [self.source.batch(step, m) for m in range(self.cfg.grad_accum)]
 
     def evaluate(self) -> float:
-        """Mean validation loss over the fixed validation batches; records it and keeps `best`."""
-        loss = mean_loss(self.wrapped, self.val_batches, self.rt.autocast())
+        """Mean validation loss over the fixed validation batches (averaged over ranks); recorded."""
+        loss = mean_loss(self.wrapped, self.val_batches, self.rt.autocast(), progress=self.progress)
         if self.rt.distributed:
-            import torch.distributed as dist
-
-            t = torch.tensor([loss], device=self.rt.device)
-            dist.all_reduce(t)
-            loss = t.item() / self.rt.world_size
-        epoch = self.step / self.steps_per_epoch if self.cfg.epochs > 0 else None
+            loss = rt.all_mean(torch.tensor(loss, device=self.rt.device)).item()
+        epoch = self.source.epoch_of(self.step)
         self.history["val_losses"].append({"step": self.step, "epoch": epoch, "loss": loss})
-        self._metrics({"type": "eval", "step": self.step, "epoch": epoch, "val_loss": loss})
-        if loss < self.best_val:
-            self.best_val = loss
-            self.save("best")
+        self.run_log.write({"type": "eval", "step": self.step, "epoch": epoch, "val_loss": loss})
         return loss
 
+    def checkpoint(self, val_loss: float, epoch: int | None) -> None:
+        """The checkpoint policy, after an evaluation: `best` when validation improved, `epoch_N` at an
+        epoch's end, and always `last`; numbered copies are pruned to keep_last."""
+        if val_loss < self.best_val:
+            self.best_val = val_loss
+            self.save("best")
+        if epoch is not None:
+            self.save(f"epoch_{epoch}")
+        self.save("last")
+        if epoch is not None and self.cfg.keep_last and self.rt.is_main:
+            prune_checkpoints(self.run_dir, "epoch_", self.cfg.keep_last)
+
     # ----- bookkeeping --------------------------------------------------------------------
-    @property
-    def tokens_per_step(self) -> int:
-        return self.cfg.batch_size * self.cfg.grad_accum * self.model_cfg.block_size * self.rt.world_size
-
-    def _bar_label(self) -> str:
-        if self.cfg.epochs > 0:
-            return f"Epoch {self.step // self.steps_per_epoch + 1}/{self.cfg.epochs}"
-        return "Training"
-
-    def _after_step(self, stats: dict[str, float], bar: tqdm) -> None:
+    def _after_step(self, stats: dict[str, float]) -> None:
         step, cfg = self.step, self.cfg
         self.history["train_losses"].append({"step": step, "loss": stats["loss"]})
-        bar.update(1)
-        bar.set_description(self._bar_label(), refresh=False)
+        if step % cfg.log_interval == 0 or step == 1:
+            self.run_log.write({"type": "train", "step": step, **stats})
+        if self.source.evaluates_at(step, cfg.eval_interval):
+            val, epoch = self.evaluate(), self.source.epoch_done(step)
+            if epoch is None:
+                self.log(f"step {step}: train loss {stats['loss']:.4f}, val loss {val:.4f}")
+            else:
+                self._end_epoch(epoch, val)
+            self.checkpoint(val, epoch)
+        if cfg.save_interval and step % cfg.save_interval == 0:
+            self.save(f"step_{step:07d}")
+            if cfg.keep_last and self.rt.is_main:
+                prune_checkpoints(self.run_dir, "step_", cfg.keep_last)
+
+    def _end_epoch(self, epoch: int, val: float) -> None:
+        losses = [
+            r["loss"] for r in self.history["train_losses"] if self.source.epoch_of(r["step"]) > epoch - 1
+        ]
+        avg = sum(losses) / len(losses)
+        self.history["epoch_losses"].append({"epoch": epoch, "train_loss": avg, "val_loss": val})
+        self.run_log.write(
+            {"type": "epoch", "step": self.step, "epoch": epoch, "train_loss": avg, "val_loss": val}
+        )
+        self.log(f"{self.source.label(self.step - 1)}: average loss {avg:.4f}, validation loss {val:.4f}")
+
+    def _show(self, bar: Any, stats: dict[str, float]) -> None:
+        bar.set_description(self.source.label(self.step), refresh=False)
         bar.set_postfix(
             loss=f"{stats['loss']:.3f}",
             lr=f"{stats['lr']:.6f}",
             tok_s=f"{stats['tokens_per_sec']:.0f}",
             refresh=False,
         )
-        if step % cfg.log_interval == 0 or step == 1:
-            self._metrics({"type": "train", "step": step, **stats})
-        if cfg.epochs > 0 and step % self.steps_per_epoch == 0:
-            self._end_epoch(step // self.steps_per_epoch)
-        elif cfg.epochs == 0 and (step % cfg.eval_interval == 0 or step == self.total_steps):
-            val = self.evaluate()
-            self.log(f"step {step}: train loss {stats['loss']:.4f}, val loss {val:.4f}")
-            self.save("last")
-        if cfg.save_interval and step % cfg.save_interval == 0:
-            self.save(f"step_{step:07d}")
-            if cfg.keep_last:
-                prune_checkpoints(self.run_dir, "step_", cfg.keep_last)
+        bar.update(1)
 
-    def _end_epoch(self, epoch: int) -> None:
-        losses = [r["loss"] for r in self.history["train_losses"][-self.steps_per_epoch :]]
-        avg = sum(losses) / len(losses)
-        val = self.evaluate()
-        self.history["epoch_losses"].append({"epoch": epoch, "train_loss": avg, "val_loss": val})
-        self._metrics(
-            {"type": "epoch", "step": self.step, "epoch": epoch, "train_loss": avg, "val_loss": val}
-        )
-        self.log(f"Epoch {epoch}/{self.cfg.epochs}: average loss {avg:.4f}, validation loss {val:.4f}")
-        self.save(f"epoch_{epoch}")
-        self.save("last")
-        if self.cfg.keep_last:
-            prune_checkpoints(self.run_dir, "epoch_", self.cfg.keep_last)
+    def _agree(self, stop: bool) -> bool:
+        """Whether any rank was asked to stop (every rank must leave the loop at the same step)."""
+        if not self.rt.distributed:
+            return stop
+        return rt.all_mean(torch.tensor(float(stop), device=self.rt.device)).item() > 0
 
-    def _metrics(self, row: dict[str, Any]) -> None:
-        if self.rt.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({**row, "time": time.time()}) + "\n")
-            for sink in self.sinks:
-                sink(row)
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _make_sinks(self) -> list[Callable[[dict[str, Any]], None]]:
-        """Optional TensorBoard / Weights & Biases loggers (rank 0 only)."""
-        sinks: list[Callable[[dict[str, Any]], None]] = []
-        if not self.rt.is_main:
-            return sinks
-        numeric = lambda row: {
-            f"{row['type']}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"
-        }
-        if self.cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise TinyLMError(
-                    "--tensorboard needs the tensorboard package: pip install tensorboard."
-                ) from None
-            writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.record.model.block_size * self.rt.world_size
 
-            def to_tensorboard(row: dict[str, Any]) -> None:
-                for k, v in numeric(row).items():
-                    writer.add_scalar(k, v, row["step"])
-                writer.flush()
-
-            sinks.append(to_tensorboard)
-        if self.cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise TinyLMError("--wandb needs the wandb package: pip install wandb.") from None
-            wandb.init(
-                project="tinylm",
-                name=self.run_dir.name,
-                config={"model": self.model_cfg.__dict__, "train": self.cfg.__dict__},
-            )
-            sinks.append(lambda row: wandb.log(numeric(row), step=row["step"]))
-        return sinks
-
-    def _check_writable(self) -> None:
-        """Fail before training, not at the first checkpoint, when the run directory cannot hold one."""
-        if not self.rt.is_main:
-            return
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".write_test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise TinyLMError(
-                f"Cannot write to the run directory {self.run_dir} ({exc.strerror}); choose another --out."
-            ) from None
-        params = sum(p.numel() for p in self.model.parameters())
-        needed = params * 4 * 3 * 3  # weights + two Adam moments, for last/best/one more
-        free = shutil.disk_usage(self.run_dir).free
-        if free < needed:
-            raise TinyLMError(
-                f"Only {free / 1e6:.0f} MB free at {self.run_dir}; checkpoints need about {needed / 1e6:.0f} MB."
-            )
+    def _result(self, start_step: int, seconds: float) -> TrainResult:
+        h, epochs = self.history, self.history["epoch_losses"]
+        loss, kind = (h["train_losses"][-1]["loss"], "last step") if h["train_losses"] else (math.nan, "none")
+        if epochs and self.source.epoch_done(self.step) == epochs[-1]["epoch"]:
+            loss, kind = epochs[-1]["train_loss"], f"epoch {epochs[-1]['epoch']} average"
+        tokens = (self.step - start_step) * self.tokens_per_step
+        return TrainResult(
+            self.run_dir, self.rt.rank, self.step, start_step, self.source.total_steps, loss, kind,
+            h["val_losses"][-1]["loss"] if h["val_losses"] else math.nan, seconds,
+            tokens / max(seconds, 1e-9), self.record.resume_command(self.run_dir), **h,
+        )  # fmt: skip
 
     # ----- checkpoints --------------------------------------------------------------------
-    def model_state(self) -> dict[str, torch.Tensor]:
-        if self.rt.distributed and self.cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            return get_model_state_dict(
-                self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-        return self.model.state_dict()
-
-    def optimizer_state(self) -> dict[str, Any]:
-        if self.rt.distributed and self.cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            return get_optimizer_state_dict(
-                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-        return self.optimizer.state_dict()
-
     def save(self, name: str) -> None:
-        """Checkpoint NAME: weights, optimizer, step, RNG states and histories (rank 0 writes)."""
-        model_state, optim_state = self.model_state(), self.optimizer_state()
+        """Checkpoint NAME: weights, optimizer, step, data position, RNG states and histories (rank 0 writes)."""
+        weights, optim = (
+            model_state(self.model, self.fsdp),
+            optimizer_state(self.model, self.optimizer, self.fsdp),
+        )
         if not self.rt.is_main:
             return
         state = {
             "step": self.step,
-            "optimizer": optim_state,
+            "optimizer": optim,
             "scaler": self.scaler.state_dict(),
             "best_val": self.best_val,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": self.history,
+            "data": self.source.state_dict(),
         }
-        epoch = self.step / self.steps_per_epoch if self.cfg.epochs > 0 else None
-        last_val = self.history["val_losses"][-1]["loss"] if self.history["val_losses"] else None
-        meta = {"step": self.step, "epoch": epoch, "val_loss": last_val, "total_steps": self.total_steps}
-        save_checkpoint(self.run_dir, name, model_state, state, meta)
+        val = self.history["val_losses"][-1]["loss"] if self.history["val_losses"] else None
+        epoch = self.source.epoch_of(self.step)
+        meta = {"step": self.step, "epoch": epoch, "val_loss": val, "total_steps": self.source.total_steps}
+        save_checkpoint(self.run_dir, name, weights, state, meta)
 
-    def restore(self, name: str = "last") -> None:
-        """Load weights and the full training state of checkpoint NAME, to continue exactly."""
-        ckpt = checkpoint_dir(self.run_dir, name)
+    def _load_weights(self, ckpt: Path) -> dict[str, Any]:
+        state = load_train_state(ckpt)
         load_weights(self.model, ckpt / WEIGHTS)
-        if not (ckpt / STATE).is_file():
-            raise TinyLMError(
-                f"Checkpoint {ckpt} has no training state, so it cannot be resumed; fine-tune from it instead."
-            )
-        state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
-        if self.rt.distributed and self.cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        return state
 
-            set_optimizer_state_dict(
-                self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
-            )
-        else:
-            try:
-                self.optimizer.load_state_dict(state["optimizer"])
-            except (ValueError, KeyError, TinyLMError) as exc:
-                raise TinyLMError(
-                    f"The optimizer state in {ckpt} does not fit optimizer {self.cfg.optimizer!r}; "
-                    "resume with the optimizer the run was trained with."
-                ) from exc
+    def _restore(self, state: dict[str, Any], ckpt: Path) -> None:
+        """The rest of checkpoint `ckpt` after its weights: optimizer, data position, step, RNG, metrics."""
+        load_optimizer_state(
+            self.model, self.optimizer, state["optimizer"], self.fsdp, ckpt, self.cfg.optimizer
+        )
         self.scaler.load_state_dict(state["scaler"])
+        self.source.load_state_dict(state.get("data", {}))
         self.step, self.best_val, self.history = state["step"], state["best_val"], state["history"]
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self._truncate_metrics()
+        self.run_log.truncate(self.step)
 
-    def _truncate_metrics(self) -> None:
-        """Drop metrics rows written after the checkpoint we resume from."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.rt.is_main and path.is_file():
-            rows = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= self.step
-            ]
-            path.write_text("".join(r + "\n" for r in rows))
+
+# ----- entry points -----------------------------------------------------------------------------
+def fit_warmup(cfg: TrainConfig, total_steps: int) -> TrainConfig:
+    """A warmup as long as the run would never reach the peak lr: use a tenth of the run instead."""
+    if cfg.warmup_steps < total_steps:
+        return cfg
+    warmup = max(1, total_steps // 10)
+    warnings.warn(
+        f"warmup_steps ({cfg.warmup_steps}) is not shorter than the run ({total_steps} steps); using {warmup}."
+    )
+    return replace(cfg, warmup_steps=warmup)
+
+
+def eval_share(source: BatchSource, cfg: TrainConfig) -> float:
+    """Validation forward passes as a fraction of training compute (a forward + backward ~ 3 forwards)."""
+    evals = sum(1 for s in range(1, source.total_steps + 1) if source.evaluates_at(s, cfg.eval_interval))
+    return evals * cfg.eval_batches / (3 * source.total_steps * cfg.grad_accum)
+
+
+def run_training(
+    record: RunRecord,
+    run_dir: Path,
+    tokenizer: Tokenizer,
+    batches_for: BatchesFor,
+    *,
+    model_init: Callable[[Transformer], None] | None = None,
+    resume_from: str | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Set up the runtime, the batch source and a Trainer (resumed from checkpoint `resume_from`), train."""
+    runtime = rt.setup(record.train.device, record.train.dtype, record.train.seed)
+    try:
+        source, val_batches = batches_for(record, runtime)
+        record = replace(record, train=fit_warmup(record.train, source.total_steps))
+        share = eval_share(source, record.train)
+        if share > EVAL_SHARE_WARNING and runtime.is_main:
+            warnings.warn(
+                f"Validation (eval_batches={record.train.eval_batches}) will take about {100 * share:.0f}% of the "
+                "training time; lower eval_batches or raise eval_interval to spend less."
+            )
+        ckpt = None
+        if resume_from is not None:
+            if runtime.is_main:
+                recover_checkpoints(run_dir)
+            ckpt = checkpoint_dir(run_dir, resume_from)
+        try:
+            trainer = Trainer(
+                record, source, val_batches, run_dir, tokenizer, runtime,
+                model_init=model_init, resume_from=ckpt, progress=progress, log=log,
+            )  # fmt: skip
+        except CorruptFile as exc:
+            raise TinyLMError(f"{exc} {_newest_good(run_dir, resume_from or '', record)}") from None
+        return trainer.train(stop_after=stop_after)
+    finally:
+        rt.teardown()
+
+
+def _newest_good(run_dir: Path, broken: str, record: RunRecord) -> str:
+    good = newest_good_checkpoint(run_dir, exclude=broken)
+    if good is None:
+        return "No other checkpoint of this run is intact; start a new run."
+    return f"The newest good checkpoint is {good[0]!r} (step {good[1]}): {record.resume_command(run_dir)} --checkpoint {good[0]}"
 
 
 def train(
@@ -487,6 +409,7 @@ def train(
     overrides: dict[str, Any] | None = None,
     *,
     resume: bool = False,
+    checkpoint: str = "last",
     stop_after: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -497,44 +420,51 @@ def train(
     """
     run_dir = Path(out)
     if resume:
-        trainer = _resuming_trainer(run_dir, overrides or {}, progress, log)
+        record = RunRecord.read(run_dir)
+        if record.finetune is not None:
+            raise TinyLMError(
+                f"{run_dir} is a fine-tuning run; resume it with: {record.resume_command(run_dir)}"
+            )
+        record = record.resumed(overrides or {})
+        if record.data is None:
+            raise TinyLMError(f"{run_dir} records no training data, so it cannot be resumed.")
+        token_data = TokenData(record.data)
     else:
         if data is None:
             raise TinyLMError("Pass the prepared data directory (--data DIR), or --resume an existing run.")
         token_data = TokenData(data)
         model_cfg, train_cfg = build_configs(preset, overrides, vocab_size=token_data.tokenizer.vocab_size)
-        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-            raise TinyLMError(
-                f"{run_dir} already holds a run; resume it with --resume, or choose another --out."
-            )
-        extra = {"preset": preset, "data": str(token_data.path.resolve()), "data_meta": token_data.meta}
-        trainer = Trainer(model_cfg, train_cfg, token_data, run_dir, progress, log, extra)
-    try:
-        return trainer.train(stop_after=stop_after)
-    finally:
-        rt.teardown()
-
-
-def _resuming_trainer(
-    run_dir: Path, overrides: dict[str, Any], progress: bool, log: Callable[[str], None] | None
-) -> Trainer:
-    config = read_run_config(run_dir)
-    if "finetune" in config:
-        raise TinyLMError(
-            f"{run_dir} is a fine-tuning run; resume it with: tinylm finetune --resume {run_dir}"
+        refuse_existing_run(run_dir)
+        record = RunRecord(
+            model_cfg,
+            train_cfg,
+            data=str(token_data.path.resolve()),
+            tokenizer_hash=token_data.tokenizer_hash,
+            preset=preset,
+            data_meta=token_data.meta,
         )
-    model_cfg = from_dict(ModelConfig, config["model"])
-    changed = {k: v for k, v in overrides.items() if k in config["model"] and config["model"][k] != v}
-    if changed:
-        raise TinyLMError(
-            f"Cannot resume with a different model config ({', '.join(changed)}); start a new run instead."
+
+    def batches_for(record: RunRecord, runtime: rt.Runtime) -> tuple[BatchSource, list[Batch]]:
+        return token_batches(
+            token_data, record.model.block_size, record.train, runtime.rank, runtime.world_size
         )
-    train_values = {**config["train"], **{k: v for k, v in overrides.items() if k not in config["model"]}}
-    train_cfg = from_dict(TrainConfig, train_values)
-    extra = {k: v for k, v in config.items() if k not in ("model", "train")}
-    trainer = Trainer(model_cfg, train_cfg, TokenData(config["data"]), run_dir, progress, log, extra)
-    trainer.restore("last")
-    return trainer
+
+    return run_training(
+        record,
+        run_dir,
+        token_data.tokenizer,
+        batches_for,
+        resume_from=checkpoint if resume else None,
+        stop_after=stop_after,
+        progress=progress,
+        log=log,
+    )
 
 
-__all__ = ["train", "Trainer", "TrainResult", "TrainingInterrupted", "Batches"]
+def refuse_existing_run(run_dir: Path) -> None:
+    """Never train over a user's run."""
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise TinyLMError(f"{run_dir} already holds a run; resume it with --resume, or choose another --out.")
+
+
+__all__ = ["train", "run_training", "Trainer", "TrainResult", "TrainingInterrupted"]
