@@ -120,3 +120,67 @@ def test_eval_of_a_run_without_data_asks_for_it(capsys, tiny_run, tmp_path):
     (run_dir / "config.json").write_text(json.dumps({**config, "data": None}))
     code, _, err = run(capsys, "eval", run_dir, "--no-progress")
     assert code == 2 and "pass --data DIR or --text FILE" in err
+
+
+def test_session_summary_counts_this_sessions_steps_and_stop_after_says_how_to_resume(capsys, char_data, tmp_path):
+    argv = ["train", "--data", char_data, "--out", tmp_path / "r", "--max-steps", 20, "--no-progress"]
+    code, out, _ = run(capsys, *argv, "--stop-after", 8)
+    assert code == 0 and out.splitlines()[-2].startswith("Trained 8 steps in")
+    assert f"Stopped at step 8 of 20; continue with: tinylm train --resume {tmp_path / 'r'}" in out
+    code, out, _ = run(capsys, "train", "--resume", tmp_path / "r", "--no-progress", "--json")
+    summary = last_json(out)
+    assert code == 0 and summary["session_steps"] == 12 and summary["steps"] == 20
+    assert "Trained 12 steps (steps 9-20 of 20)" in out and "(last step)" in out and "Stopped" not in out
+
+
+def test_output_to_a_file_gets_plain_progress_lines(char_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "tinylm", "train", "--data", str(char_data), "--out", str(tmp_path / "r")]
+        + ["--max-steps", "20", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stderr + out.stdout
+    lines = [line for line in out.stderr.splitlines() if line.startswith("Training: ")]
+    assert 2 <= len(lines) <= 11 and lines[-1].startswith("Training: 20/20 (100%)")
+
+
+def test_device_has_one_default_on_every_command():
+    from tinylm.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    defaults = {
+        name: action.default
+        for name, sub in commands.items()
+        for action in sub._actions
+        if "--device" in action.option_strings
+    }
+    assert {"train", "finetune", "eval", "generate", "chat"} <= set(defaults)
+    assert set(defaults.values()) == {"auto"}
+
+
+def test_exit_code_comes_from_the_exception_type(capsys, monkeypatch):
+    import tinylm.cli as cli
+    from tinylm.train import TrainingInterrupted
+
+    def interrupted(args):
+        raise TrainingInterrupted("Interrupted at step 3.", 15)
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), interrupted))
+    code, _, err = run(capsys, "info")
+    assert code == 143 and err == "error: Interrupted at step 3.\n"
+
+
+def _with_func(parser, func):
+    parser._subparsers._group_actions[0].choices["info"].set_defaults(func=func)
+    return parser

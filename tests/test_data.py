@@ -106,3 +106,25 @@ def test_hf_source_uses_official_splits(tmp_path, monkeypatch, shakespeare_text)
     assert meta["split"] == "official" and meta["train_tokens"] == 60_000 and meta["val_tokens"] == 10_000
     with pytest.raises(TinyLMError, match="hf:NAME or hf:NAME:CONFIG"):
         prepare(["hf:"], tmp_path, "char")
+
+
+def test_epoch_label_never_passes_the_last_epoch():
+    ds = SlidingWindowDataset(np.arange(200, dtype=np.uint16), block_size=8)
+    source = EpochWindows(ds, batch_size=8, seed=0, epochs=1, grad_accum=2)
+    assert source.total_steps == source.steps_per_epoch == len(ds) // 8 // 2
+    assert [source.label(s) for s in (0, source.total_steps)] == ["Epoch 1/1", "Epoch 1/1"]
+    assert source.epoch_done(source.total_steps) == 1 and source.epoch_done(1) is None
+
+
+def test_grad_accum_larger_than_an_epoch_is_a_clear_error():
+    ds = SlidingWindowDataset(np.arange(100, dtype=np.uint16), block_size=8)
+    with pytest.raises(TinyLMError, match="--grad-accum \\(50\\) is larger than the 11 batches of one epoch"):
+        EpochWindows(ds, batch_size=8, seed=0, grad_accum=50)
+
+
+def test_a_resumed_source_checks_it_reads_the_same_data():
+    source = RandomWindows(np.arange(1000, dtype=np.uint16), 16, 4, seed=0)
+    source.load_state_dict(source.state_dict())
+    other = RandomWindows(np.arange(900, dtype=np.uint16), 16, 4, seed=0)
+    with pytest.raises(TinyLMError, match="training data changed"):
+        other.load_state_dict(source.state_dict())

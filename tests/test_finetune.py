@@ -147,3 +147,47 @@ def test_lora_on_moe_experts_trains_only_adapters_and_merges_exactly():
     torch.testing.assert_close(merge_lora(model)(idx), before, atol=1e-5, rtol=1e-5)
     with pytest.raises(TinyLMError, match="no Mixture-of-Experts"):
         apply_lora(Transformer(tiny_config()), LoRAConfig(experts=True))
+
+
+def test_muon_lr_scales_with_lr_when_fine_tuning():
+    from tinylm.config import TrainConfig, finetune_config
+
+    base = TrainConfig(optimizer="muon", lr=6e-3, muon_lr=0.04)
+    assert finetune_config(base).lr == pytest.approx(2e-3)
+    assert finetune_config(base).muon_lr == pytest.approx(0.04 / 3)
+    assert finetune_config(base, {"lr": 3e-3}).muon_lr == pytest.approx(0.02)
+    assert finetune_config(base, {"lr": 3e-3, "muon_lr": 0.01}).muon_lr == 0.01
+    assert finetune_config(base).max_steps == 200 and finetune_config(base).warmup_steps == 20
+
+
+def test_chat_examples_use_the_shared_template(tmp_path):
+    from tinylm.chat import split_chat
+
+    chat = [{"role": "user", "content": "Who loves Juliet?"}, {"role": "assistant", "content": "Romeo."}]
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps(PAIRS[0]) + "\n")
+    rows = read_pairs(path)
+    assert (rows[0]["prompt"], rows[0]["response"]) == split_chat(chat) and rows[1] == PAIRS[0]
+    path.write_text(json.dumps({"messages": chat[:1]}) + "\n")
+    with pytest.raises(TinyLMError, match='line 1: a chat example must end with an "assistant" message'):
+        read_pairs(path)
+
+
+def test_a_prompt_longer_than_the_context_keeps_the_response_labels():
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz:? .\nQA")
+    ids, labels = encode_pair(tok, "Q: " + "a" * 100 + "?\nA:", " yes.\n", block_size=16)
+    assert len(ids) == len(labels) == 16
+    assert tok.decode([t for t in labels if t != IGNORE]) == " yes.\n"
+
+
+def test_short_text_gives_advice_finetune_accepts(tiny_run, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("ROMEO: I love her.\n" * 3)
+    with pytest.raises(TinyLMError, match="give `tinylm finetune` a longer text") as info:
+        finetune(tiny_run, text, tmp_path / "ft", overrides={"max_steps": 2}, progress=False)
+    assert "--val-fraction" not in str(info.value) and "block_size" not in str(info.value)
+
+
+def test_finetune_never_overwrites_a_run(tiny_run, pairs_file, tmp_path):
+    with pytest.raises(TinyLMError, match="already holds a run"):
+        finetune(tiny_run, pairs_file, tiny_run, overrides={"max_steps": 2}, progress=False)

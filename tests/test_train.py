@@ -182,3 +182,16 @@ def test_warmup_longer_than_the_run_is_clamped_with_a_warning(char_data, tmp_pat
         )
     rows = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["lr"] for r in rows if r["type"] == "train") == pytest.approx(3e-3)  # the peak is reached
+
+
+def test_no_preset_spends_more_than_a_tenth_of_training_on_validation():
+    import numpy as np
+
+    from tinylm.config import PRESETS
+    from tinylm.data import RandomWindows
+    from tinylm.train import eval_share
+
+    for name in PRESETS:
+        model_cfg, cfg = build_configs(name, vocab_size=65)
+        source = RandomWindows(np.zeros(5000, dtype=np.uint16), 8, 1, 0, total_steps=cfg.max_steps)
+        assert eval_share(source, cfg) <= 0.1, name
