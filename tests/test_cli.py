@@ -122,7 +122,9 @@ def test_eval_of_a_run_without_data_asks_for_it(capsys, tiny_run, tmp_path):
     assert code == 2 and "pass --data DIR or --text FILE" in err
 
 
-def test_session_summary_counts_this_sessions_steps_and_stop_after_says_how_to_resume(capsys, char_data, tmp_path):
+def test_session_summary_counts_this_sessions_steps_and_stop_after_says_how_to_resume(
+    capsys, char_data, tmp_path
+):
     argv = ["train", "--data", char_data, "--out", tmp_path / "r", "--max-steps", 20, "--no-progress"]
     code, out, _ = run(capsys, *argv, "--stop-after", 8)
     assert code == 0 and out.splitlines()[-2].startswith("Trained 8 steps in")

@@ -136,7 +136,9 @@ def wrap_model(model: nn.Module, runtime: Runtime, *, fsdp: bool = False, compil
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(
-            model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None
+            model,
+            device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
+            broadcast_buffers=False,  # the model's buffers (RoPE tables, masks) are the same on every rank
         )
     if compile:
         try:
@@ -171,8 +173,8 @@ class EagerFallback(nn.Module):
         return (self.compiled if self.ok else self.eager)(*args, **kwargs)
 
     def no_sync(self) -> ContextManager:
-        """DDP's no_sync, when the eager module has one."""
-        return self.eager.no_sync() if hasattr(self.eager, "no_sync") else contextlib.nullcontext()
+        """The eager module's way to skip gradient synchronisation."""
+        return skip_grad_sync(self.eager)
 
 
 class StopSignals:
@@ -207,3 +209,43 @@ def all_mean(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t)
     return t / dist.get_world_size()
+
+
+def any_rank(flag: bool, runtime: Runtime) -> bool:
+    """Whether `flag` is set on any process (so every rank takes the same branch)."""
+    if not runtime.distributed:
+        return flag
+    return all_mean(torch.tensor(float(flag), device=runtime.device)).item() > 0
+
+
+def skip_grad_sync(module: nn.Module) -> ContextManager:
+    """Accumulate gradients locally for a micro-batch: DDP's no_sync, FSDP2's requires_gradient_sync off."""
+    if hasattr(module, "no_sync"):
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(module)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: nn.Module) -> Any:
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch RNG states (CPU and every GPU), to continue a run exactly."""
+    return {
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from tinylm import runtime as rt
 from tinylm.checkpoint import (
+    META,
     WEIGHTS,
     CorruptFile,
     RunLog,
@@ -29,6 +30,7 @@ from tinylm.checkpoint import (
     newest_good_checkpoint,
     optimizer_state,
     prune_checkpoints,
+    read_json,
     recover_checkpoints,
     save_checkpoint,
 )
@@ -81,6 +83,20 @@ class TrainResult:
     @property
     def finished(self) -> bool:
         return self.steps >= self.total_steps
+
+    @classmethod
+    def of(cls, trainer: Trainer, start_step: int, seconds: float) -> TrainResult:
+        """The result of `trainer`'s session that started at `start_step` and took `seconds`."""
+        h, epochs, source = trainer.history, trainer.history["epoch_losses"], trainer.source
+        loss, kind = (h["train_losses"][-1]["loss"], "last step") if h["train_losses"] else (math.nan, "none")
+        if epochs and source.epoch_done(trainer.step) == epochs[-1]["epoch"]:
+            loss, kind = epochs[-1]["train_loss"], f"epoch {epochs[-1]['epoch']} average"
+        tokens = (trainer.step - start_step) * trainer.tokens_per_step
+        val = h["val_losses"][-1]["loss"] if h["val_losses"] else math.nan
+        return cls(
+            trainer.run_dir, trainer.rt.rank, trainer.step, start_step, source.total_steps, loss, kind, val,
+            seconds, tokens / max(seconds, 1e-9), trainer.record.resume_command(trainer.run_dir), **h,
+        )  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -151,7 +167,7 @@ class Trainer:
         start_time, start_step = time.perf_counter(), self.step
         bar = progress_bar(total, initial=self.step, desc=self.source.label(self.step), enabled=self.progress)
         with rt.StopSignals() as signals:  # also shields the saves below from a second Ctrl-C
-            while self.step < end and not self._agree(signals.received is not None):
+            while self.step < end and not rt.any_rank(signals.received is not None, self.rt):
                 t0 = time.perf_counter()
                 stats = self.train_step(self.step)
                 self.step += 1
@@ -168,7 +184,7 @@ class Trainer:
                 )
             if not self.history["val_losses"] or self.history["val_losses"][-1]["step"] != self.step:
                 self.checkpoint(self.evaluate(), epoch=None)  # e.g. --stop-after between evaluations
-        return self._result(start_step, time.perf_counter() - start_time)
+        return TrainResult.of(self, start_step, time.perf_counter() - start_time)
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches: forward, backward, clip, update."""
@@ -179,8 +195,8 @@ class Trainer:
         total = torch.zeros((), device=self.rt.device)  # summed on device: no sync per micro-batch
         for i, (x, y) in enumerate(micro):
             x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
-            sync = i == len(micro) - 1 or not hasattr(self.wrapped, "no_sync")
-            with self.wrapped.no_sync() if not sync else contextlib.nullcontext(), self.rt.autocast():
+            last = i == len(micro) - 1  # gradients are synchronised across ranks once per step
+            with contextlib.nullcontext() if last else rt.skip_grad_sync(self.wrapped), self.rt.autocast():
                 logits, aux = self.wrapped(x, return_aux=True)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                 objective = (loss + self.record.model.moe_aux_weight * aux) / len(micro)
@@ -269,30 +285,12 @@ class Trainer:
         )
         bar.update(1)
 
-    def _agree(self, stop: bool) -> bool:
-        """Whether any rank was asked to stop (every rank must leave the loop at the same step)."""
-        if not self.rt.distributed:
-            return stop
-        return rt.all_mean(torch.tensor(float(stop), device=self.rt.device)).item() > 0
-
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum * self.record.model.block_size * self.rt.world_size
-
-    def _result(self, start_step: int, seconds: float) -> TrainResult:
-        h, epochs = self.history, self.history["epoch_losses"]
-        loss, kind = (h["train_losses"][-1]["loss"], "last step") if h["train_losses"] else (math.nan, "none")
-        if epochs and self.source.epoch_done(self.step) == epochs[-1]["epoch"]:
-            loss, kind = epochs[-1]["train_loss"], f"epoch {epochs[-1]['epoch']} average"
-        tokens = (self.step - start_step) * self.tokens_per_step
-        return TrainResult(
-            self.run_dir, self.rt.rank, self.step, start_step, self.source.total_steps, loss, kind,
-            h["val_losses"][-1]["loss"] if h["val_losses"] else math.nan, seconds,
-            tokens / max(seconds, 1e-9), self.record.resume_command(self.run_dir), **h,
-        )  # fmt: skip
 
     # ----- checkpoints --------------------------------------------------------------------
     def save(self, name: str) -> None:
@@ -308,8 +306,7 @@ class Trainer:
             "optimizer": optim,
             "scaler": self.scaler.state_dict(),
             "best_val": self.best_val,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            **rt.rng_state(),
             "history": self.history,
             "data": self.source.state_dict(),
         }
@@ -319,6 +316,7 @@ class Trainer:
         save_checkpoint(self.run_dir, name, weights, state, meta)
 
     def _load_weights(self, ckpt: Path) -> dict[str, Any]:
+        read_json(ckpt / META)  # the whole checkpoint must be intact, not only what resuming reads
         state = load_train_state(ckpt)
         load_weights(self.model, ckpt / WEIGHTS)
         return state
@@ -331,9 +329,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.source.load_state_dict(state.get("data", {}))
         self.step, self.best_val, self.history = state["step"], state["best_val"], state["history"]
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        rt.set_rng_state(state)
         self.run_log.truncate(self.step)
 
 
