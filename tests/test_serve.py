@@ -315,3 +315,45 @@ def test_more_waiting_than_the_queue_allows(served: Running) -> None:
     finally:
         engine.resume()
     assert client.completions.create(model="tiny", prompt="C", max_tokens=2).choices[0].text
+
+
+@pytest.mark.parametrize("flavour", ["gpt", "llama", "llama-moe", "llama-gqa"])
+def test_engine_rows_at_different_positions_equal_each_alone(flavour: str) -> None:
+    """The scheduler without HTTP: sequences join and leave the batch mid-flight in every flavour."""
+    import torch
+
+    from conftest import FLAVOURS, tiny_config
+    from tinylm.config import SampleConfig
+    from tinylm.model import Transformer
+    from tinylm.serve.engine import Engine
+    from tinylm.tokenizer import CharTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz ,.\n")
+    model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, **FLAVOURS[flavour])).eval()
+    asks = [("hello", 9, 1), ("a", 20, 2), ("the quick fox", 5, 3), ("zz", 14, 4), ("many more words", 12, 5)]
+    events: dict[int, list] = {}
+    engine = Engine(
+        model, tokenizer, max_batch=3, max_queue=16
+    )  # 5 requests, 3 rows: later ones join mid-flight
+    engine.pause()
+    engine.start()
+    try:
+        for i, (prompt, n, seed) in enumerate(asks):
+            cfg = SampleConfig(max_new_tokens=n, temperature=0.9, top_k=0, top_p=1.0, seed=seed)
+            engine.submit(
+                [tokenizer.encode(prompt)], [cfg], lambda e, i=i: events.setdefault(i, []).append(e)
+            )
+        engine.resume()
+        wait_for(
+            lambda: sum(any(e.finish_reason for e in v) for v in events.values()) == len(asks), "all done"
+        )
+    finally:
+        engine.close()
+    texts = ["".join(e.text for e in events[i]) for i in range(len(asks))]
+    assert texts == [alone_model(model, tokenizer, p, n, seed) for p, n, seed in asks]
+    assert engine.stats["max_rows"] == 3
+
+
+def alone_model(model, tokenizer, prompt: str, n: int, seed: int) -> str:
+    return generate(model, tokenizer, prompt, n, 0.9, top_k=0, top_p=1.0, seed=seed)[0].text

@@ -219,7 +219,6 @@ class Engine:
 
     def _release(self, seq: Sequence) -> None:
         self._active.remove(seq)
-        self.forward.release(seq.row)
         self._free_rows.append(seq.row)
         self._free_rows.sort()
 
