@@ -203,7 +203,6 @@ def test_concurrent_requests_batch_and_equal_each_alone(served: Running) -> None
         for i, p in enumerate(prompts)
     ]
     engine, client = served.engine, served.client()
-    before = engine.stats["max_rows"]
     engine.pause()  # requests line up while the engine waits, so they really arrive together
     try:
         with ThreadPoolExecutor(len(asks)) as pool:
@@ -214,7 +213,7 @@ def test_concurrent_requests_batch_and_equal_each_alone(served: Running) -> None
             texts = [f.result().choices[0].text for f in futures]
     finally:
         engine.resume()
-    assert engine.stats["max_rows"] == 4 or before == 4  # 4 rows (max_batch) decoded in one step
+    assert engine.stats["max_rows"] == 4  # 4 rows (max_batch) decoded in one step
     expected = [
         alone(served.run, a["prompt"], a["max_tokens"], a["temperature"], seed=a["seed"]) for a in asks
     ]
@@ -357,3 +356,34 @@ def test_engine_rows_at_different_positions_equal_each_alone(flavour: str) -> No
 
 def alone_model(model, tokenizer, prompt: str, n: int, seed: int) -> str:
     return generate(model, tokenizer, prompt, n, 0.9, top_k=0, top_p=1.0, seed=seed)[0].text
+
+
+class _ShoutRetriever:
+    """A stand-in for tinylm.rag's retriever: prepends one fixed passage and names it."""
+
+    def augment(self, query: str, prompt: str, budget: int) -> tuple[str, list[dict]]:
+        return "ROMEO. " + prompt, [{"file": "play.txt", "passage": 3, "score": 1.5, "query": query}]
+
+
+def test_retrieval_hook_augments_prompts_and_returns_sources(tiny_run: Path) -> None:
+    run = load_run(tiny_run)
+    server, thread, url = start_server(create_app(run, name="tiny", retriever=_ShoutRetriever()))
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        out = client.completions.create(model="tiny", prompt="Who", max_tokens=6, seed=1)
+        assert out.model_extra["sources"] == [
+            {"file": "play.txt", "passage": 3, "score": 1.5, "query": "Who"}
+        ]
+        assert out.choices[0].text == alone(run, "ROMEO. Who", 6, seed=1)
+        assert out.usage.prompt_tokens == len("ROMEO. Who")
+        chat = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True
+        )
+        assert next(iter(chat)).model_extra["sources"][0]["query"] == "Hi"
+        plain = client.completions.create(
+            model="tiny", prompt="Who", max_tokens=6, seed=1, extra_body={"retrieval": False}
+        )
+        assert "sources" not in plain.model_extra and plain.choices[0].text == alone(run, "Who", 6, seed=1)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
