@@ -55,14 +55,26 @@ def free_port() -> int:
 
 
 def prepare_run(out: Path, steps: int) -> Path:
-    """A cpu-llama run trained for `steps` steps on Tiny Shakespeare (characters)."""
-    from tinylm.data import prepare
+    """A cpu-llama run on Tiny Shakespeare's characters: trained for `steps` steps, or random weights (0)."""
+    from tinylm.checkpoint import save_checkpoint, write_run_config
+    from tinylm.config import build_configs
+    from tinylm.model import Transformer
+    from tinylm.tokenizer import CharTokenizer
     from tinylm.train import train
 
-    data = out / "data"
-    prepare([str(DATA_DIR / "tinyshakespeare" / "input.txt")], data, "char")
+    text = (DATA_DIR / "tinyshakespeare" / "input.txt").read_text()
     run = out / "cpu-llama"
-    train(data, run, "cpu-llama", {"max_steps": steps, "eval_interval": steps}, progress=False)
+    if steps == 0:
+        tokenizer = CharTokenizer.train(text)
+        model_cfg, train_cfg = build_configs("cpu-llama", vocab_size=tokenizer.vocab_size)
+        torch.manual_seed(0)
+        write_run_config(run, model_cfg, train_cfg, tokenizer, {"init": "random"})
+        save_checkpoint(run, "last", Transformer(model_cfg).state_dict(), None, {"step": 0})
+        return run
+    from tinylm.data import prepare
+
+    prepare([str(DATA_DIR / "tinyshakespeare" / "input.txt")], out / "data", "char")
+    train(out / "data", run, "cpu-llama", {"max_steps": steps, "eval_interval": steps}, progress=False)
     return run
 
 
@@ -204,7 +216,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="run directory to serve (default: train cpu-llama briefly)")
     parser.add_argument(
-        "--train-steps", type=int, default=150, help="steps when training cpu-llama (default 150)"
+        "--train-steps",
+        type=int,
+        default=150,
+        help="steps to train cpu-llama; 0 = random weights (default 150)",
     )
     parser.add_argument(
         "--clients", type=int, nargs="+", default=[32, 64], help="concurrent clients (default 32 64)"
@@ -236,7 +251,9 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "device": f"CPU {platform.machine()} x{os.cpu_count()}",
         "torch": torch.__version__,
-        "model": str(args.run) if args.run else f"cpu-llama trained {args.train_steps} steps (chars)",
+        "model": str(args.run)
+        if args.run
+        else f"cpu-llama, {f'trained {args.train_steps} steps' if args.train_steps else 'random init'} (chars)",
     }
     with args.log.open("a") as log:
         for row in [*rows, serial]:

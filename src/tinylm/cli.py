@@ -240,16 +240,15 @@ def cmd_app(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
-    from tinylm.serve import serve
+    try:
+        from tinylm.serve import load_app, run_app
+    except ImportError:
+        raise TinyLMError('tinylm serve needs FastAPI and uvicorn: pip install -e ".[serve]".') from None
 
     if args.max_batch < 1 or args.max_queue < 0:
         raise TinyLMError("--max-batch must be at least 1 and --max-queue at least 0.")
-    url = f"http://{args.host}:{args.port}"
-    print(f"Serving {args.run_dir} at {url}: playground at {url}/, OpenAI API at {url}/v1 (Ctrl-C stops)")
-    serve(
+    app = load_app(
         args.run_dir,
-        args.host,
-        args.port,
         args.checkpoint,
         args.device,
         args.model_name,
@@ -257,6 +256,10 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         args.max_queue,
         args.index,
     )
+    url = f"http://{args.host}:{args.port}"
+    print(f"Serving {args.run_dir} at {url}: playground at {url}/, OpenAI API at {url}/v1 (Ctrl-C stops)")
+    sys.stdout.flush()
+    run_app(app, args.host, args.port)
     return {"url": url, "run_dir": args.run_dir}
 
 
