@@ -93,7 +93,7 @@ def test_stop_strings_cut_the_text(tiny_run):
 
 
 def _greedy_both_ways(flavour: str, batch: int, new_tokens: int, **mode) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy tokens decoded with `mode` (static=True / compile=True) and with the default path."""
+    """Greedy tokens decoded with `mode` (compile=True) and with the default path."""
     torch.manual_seed(0)
     model = Transformer(tiny_config(**FLAVOURS[flavour])).eval()
     idx = torch.randint(0, 65, (batch, 5))
@@ -101,12 +101,6 @@ def _greedy_both_ways(flavour: str, batch: int, new_tokens: int, **mode) -> tupl
     return torch.stack(list(generate_tokens(model, idx, cfg, **mode))), torch.stack(
         list(generate_tokens(model, idx, cfg))
     )
-
-
-@pytest.mark.parametrize("flavour", ["gpt", "llama-gqa", "llama-moe"])
-def test_static_fixed_shape_decode_matches_dynamic(flavour):
-    static, dynamic = _greedy_both_ways(flavour, batch=2, new_tokens=40, static=True)
-    assert torch.equal(static, dynamic)
 
 
 @pytest.mark.parametrize("flavour", ["gpt", "llama-moe"])

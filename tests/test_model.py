@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import FLAVOURS, tiny_config
-from tinylm.model import Transformer
+from tinylm.model import Transformer, cache_rows
 from tinylm.model.layers import MoE, RMSNorm, apply_rope, load_balancing_loss, rope_tables
 
 pytestmark = pytest.mark.numerics
@@ -73,7 +73,7 @@ def test_attention_matches_naive_softmax_attention(flavour):
     model = Transformer(cfg).eval()
     attn = model.blocks[0].attn
     x = torch.randn(2, 12, cfg.n_embd)
-    rope = (model.rope_cos[:12], model.rope_sin[:12]) if cfg.position == "rope" else None
+    rope = model.rope(torch.arange(12)) if cfg.position == "rope" else None
     fast = attn(x, rope)
     attn.record_weights = True
     slow = attn(x, rope)
@@ -125,6 +125,15 @@ def test_tied_embeddings_and_residual_init():
     assert std_out < std_in * 0.6  # 0.02 / sqrt(2 * n_layer)
 
 
+# Tolerance: the cached path attends over the whole cache (masked slots add exact zeros) and sums in a
+# different order; float32 rounding of a few dozen terms of size ~1 stays far below 1e-5.
+CLOSE = dict(atol=1e-5, rtol=1e-4)
+
+
+def _at(start: int, stop: int) -> torch.Tensor:
+    return torch.arange(start, stop)
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_kv_cache_logits_match_full_forward(flavour):
     torch.manual_seed(0)
@@ -132,10 +141,51 @@ def test_kv_cache_logits_match_full_forward(flavour):
     idx = torch.randint(0, 65, (2, 16))
     full = model(idx)
     caches = model.make_caches(2)
-    parts = [model(idx[:, :10], caches=caches, pos=0)]
-    parts += [model(idx[:, t : t + 1], caches=caches, pos=t) for t in range(10, 13)]
-    parts.append(model(idx[:, 13:], caches=caches, pos=13))  # a multi-token chunk after a prefix
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
+    parts = [model(idx[:, :10], caches=caches, pos=_at(0, 10))]
+    parts += [model(idx[:, t : t + 1], caches=caches, pos=_at(t, t + 1)) for t in range(10, 13)]
+    parts.append(model(idx[:, 13:], caches=caches, pos=_at(13, 16)))  # a multi-token chunk after a prefix
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, **CLOSE)
+    # the caches are reused for a shorter sequence without clearing: the stale slots are ignored
+    other = torch.randint(0, 65, (2, 6))
+    torch.testing.assert_close(model(other, caches=caches), model(other), **CLOSE)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_per_row_positions_match_each_row_alone(flavour):
+    """Rows of one batch at different positions (the server's batched decoding) give each row's logits."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS[flavour])).eval()
+    lengths = [7, 3, 12]
+    seqs = [torch.randint(0, 65, (1, n + 1)) for n in lengths]
+    caches = model.make_caches(3)
+    for row, (seq, n) in enumerate(zip(seqs, lengths)):  # prefill each row alone through a row view
+        model(seq[:, :n], caches=cache_rows(caches, row, row + 1), pos=_at(0, n))
+    tokens = torch.cat([seq[:, -1:] for seq in seqs])  # (3, 1): each row's next token
+    pos = torch.tensor(lengths)[:, None]  # (3, 1): each row's own position
+    batched = model(tokens, caches=caches, pos=pos)[:, -1]
+    for row, seq in enumerate(seqs):
+        torch.testing.assert_close(batched[row], model(seq)[0, -1], **CLOSE)
+
+
+@pytest.mark.parametrize("flavour", ["gpt", "llama"])
+def test_per_row_positions_without_cache(flavour):
+    """(B, T) positions without a cache: a row shifted to later positions matches RoPE's / the table's."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS[flavour])).eval()
+    idx = torch.randint(0, 65, (1, 8)).repeat(2, 1)  # the same tokens in both rows
+    pos = torch.stack([_at(0, 8), _at(5, 13)])
+    both = model(idx, pos=pos)
+    torch.testing.assert_close(both[0], model(idx[:1])[0], **CLOSE)
+    torch.testing.assert_close(both[1], model(idx[1:], pos=_at(5, 13))[0], **CLOSE)
+    if flavour == "llama":  # RoPE attention depends only on relative positions
+        torch.testing.assert_close(both[1], both[0], **CLOSE)
+    else:
+        assert not torch.allclose(both[1], both[0])
+
+
+def test_rolling_cache_needs_rope():
+    with pytest.raises(Exception, match="rolling KV cache needs RoPE"):
+        Transformer(tiny_config(**FLAVOURS["gpt"])).make_caches(1, rolling=True)
 
 
 def test_moe_gathered_decode_path_matches_sorted_path():

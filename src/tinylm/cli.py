@@ -255,6 +255,30 @@ def cmd_app(args: argparse.Namespace) -> dict[str, Any]:
     return {"text": text}
 
 
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        from tinylm.serve import load_app, run_app
+    except ImportError:
+        raise TinyLMError('tinylm serve needs FastAPI and uvicorn: pip install -e ".[serve]".') from None
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise TinyLMError("--max-batch must be at least 1 and --max-queue at least 0.")
+    app = load_app(
+        args.run_dir,
+        args.checkpoint,
+        args.device,
+        args.model_name,
+        args.max_batch,
+        args.max_queue,
+        args.index,
+    )
+    url = f"http://{args.host}:{args.port}"
+    print(f"Serving {args.run_dir} at {url}: playground at {url}/, OpenAI API at {url}/v1 (Ctrl-C stops)")
+    sys.stdout.flush()
+    run_app(app, args.host, args.port)
+    return {"url": url, "run_dir": args.run_dir}
+
+
 def cmd_attention(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.checkpoint import load_run
     from tinylm.viz import visualize_generation_attention
@@ -537,6 +561,29 @@ def _parser_chat(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_chat)
 
 
+def _parser_serve(sub: argparse._SubParsersAction) -> None:
+    """`tinylm serve`."""
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web playground for a run")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--model-name", help="model id clients send (default: the run directory's name)")
+    p.add_argument(
+        "--max-batch", type=int, default=16, help="sequences decoded together in one step (default 16)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="sequences allowed to wait; more get HTTP 429 (default 256)",
+    )
+    p.add_argument("--index", help="retrieval index (tinylm index --out) to add passages to prompts")
+    _add_common(p)
+    p.set_defaults(func=cmd_serve)
+
+
 def _parser_attention(sub: argparse._SubParsersAction) -> None:
     """`tinylm attention`."""
     p = sub.add_parser("attention", help="heatmaps of attention while generating")
@@ -649,6 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     _parser_import_hf(sub)
     _parser_plot(sub)
     _parser_info(sub)
+    _parser_serve(sub)
     return parser
 
 

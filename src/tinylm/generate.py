@@ -74,8 +74,8 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 def decode_one_token(
     model: nn.Module, token: torch.Tensor, input_pos: torch.Tensor, caches: list
 ) -> torch.Tensor:
-    """Logits (B, V) for one new token (B, 1) at position input_pos (1,): fixed shapes, so it can be
-    captured as a CUDA graph with torch.compile(mode="reduce-overhead")."""
+    """Logits (B, V) for one new token (B, 1) at positions input_pos ((1,) or (B, 1)): fixed shapes,
+    so it can be captured as a CUDA graph with torch.compile(mode="reduce-overhead")."""
     return model(token, caches=caches, pos=input_pos)[:, -1]
 
 
@@ -95,15 +95,14 @@ def generate_tokens(
     idx: torch.Tensor,
     cfg: SampleConfig,
     use_cache: bool = True,
-    static: bool = False,
     compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token (B,) for each of cfg.max_new_tokens steps after the prompt idx (B, T).
 
     With the KV cache each step feeds one new position. Once the sequence outgrows the context,
     the most recent block_size tokens are re-encoded each step (the tutorial's cropping rule), so
-    cached and uncached decoding give identical tokens. `static` decodes single tokens with fixed
-    shapes (decode_one_token); `compile` also compiles that step (CUDA graphs on a GPU).
+    cached and uncached decoding give identical tokens. `compile` compiles the one-token step
+    (decode_one_token; CUDA graphs on a GPU).
     """
     step_fn = compiled_decode(model) if compile else decode_one_token
     block = model.cfg.block_size
@@ -116,12 +115,13 @@ def generate_tokens(
             logits = model(seq[:, -block:])
         else:
             if seq.size(1) > block:
-                cached = 0
+                cached = 0  # re-encode the last block_size tokens from position 0
             new = seq[:, -block:] if cached == 0 else seq[:, cached:]
-            if (static or compile) and new.size(1) == 1:
-                logits = step_fn(model, new, torch.tensor([cached], device=new.device), caches)[:, None]
+            positions = torch.arange(cached, cached + new.size(1), device=new.device)
+            if new.size(1) == 1:
+                logits = step_fn(model, new, positions, caches)[:, None]
             else:
-                logits = model(new, caches=caches, pos=cached)
+                logits = model(new, caches=caches, pos=positions)
             cached += new.size(1)
         nxt = select_next(logits[:, -1], cfg, seq, generator)
         seq = torch.cat([seq, nxt[:, None]], dim=1)

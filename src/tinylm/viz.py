@@ -91,9 +91,10 @@ def generation_attention(
         with torch.no_grad():
             x, pos = torch.tensor([ids], device=device), 0
             for _ in range(n_tokens):
-                logits = model(x, caches=caches, pos=pos)
-                steps.append(torch.stack([a.weights[0, :, -1, :] for a in attns]).cpu())  # (L, H, S)
-                pos += x.size(1)
+                end = pos + x.size(1)
+                logits = model(x, caches=caches, pos=torch.arange(pos, end, device=device))
+                steps.append(torch.stack([a.weights[0, :, -1, :end] for a in attns]).cpu())  # (L, H, S)
+                pos = end
                 nxt = int(logits[0, -1].argmax())
                 generated.append(nxt)
                 x = torch.tensor([[nxt]], device=device)

@@ -31,23 +31,51 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> Rope:
-    """cos and sin of position * frequency, (max_len, head_dim), in the rotate-half layout of LLaMA/HF."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
+def rope_frequencies(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/head_dim), (head_dim/2,), float32."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def rope_at(positions: torch.Tensor, inv_freq: torch.Tensor) -> Rope:
+    """cos and sin of position * frequency for any positions (T,) or (B, T) -> (..., T, head_dim).
+
+    The rotate-half layout of LLaMA/HF; computed from the positions, so it has no length limit.
+    """
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, hd)
     return angles.cos(), angles.sin()
 
 
+def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> Rope:
+    """cos and sin for positions 0..max_len-1, (max_len, head_dim)."""
+    return rope_at(torch.arange(max_len), rope_frequencies(head_dim, theta))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, hd) queries or keys by their positions (Su et al., 2021)."""
+    """Rotate (B, H, T, hd) queries or keys by their positions (Su et al., 2021).
+
+    cos and sin are (T, hd) when every row shares its positions, or (B, T, hd) per row.
+    """
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+_EMPTY = torch.iinfo(torch.long).max  # position of a slot never written: later than every query
+
+
 class KVCache(nn.Module):
-    """Preallocated keys and values of one attention layer: (B, n_kv_head, max_len, head_dim)."""
+    """Preallocated keys and values of one attention layer, (B, n_kv_head, max_len, head_dim).
+
+    Every slot remembers the position of the key it holds (`pos`, (B, max_len)); a query attends to
+    the slots whose position is <= its own, so slots left over from a longer earlier sequence (or from
+    a row further ahead in the same batch) are ignored without clearing. The position-p key goes to
+    slot p; with `rolling=True` to slot p % max_len, so the cache keeps the last max_len keys with
+    their original positions (the oldest is overwritten). A rolling cache takes either a prefix
+    starting at position 0 of at most max_len tokens or one token at a time after it.
+    """
 
     def __init__(
         self,
@@ -57,26 +85,61 @@ class KVCache(nn.Module):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        rolling: bool = False,
     ) -> None:
         super().__init__()
         shape = (batch, n_kv_head, max_len, head_dim)
+        self.rolling = rolling
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        empty = torch.full((batch, max_len), _EMPTY, dtype=torch.long, device=device)
+        self.register_buffer("pos", empty, persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, T, hd) at positions pos..pos+T-1; return all keys and values so far."""
-        end = pos + k.size(2)
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    @property
+    def max_len(self) -> int:
+        return self.k.size(2)
 
-    def update_static(
+    def update(
         self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v at tensor `positions` (T,) and return the whole fixed-size cache (CUDA-graph friendly)."""
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
-        return self.k, self.v
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, hd) at `positions` (T,) or (B, T), per row.
+
+        Returns all keys and values (B, Hkv, max_len, hd) and the boolean attention mask
+        (B, 1, T, max_len): True where a slot holds a key at a position <= the query's.
+        """
+        B, H, T, D = k.shape
+        positions = positions.expand(B, T)
+        slots = positions % self.max_len if self.rolling else positions
+        index = slots[:, None, :, None].expand(B, H, T, D)
+        self.k.scatter_(2, index, k.to(self.k.dtype))
+        self.v.scatter_(2, index, v.to(self.v.dtype))
+        self.pos.scatter_(1, slots, positions)
+        mask = self.pos[:, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, max_len)
+        return self.k, self.v, mask
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows start..stop-1 that shares this cache's storage (e.g. to prefill one row)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.rolling = self.rolling
+        for name in ("k", "v", "pos"):
+            view.register_buffer(name, getattr(self, name)[start:stop], persistent=False)
+        return view
+
+    def reset(self) -> None:
+        """Forget every key (the stored values stay but are never attended to)."""
+        self.pos.fill_(_EMPTY)
+
+
+def cache_rows(caches: list[KVCache], start: int, stop: int) -> list[KVCache]:
+    """Row views start..stop-1 of every layer's cache, sharing storage."""
+    return [c.rows(start, stop) for c in caches]
+
+
+def position_mask(positions: torch.Tensor) -> torch.Tensor:
+    """Causal mask (B or 1, 1, T, T) for tokens at `positions` (T,) or (B, T) attending to each other."""
+    p = positions if positions.dim() == 2 else positions[None]
+    return p[:, None, None, :] <= p[:, None, :, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -100,22 +163,26 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: Rope | None = None,
         cache: KVCache | None = None,
-        pos: int | torch.Tensor = 0,
+        pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """pos: the first position (int), or every position as a (T,) tensor for the fixed-shape decode path."""
+        """x (B, T, C) at positions `pos` ((T,) or (B, T); None = 0..T-1 without a cache) -> (B, T, C).
+
+        With a cache the new keys are written at their positions and each query attends to every
+        cached key at a position <= its own; without one, the T tokens attend causally to each other.
+        """
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if isinstance(pos, torch.Tensor):  # static shapes: attend over the whole cache, masked by position
-            k, v = cache.update_static(pos, k, v)  # (B, Hkv, max_len, hd)
-            mask = torch.arange(k.size(2), device=x.device)[None, :] <= pos[:, None]  # (T, max_len)
-        else:
-            if cache is not None:
-                k, v = cache.update(pos, k, v)  # (B, Hkv, S, hd), S = pos + T
-            mask = causal_mask(T, k.size(2), x.device)
+        mask = None  # None: plain causal attention over these T tokens (SDPA's is_causal)
+        if cache is not None:
+            if pos is None:
+                pos = torch.arange(T, device=x.device)
+            k, v, mask = cache.update(pos, k, v)  # (B, Hkv, S, hd), mask (B, 1, T, S)
+        elif pos is not None:
+            mask = position_mask(pos)
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -143,13 +210,6 @@ class CausalSelfAttention(nn.Module):
         probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         self.weights = probs.detach()
         return probs.to(v.dtype) @ v
-
-
-def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor | None:
-    """None where SDPA's own flags suffice (T == S: is_causal; T == 1: attend to all); else a (T, S) mask."""
-    if T == S or T == 1:
-        return None
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
 class MLP(nn.Module):

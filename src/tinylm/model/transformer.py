@@ -11,7 +11,16 @@ from torch.utils.checkpoint import checkpoint
 
 from tinylm.config import ModelConfig
 from tinylm.errors import TinyLMError
-from tinylm.model.layers import MLP, CausalSelfAttention, KVCache, MoE, Rope, make_norm, rope_tables
+from tinylm.model.layers import (
+    MLP,
+    CausalSelfAttention,
+    KVCache,
+    MoE,
+    Rope,
+    make_norm,
+    rope_at,
+    rope_frequencies,
+)
 
 # Parameters that write into the residual stream: initialised smaller, scaled by depth (GPT-2).
 _RESIDUAL_OUT = ("attn.wo.weight", "ff.proj.weight", "ff.w2.weight", "ff.w2")
@@ -32,7 +41,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: Rope | None = None,
         cache: KVCache | None = None,
-        pos: int | torch.Tensor = 0,
+        pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.norm1(x), rope, cache, pos)
         h, aux = self.ff(self.norm2(x))
@@ -40,7 +49,15 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size).
+
+    Positions are one type everywhere: a LongTensor `pos`, (T,) shared by every row or (B, T) per
+    row (rows of one batch may stand at different positions). Decoding keeps keys and values in
+    `make_caches(batch)` (one KVCache per layer); each forward writes its tokens' keys at their
+    positions and attends to cached keys at positions <= each query's own, so a cache can be reused
+    for a new sequence without clearing it. `cache_rows(caches, i, j)` gives row views sharing
+    storage, so one row can be prefilled alone with a (1, T) forward.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -56,9 +73,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.position == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta)
+            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.grad_checkpointing = False  # switched on from outside by the trainer
         self.reset_parameters()
 
@@ -76,49 +92,62 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         *,
         caches: list[KVCache] | None = None,
-        pos: int | torch.Tensor = 0,
+        pos: torch.Tensor | None = None,
         return_aux: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits for tokens at positions pos..pos+T-1; with return_aux, also the summed MoE balancing loss.
+        """Logits (B, T, V) for tokens idx (B, T) at positions `pos`; with return_aux, also the MoE loss.
 
-        `pos` may also be a (T,) tensor of positions: the fixed-shape decode path used with static caches.
+        pos: LongTensor (T,) or (B, T); None means 0..T-1. With `caches` (from make_caches) the new
+        keys and values are written into them at those positions and each token attends to every
+        cached key at a position <= its own; without caches the T tokens attend causally to each
+        other. Learned position embeddings need positions < block_size (RoPE has no such limit,
+        which rolling caches use).
         """
         B, T = idx.shape
-        if not isinstance(pos, torch.Tensor) and pos + T > self.cfg.block_size:
+        if T > self.cfg.block_size:
             raise TinyLMError(
-                f"Sequence of {pos + T} tokens is longer than the model's context ({self.cfg.block_size}); crop it."
+                f"Sequence of {T} tokens is longer than the model's context ({self.cfg.block_size}); crop it."
             )
-        where = (
-            pos if isinstance(pos, torch.Tensor) else slice(pos, pos + T)
-        )  # a view unless positions are a tensor
+        positions = torch.arange(T, device=idx.device) if pos is None else pos
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            positions = (
-                pos if isinstance(pos, torch.Tensor) else torch.arange(pos, pos + T, device=idx.device)
-            )
-            x = x + self.pos_emb(positions)
-        rope = (self.rope_cos[where], self.rope_sin[where]) if self.pos_emb is None else None
+            x = x + self.pos_emb(positions)  # (T, C) or (B, T, C)
+        rope = self.rope(positions) if self.pos_emb is None else None
         x = self.drop(x)
         aux = torch.zeros((), device=idx.device)
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
-                x, block_aux = checkpoint(block, x, rope, use_reentrant=False)
+                x, block_aux = checkpoint(block, x, rope, None, pos, use_reentrant=False)
             else:
                 x, block_aux = block(x, rope, caches[i] if caches else None, pos)
             aux = aux + block_aux
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         return (logits, aux) if return_aux else logits
 
+    def rope(self, positions: torch.Tensor) -> Rope:
+        """RoPE cos and sin for positions (T,) or (B, T) -> (..., T, head_dim)."""
+        return rope_at(positions, self.rope_inv_freq)
+
     def make_caches(
-        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
+        self,
+        batch: int,
+        max_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        rolling: bool = False,
     ) -> list[KVCache]:
-        """One preallocated KV cache per layer for `batch` sequences of up to max_len tokens."""
+        """One preallocated KV cache per layer for `batch` rows of up to max_len positions (block_size).
+
+        rolling=True keeps the last max_len keys of an unbounded sequence instead (RoPE models only).
+        """
+        if rolling and self.pos_emb is not None:
+            raise TinyLMError(
+                "A rolling KV cache needs RoPE positions; learned position embeddings end at the context."
+            )
         param = self.tok_emb.weight
         length = max_len or self.cfg.block_size
-        return [
-            KVCache(batch, self.cfg.kv_heads, length, self.cfg.head_dim, dtype or param.dtype, param.device)
-            for _ in self.blocks
-        ]
+        dtype = dtype or param.dtype
+        kv, hd = self.cfg.kv_heads, self.cfg.head_dim
+        return [KVCache(batch, kv, length, hd, dtype, param.device, rolling) for _ in self.blocks]
 
 
 def parameter_summary(model: nn.Module) -> dict:
