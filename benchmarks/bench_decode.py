@@ -262,7 +262,7 @@ def markdown(rows: list[dict]) -> str:
         q8 = ref.get((r["model"], r["scenario"], "llama.cpp q8_0"))
         tps = r.get("tokens_per_s")
         ratio = lambda peer: f"{tps / peer:.2f}x" if tps and peer else "—"  # noqa: E731
-        shown = f"{tps:,.0f}" if tps else "skipped"
+        shown = "skipped" if not tps else f"{tps:,.0f}" if tps >= 100 else f"{tps:.1f}"
         where = f"{r['model']} ({r['params_m']}M, ctx {r['context']})"
         scenario = f"{r['new_tokens']} new" + (" (past the context)" if r["scenario"] == "500" else "")
         lines.append(f"| {where} | {scenario} | {r['variant']} | {shown} | {ratio(f32)} | {ratio(q8)} |")
