@@ -374,6 +374,14 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    if args.format == "gguf":
+        from tinylm.export_gguf import export_gguf
+
+        out = export_gguf(args.run_dir, args.out, args.quant, args.checkpoint)
+        print(f"Exported {args.run_dir} as GGUF ({args.quant}) to {out}")
+        return {"out": str(out), "format": "gguf", "quant": args.quant}
+    if args.quant != "f32":
+        raise TinyLMError("--quant applies to --format gguf only.")
     from tinylm.export import export_hf
 
     out = export_hf(args.run_dir, args.out, args.checkpoint)
@@ -639,10 +647,18 @@ def _parser_merge(sub: argparse._SubParsersAction) -> None:
 
 def _parser_export(sub: argparse._SubParsersAction) -> None:
     """`tinylm export`."""
-    p = sub.add_parser("export", help="export a run as a Hugging Face transformers model directory")
+    p = sub.add_parser("export", help="export a run as a Hugging Face model directory or a GGUF file")
     p.add_argument("run_dir", help="run directory")
-    p.add_argument("--format", default="hf", choices=("hf",), help="export format (hf)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--format",
+        default="hf",
+        choices=("hf", "gguf"),
+        help="hf: a transformers model directory; gguf: one file for llama.cpp",
+    )
+    p.add_argument(
+        "--quant", default="f32", choices=("f32", "f16", "q8_0"), help="gguf weight type (default f32)"
+    )
+    p.add_argument("--out", required=True, help="output directory (hf) or FILE.gguf (gguf)")
     p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
     _add_common(p)
     p.set_defaults(func=cmd_export)
