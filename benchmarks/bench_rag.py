@@ -49,12 +49,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def base_corpus(set_dir: Path, out: Path) -> None:
-    """The training people's paragraphs, then their questions answered from the gold passage."""
+def base_corpus(set_dir: Path, out: Path, seed: int) -> None:
+    """The training people's paragraphs, then their questions in the RAG template, answered: once with
+    the gold passage, once with all the person's facts in a random order (the skill k=3 needs)."""
+    rng = random.Random(seed)
     qa = read_jsonl(set_dir / "qa_train.jsonl")
-    examples = [
-        RAG_TEMPLATE.format(context=q["passage"], question=q["question"]) + f" {q['answer']}" for q in qa
-    ]
+    facts: dict[str, list[str]] = {}
+    for q in qa:
+        facts.setdefault(q["person"], []).append(q["passage"])
+    examples = []
+    for q in qa:
+        mixed = rng.sample(facts[q["person"]], len(facts[q["person"]]))
+        for context in (q["passage"], "\n".join(mixed)):
+            examples.append(RAG_TEMPLATE.format(context=context, question=q["question"]) + f" {q['answer']}")
+    rng.shuffle(examples)
     text = (set_dir / "train_docs.txt").read_text(encoding="utf-8") + "\n" + "\n\n".join(examples) + "\n"
     out.write_text(text, encoding="utf-8")
 
@@ -66,15 +74,15 @@ def gold(q: dict[str, Any]) -> Passage:
 def finetune_pairs(
     index: Index, qa: list[dict[str, Any]], tokenizer: Any, block_size: int, k: int, seed: int
 ) -> list[dict[str, str]]:
-    """Each training question with its gold passage, and with k retrieved passages (gold ensured, shuffled)."""
+    """Each training question with its gold passage, and twice with k retrieved passages (gold ensured):
+    in retrieval order and shuffled."""
     rng = random.Random(seed)
     pairs = []
     for q in qa:
         hits = index.search(q["question"], k)
         if not any(h.text == q["passage"] for h in hits):
             hits = [*hits[: k - 1], gold(q)]
-        rng.shuffle(hits)
-        for passages in ([gold(q)], hits):
+        for passages in ([gold(q)], hits, rng.sample(hits, len(hits))):
             prompt = build_prompt(q["question"], passages, tokenizer, block_size, MAX_NEW_TOKENS)
             pairs.append({"prompt": prompt, "response": f" {q['answer']}"})
     rng.shuffle(pairs)
@@ -107,7 +115,21 @@ def measure(run_dir: Path, index: Index, qa: list[dict[str, Any]]) -> dict[str, 
         "none": exact_match(run.model, run.tokenizer, qa, [[] for _ in qa]),
         "gold": exact_match(run.model, run.tokenizer, qa, [[gold(q)] for q in qa]),
     }
-    return {"recall@1": recall[1], "recall@3": recall[3], **{f"em {k}": v for k, v in em.items()}}
+    block = run.model.cfg.block_size
+    reach = {
+        name: sum(
+            q["answer"] in build_prompt(q["question"], c, run.tokenizer, block, MAX_NEW_TOKENS)
+            for q, c in zip(qa, ctx)
+        )
+        / len(qa)
+        for name, ctx in (("k=3", hits[3]), ("none", [[] for _ in qa]))
+    }
+    return {
+        "recall@1": recall[1],
+        "recall@3": recall[3],
+        **{f"answer in prompt {k}": v for k, v in reach.items()},
+        **{f"em {k}": v for k, v in em.items()},
+    }
 
 
 def pipeline(
@@ -118,7 +140,7 @@ def pipeline(
     start = time.perf_counter()
     set_dir = work / "set"
     make_set(set_dir, people=people, seed=seed)
-    base_corpus(set_dir, work / "base.txt")
+    base_corpus(set_dir, work / "base.txt", seed)
     tinylm(
         "prepare",
         str(work / "base.txt"),

@@ -287,3 +287,27 @@ def test_bad_input_is_one_clear_sentence_and_exit_2(
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], (name, err)
         assert not (tmp_path / "new_index").exists(), name
+
+
+# ----- retrieval and prompting on the measured set ----------------------------------------------
+def test_retrieval_puts_held_out_answers_in_the_prompt(rag_set: Path, set_run: Path, set_index: Path) -> None:
+    """What benchmarks/bench_rag.py measures, without the training: held-out answers reach the prompt
+    through retrieval (k=1, k=3) and never without it; every fine-tuning pair carries its answer."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_rag
+
+    tok = load_tokenizer(set_run / "tokenizer.json")
+    index = Index.load(set_index, tok)
+    qa = read_jsonl(rag_set / "qa_test.jsonl")
+
+    def reach(contexts: list) -> float:
+        prompts = [build_prompt(q["question"], c, tok, 256, 16) for q, c in zip(qa, contexts)]
+        return sum(q["answer"] in p for q, p in zip(qa, prompts)) / len(qa)
+
+    assert reach([index.search(q["question"], 3) for q in qa]) >= 0.95
+    assert reach([index.search(q["question"], 1) for q in qa]) >= 0.8
+    assert reach([[] for _ in qa]) == 0.0
+    train_qa = read_jsonl(rag_set / "qa_train.jsonl")
+    pairs = bench_rag.finetune_pairs(index, train_qa, tok, 256, 3, seed=0)
+    assert len(pairs) == 3 * len(train_qa)
+    assert all(p["response"].strip() in p["prompt"] and p["prompt"].endswith("\nA:") for p in pairs)
