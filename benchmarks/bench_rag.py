@@ -2,15 +2,16 @@
 
 Pipeline (every model step through the real `tinylm` CLI):
   1. scripts/make_rag_set.py: invented people, documents, train/test questions (test people held out);
-  2. `tinylm prepare` + `tinylm train`: a small base model on the training people's paragraphs and
-     their questions in the RAG template with the gold passage (a BPE vocabulary trained on that text);
+  2. `tinylm prepare` + `tinylm train` (3 layers, 96 wide, context 96, lr 3e-3): a small base model on
+     the training people's paragraphs and their questions in the RAG template, answered from the gold
+     passage and from all their facts in a random order (a 1024-token BPE trained on that text);
   3. `tinylm index` over all documents (test people included), capped with the base run's tokenizer;
-  4. `tinylm finetune` on prompt/response pairs in the RAG template: each training question once with
-     its gold passage and once with k=3 retrieved passages (gold put in if missed, order shuffled);
+  4. `tinylm finetune` (lr 2e-3) on prompt/response pairs in the RAG template: each training question
+     with its gold passage, and with k=3 retrieved passages in retrieval order and shuffled;
   5. on the held-out questions: retrieval recall@1/@3, and exact-match accuracy with retrieval
      (k=1, k=3), without retrieval and with the gold passage (the ceiling).
 
-    python benchmarks/bench_rag.py [--work DIR] [--people 300] [--base-steps 600] [--ft-steps 600]
+    python benchmarks/bench_rag.py [--work DIR] [--people 300] [--base-steps 400] [--ft-steps 900]
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def pipeline(
         "--batch-size",
         "16",
         "--lr",
-        "2e-3",
+        "3e-3",
         "--set",
         "warmup_steps=50",
         "--eval-interval",
@@ -203,7 +204,7 @@ def pipeline(
         "--batch-size",
         "16",
         "--lr",
-        "1e-3",
+        "2e-3",
         "--seed",
         str(seed),
         "--device",
@@ -249,8 +250,8 @@ def main() -> None:
     parser.add_argument(
         "--people", type=int, default=300, help="invented people, 3 questions each (default 300)"
     )
-    parser.add_argument("--base-steps", type=int, default=600, help="tinylm train steps (default 600)")
-    parser.add_argument("--ft-steps", type=int, default=600, help="tinylm finetune steps (default 600)")
+    parser.add_argument("--base-steps", type=int, default=400, help="tinylm train steps (default 400)")
+    parser.add_argument("--ft-steps", type=int, default=900, help="tinylm finetune steps (default 900)")
     parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (default 1024)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the set, the training and the pairs")
     parser.add_argument(
