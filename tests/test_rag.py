@@ -256,6 +256,9 @@ def _bad_inputs(tmp: Path, rag_set: Path, run: Path, index: Path) -> list[tuple[
     CharTokenizer("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .'?").save(tmp / "other_tok.json")
     other = tmp / "other_index"
     build_index([rag_set / "docs"], other, load_tokenizer(tmp / "other_tok.json"), 32)
+    broken = tmp / "broken_index"
+    build_index([rag_set / "docs"], broken, load_tokenizer(run / "tokenizer.json"), 32)
+    (broken / "passages.jsonl").unlink()
     q, idx = "In which town was Kaiku Mosail born?", str(index)
     new = str(tmp / "new_index")
     return [
@@ -274,6 +277,7 @@ def _bad_inputs(tmp: Path, rag_set: Path, run: Path, index: Path) -> list[tuple[
         ("other tokenizer", ["ask", str(run), q, "--index", str(other)], "another tokenizer"),
         ("empty question", ["ask", str(run), "   ", "--index", idx], "question is empty"),
         ("missing index", ["ask", str(run), q, "--index", str(tmp / "nope")], "No tinylm index"),
+        ("broken index", ["ask", str(run), q, "--index", str(broken)], "incomplete or corrupt"),
         ("bad k", ["ask", str(run), q, "--index", idx, "--k", "0"], "k (0) must be at least 1"),
     ]
 

@@ -242,8 +242,14 @@ class Index:
                 f"The index at {path} has format version {meta.get('format_version')!r}, but this tinylm "
                 f"reads version {FORMAT_VERSION}; rebuild it with `tinylm index`."
             )
-        rows = [json.loads(line) for line in (path / PASSAGES_FILE).read_text(encoding="utf-8").splitlines()]
-        retriever = bm25s.BM25.load(str(path / BM25_DIR), show_progress=False)
+        try:
+            lines = (path / PASSAGES_FILE).read_text(encoding="utf-8").splitlines()
+            rows = [json.loads(line) for line in lines]
+            retriever = bm25s.BM25.load(str(path / BM25_DIR), show_progress=False)
+        except (OSError, ValueError):  # a missing file, bad JSON, bad arrays
+            raise TinyLMError(
+                f"The index at {path} is incomplete or corrupt; rebuild it with `tinylm index`."
+            ) from None
         index = cls(path, meta, rows, retriever)
         if tokenizer is not None:
             index.check_tokenizer(tokenizer)
