@@ -164,10 +164,17 @@ def split_passages(text: str, tokenizer: Tokenizer, max_tokens: int) -> list[str
 
 
 # ----- the index -----------------------------------------------------------------------------
-def _bm25_tokens(texts: list[str], return_ids: bool = True) -> Any:
-    import bm25s
+def _bm25s() -> Any:
+    """The bm25s module, or one clear error naming the extra that installs it."""
+    try:
+        import bm25s
+    except ImportError:
+        raise TinyLMError("Retrieval needs the bm25s package: pip install 'tinylm[rag]'.") from None
+    return bm25s
 
-    return bm25s.tokenize(texts, stopwords=STOPWORDS, return_ids=return_ids, show_progress=False)
+
+def _bm25_tokens(texts: list[str], return_ids: bool = True) -> Any:
+    return _bm25s().tokenize(texts, stopwords=STOPWORDS, return_ids=return_ids, show_progress=False)
 
 
 def build_index(
@@ -180,7 +187,7 @@ def build_index(
 ) -> dict[str, Any]:
     """Split the documents into passages, index them with BM25 and write the index to `out`
     (refused if it exists; written to a temporary sibling, then renamed). Returns its metadata."""
-    import bm25s
+    bm25s = _bm25s()
 
     out = Path(out)
     if out.exists():
@@ -227,7 +234,7 @@ class Index:
     @classmethod
     def load(cls, path: str | Path, tokenizer: Tokenizer | None = None) -> Index:
         """Load an index written by `build_index`; with `tokenizer`, check it was built for that tokenizer."""
-        import bm25s
+        bm25s = _bm25s()
 
         path = Path(path)
         meta_file = path / INDEX_FILE
