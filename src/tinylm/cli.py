@@ -233,6 +233,8 @@ def cmd_plot(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_app(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command == "ask" and args.index:  # retrieval-augmented: tinylm.rag
+        return cmd_ask_rag(args)
     from tinylm import apps
     from tinylm.checkpoint import load_run
     from tinylm.runtime import resolve_device
@@ -277,6 +279,59 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     sys.stdout.flush()
     run_app(app, args.host, args.port)
     return {"url": url, "run_dir": args.run_dir}
+
+
+def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.rag import build_index, default_passage_tokens, index_tokenizer
+
+    tokenizer = index_tokenizer(args.run, args.tokenizer)
+    cap = args.passage_tokens
+    if cap is None:
+        if args.run is None:
+            raise TinyLMError(
+                "With --tokenizer, give --passage-tokens N (with --run it follows the context)."
+            )
+        from tinylm.checkpoint import read_run_config
+
+        cap = default_passage_tokens(read_run_config(Path(args.run))["model"]["block_size"], args.k)
+    meta = build_index(args.docs, args.out, tokenizer, cap, k1=args.k1, b=args.b)
+    print(
+        f"Indexed {meta['passages']:,} passages (at most {cap} tokens each) from {len(meta['files'])} "
+        f"file(s) into {args.out}"
+    )
+    return {"out": args.out, **meta}
+
+
+def cmd_ask_rag(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.checkpoint import load_run
+    from tinylm.rag import Index, answer
+    from tinylm.runtime import resolve_device
+
+    if not args.text.strip():
+        raise TinyLMError("The question is empty; ask something.")
+    index = Index.load(args.index)
+    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    index.check_tokenizer(run.tokenizer)
+    result = answer(
+        run.model,
+        run.tokenizer,
+        index,
+        args.text,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        do_sample=not args.greedy,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    print(result.text)
+    print("Sources:" if result.sources else "Sources: none (no passage shares a word with the question)")
+    for i, p in enumerate(result.sources, start=1):
+        excerpt = p.text if len(p.text) <= 80 else p.text[:77] + "..."
+        print(f"  [{i}] {p.file} passage {p.passage_no} (score {p.score:.2f}): {excerpt}")
+    return {"text": result.text, **result.summary()}
 
 
 def cmd_attention(args: argparse.Namespace) -> dict[str, Any]:
@@ -555,9 +610,36 @@ def _parser_apps(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("run_dir", help="run directory")
         p.add_argument("text", help=arg)
+        if name == "ask":
+            _add_rag_flags(p)
         _add_sampling(p)
         _add_common(p)
         p.set_defaults(func=cmd_app)
+
+
+def _add_rag_flags(p: argparse.ArgumentParser) -> None:
+    """`tinylm ask --index DIR --k N`: answer from retrieved passages (tinylm.rag)."""
+    p.add_argument("--index", help="answer from passages retrieved from this index (built by tinylm index)")
+    p.add_argument("--k", type=int, default=3, help="passages to retrieve with --index (default 3)")
+
+
+def _parser_index(sub: argparse._SubParsersAction) -> None:
+    """`tinylm index`."""
+    p = sub.add_parser("index", help="split documents into passages and build a BM25 index for tinylm ask")
+    p.add_argument("docs", nargs="+", metavar="DOCS", help="text file or directory of .txt/.md files")
+    p.add_argument("--out", required=True, help="index directory to create (must not exist)")
+    p.add_argument("--run", help="run directory whose tokenizer and context size cap the passages")
+    p.add_argument("--tokenizer", help="tokenizer.json to cap passages with (instead of --run)")
+    p.add_argument(
+        "--passage-tokens",
+        type=int,
+        help="cap per passage in tokens (default with --run: 3/4 of the context divided by --k)",
+    )
+    p.add_argument("--k", type=int, default=3, help="passages meant to fit one prompt (default 3)")
+    p.add_argument("--k1", type=float, default=1.5, help="BM25 term-frequency saturation (default 1.5)")
+    p.add_argument("--b", type=float, default=0.75, help="BM25 length normalization (default 0.75)")
+    _add_common(p)
+    p.set_defaults(func=cmd_index)
 
 
 def _parser_chat(sub: argparse._SubParsersAction) -> None:
@@ -704,6 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     _parser_generate(sub)
     _parser_eval(sub)
     _parser_apps(sub)
+    _parser_index(sub)
     _parser_chat(sub)
     _parser_attention(sub)
     _parser_finetune(sub)
