@@ -190,7 +190,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
-    from tinylm.config import build_configs, parse_overrides, to_dict
+    import torch
+
+    from tinylm.config import build_configs, parse_overrides, preset_vocab_size, to_dict
     from tinylm.model import Transformer, parameter_summary
 
     if args.run_dir:
@@ -199,10 +201,16 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
         run = load_run(args.run_dir)
         model, model_cfg = run.model, run.model_cfg
     else:
-        model_cfg, _ = build_configs(args.preset, parse_overrides(args.set or []), vocab_size=args.vocab_size)
-        model = Transformer(model_cfg)
+        overrides = parse_overrides(args.set or [])
+        vocab = overrides.pop("vocab_size", None) or args.vocab_size or preset_vocab_size(args.preset)
+        model_cfg, _ = build_configs(args.preset, overrides, vocab_size=vocab)
+        with torch.device("meta"):  # shapes only: counting needs no memory and no initialisation
+            model = Transformer(model_cfg)
     summary = parameter_summary(model)
-    print(f"{summary['tensors']} trainable tensors, {summary['parameters']:,} parameters")
+    print(
+        f"{summary['tensors']} trainable tensors, {summary['parameters']:,} parameters "
+        f"(vocabulary {model_cfg.vocab_size:,})"
+    )
     for name, part in summary["modules"].items():
         print(f"  {name:<18} {part['tensors']:>4} tensors {part['parameters']:>14,} parameters")
     return {**summary, "config": to_dict(model_cfg)}
@@ -599,7 +607,12 @@ def _parser_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", nargs="?", help="run directory (else describe --preset)")
     p.add_argument("--preset", default="tiny", help="preset to describe")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override config fields")
-    p.add_argument("--vocab-size", type=int, default=65, help="vocabulary size for a preset (default 65)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="vocabulary size for a preset (default: the one it is meant for, 50,257 for mini-gpt and "
+        "gpt2-small, 65 characters otherwise; --set vocab_size=N works too)",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_info)
 
