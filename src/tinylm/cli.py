@@ -216,6 +216,16 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     return {**summary, "config": to_dict(model_cfg)}
 
 
+def cmd_harness(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.harness import evaluate
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    results = evaluate(args.run_dir, tasks, limit=args.limit, device=args.device, checkpoint=args.checkpoint)
+    for task, metrics in results.items():
+        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return {"results": results}
+
+
 def cmd_plot(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.viz import plot_training_progress
 
@@ -601,6 +611,18 @@ def _parser_plot(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plot)
 
 
+def _parser_harness(sub: argparse._SubParsersAction) -> None:
+    """`tinylm harness`."""
+    p = sub.add_parser("harness", help="run LM Evaluation Harness tasks on a run (needs lm_eval)")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--tasks", required=True, help="comma-separated harness task names, e.g. hellaswag")
+    p.add_argument("--limit", type=int, help="at most this many examples per task")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
+    p.add_argument("--checkpoint", default="last", help="checkpoint to evaluate (default last)")
+    _add_common(p)
+    p.set_defaults(func=cmd_harness)
+
+
 def _parser_info(sub: argparse._SubParsersAction) -> None:
     """`tinylm info`."""
     p = sub.add_parser("info", help="count trainable tensors and parameters")
@@ -636,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     _parser_import_hf(sub)
     _parser_plot(sub)
     _parser_info(sub)
+    _parser_harness(sub)
     return parser
 
 
