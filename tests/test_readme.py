@@ -5,7 +5,8 @@ Convention (so the README cannot drift from the CLI again):
   "## Quickstart" heading covers its "###" subsections). A new quickstart is picked up without editing this file.
 - Each bash line is one command (`\\` continues a line; `# ...` comments are dropped); `$TINYLM_DATA_DIR`
   and other variables are expanded. Commands run one after another in one scratch directory, so a later
-  command uses what an earlier one wrote (runs/, data/). `tinylm ...` runs as `python -m tinylm ...`.
+  command uses what an earlier one wrote (runs/, data/). `tinylm ...` runs through the console script's
+  entry point, `tinylm.cli.main(argv)`, in the test process (no interpreter start per command).
 - Short versions: SHORTEN rewrites long work (training steps, generated tokens, the WikiText-2 test file)
   and APPEND adds `--max-steps 4` / `--max-new-tokens 12` where a command has none; the README shows the
   real command and states what the full run takes and reaches.
@@ -19,11 +20,11 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tinylm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -146,19 +147,20 @@ def _id(step: tuple[str, str, str]) -> str:
 
 
 @pytest.mark.parametrize("step", STEPS, ids=[_id(s) for s in STEPS])
-def test_readme_command(step: tuple[str, str, str], workdir: Path) -> None:
+def test_readme_command(step: tuple[str, str, str], workdir: Path, monkeypatch, capsys) -> None:
     heading, kind, command = step
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TQDM_DISABLE": "1"}
+    monkeypatch.chdir(workdir)
     if kind == "python":
-        argv = [sys.executable, "-c", shorten(command)]
-    else:
-        reason = skip_reason(command)
-        if reason:
-            pytest.skip(reason)
-        assert command.startswith("tinylm "), f"{command!r} is not a tinylm command; run it or add it to SKIP"
-        argv = [sys.executable, "-m", "tinylm", *shlex.split(os.path.expandvars(shorten(command)))[1:]]
-    done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (
-        f"README ({heading}) command failed with status {done.returncode}:\n  {command}\n"
-        f"ran as: {shlex.join(argv)}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        exec(compile(shorten(command), f"README ({heading})", "exec"), {})
+        return
+    reason = skip_reason(command)
+    if reason:
+        pytest.skip(reason)
+    assert command.startswith("tinylm "), f"{command!r} is not a tinylm command; run it or add it to SKIP"
+    argv = shlex.split(os.path.expandvars(shorten(command)))[1:]
+    code = main(argv)  # the console script's entry point, in this process (no interpreter start per command)
+    out, err = capsys.readouterr()
+    assert code == 0, (
+        f"README ({heading}) command failed with status {code}:\n  {command}\nran as: tinylm {shlex.join(argv)}\n"
+        f"{out[-2000:]}\n{err[-3000:]}"
     )
