@@ -7,7 +7,8 @@ Convention (so the README cannot drift from the CLI again):
   and other variables are expanded. Commands run one after another in one scratch directory, so a later
   command uses what an earlier one wrote (runs/, data/). `tinylm ...` runs through the console script's
   entry point, `tinylm.cli.main(argv)`, in the test process (no interpreter start per command).
-- Short versions: SHORTEN rewrites long work (training steps, generated tokens, the WikiText-2 test file)
+- Short versions: SHORTEN rewrites long work (training steps and batch, generated tokens, whole corpora:
+  the first 100,000 characters of Tiny Shakespeare and 20,000 of WikiText-2's test file stand in for them)
   and APPEND adds `--max-steps 4` / `--max-new-tokens 12` where a command has none; the README shows the
   real command and states what the full run takes and reaches.
 - Skipped, with the reason in the test report: commands matching SKIP (network, long-running servers,
@@ -33,14 +34,17 @@ README = ROOT / "README.md"
 SHORTEN: list[tuple[str, str]] = [
     (r"--epochs \d+", "--max-steps 4"),  # one epoch is minutes; four steps exercise the same path
     (r"--max-steps \d+", "--max-steps 4"),
-    (r"(?<=tinylm train )", "--set eval_interval=4 --set eval_batches=2 "),
+    (r"(?<=tinylm train )", "--set eval_interval=4 --set eval_batches=2 --batch-size 4 "),
     (r"--max-new-tokens \d+", "--max-new-tokens 12"),
     (r"--num-samples \d+", "--num-samples 1"),
     (r'"max_steps": \d+', '"max_steps": 4'),
     (r"max_new_tokens=\d+", "max_new_tokens=12"),
     (r"--limit \d+", "--limit 2"),
-    # Evaluating on all of WikiText-2's test file takes minutes; the walk uses its first 20,000 characters.
+    # Whole corpora make every eval minutes long; the walk uses excerpts written by the `workdir` fixture.
     (r"\$TINYLM_DATA_DIR/wikitext-2/test\.txt", "wikitext2-test-excerpt.txt"),
+    (r"\$TINYLM_DATA_DIR/tinyshakespeare/input\.txt", "shakespeare-excerpt.txt"),
+    (r"(?<=prepare )shakespeare\b", "shakespeare-excerpt.txt"),
+    (r'\["shakespeare"\]', '["shakespeare-excerpt.txt"]'),
 ]
 # Commands that run long without any of the flags above get one (the preset's default run is minutes).
 APPEND: list[tuple[str, str]] = [
@@ -136,9 +140,12 @@ def test_the_walk_finds_the_quickstarts():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("readme_walk")
-    test_txt = Path(os.environ["TINYLM_DATA_DIR"]) / "wikitext-2" / "test.txt"
-    if test_txt.is_file():
-        (path / "wikitext2-test-excerpt.txt").write_text(test_txt.read_text(encoding="utf-8")[:20_000])
+    data = Path(os.environ["TINYLM_DATA_DIR"])
+    for source, excerpt, size in [
+        (data / "wikitext-2" / "test.txt", "wikitext2-test-excerpt.txt", 20_000),
+        (data / "tinyshakespeare" / "input.txt", "shakespeare-excerpt.txt", 100_000),
+    ]:
+        (path / excerpt).write_text(source.read_text(encoding="utf-8")[:size], encoding="utf-8")
     return path
 
 
