@@ -9,12 +9,14 @@ BIN := .venv/bin
 setup:
 	@bash scripts/setup.sh
 
-# Prepare Tiny Shakespeare, train a small character GPT for ~2 minutes on CPU, print samples.
+# Prepare Tiny Shakespeare, train tinylm's best CPU recipe (cpu-llama: LLaMA-style, Muon + AdamW, 225 steps,
+# validation loss about 1.85 in under a minute on 2 idle cores), evaluate it, save its loss plot, print samples.
 demo: setup
 	$(BIN)/tinylm prepare shakespeare --tokenizer char --out data/shakespeare-char
 	rm -rf runs/demo
-	$(BIN)/tinylm train --data data/shakespeare-char --preset cpu-char --out runs/demo
+	$(BIN)/tinylm train --data data/shakespeare-char --preset cpu-llama --out runs/demo
 	$(BIN)/tinylm eval runs/demo --no-progress
+	$(BIN)/tinylm plot runs/demo --out runs/demo/loss.png
 	$(BIN)/tinylm generate runs/demo --prompt "ROMEO:" --max-new-tokens 300 --num-samples 2 --seed 1 --no-progress
 
 test: setup

@@ -206,7 +206,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
-    from tinylm.config import build_configs, parse_overrides, to_dict
+    import torch
+
+    from tinylm.config import build_configs, parse_overrides, preset_vocab_size, to_dict
     from tinylm.model import Transformer, parameter_summary
 
     if args.run_dir:
@@ -215,13 +217,29 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
         run = load_run(args.run_dir)
         model, model_cfg = run.model, run.model_cfg
     else:
-        model_cfg, _ = build_configs(args.preset, parse_overrides(args.set or []), vocab_size=args.vocab_size)
-        model = Transformer(model_cfg)
+        overrides = parse_overrides(args.set or [])
+        vocab = overrides.pop("vocab_size", None) or args.vocab_size or preset_vocab_size(args.preset)
+        model_cfg, _ = build_configs(args.preset, overrides, vocab_size=vocab)
+        with torch.device("meta"):  # shapes only: counting needs no memory and no initialisation
+            model = Transformer(model_cfg)
     summary = parameter_summary(model)
-    print(f"{summary['tensors']} trainable tensors, {summary['parameters']:,} parameters")
+    print(
+        f"{summary['tensors']} trainable tensors, {summary['parameters']:,} parameters "
+        f"(vocabulary {model_cfg.vocab_size:,})"
+    )
     for name, part in summary["modules"].items():
         print(f"  {name:<18} {part['tensors']:>4} tensors {part['parameters']:>14,} parameters")
     return {**summary, "config": to_dict(model_cfg)}
+
+
+def cmd_harness(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.harness import evaluate
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    results = evaluate(args.run_dir, tasks, limit=args.limit, device=args.device, checkpoint=args.checkpoint)
+    for task, metrics in results.items():
+        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return {"results": results}
 
 
 def cmd_plot(args: argparse.Namespace) -> dict[str, Any]:
@@ -764,13 +782,30 @@ def _parser_plot(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plot)
 
 
+def _parser_harness(sub: argparse._SubParsersAction) -> None:
+    """`tinylm harness`."""
+    p = sub.add_parser("harness", help="run LM Evaluation Harness tasks on a run (needs lm_eval)")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--tasks", required=True, help="comma-separated harness task names, e.g. hellaswag")
+    p.add_argument("--limit", type=int, help="at most this many examples per task")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
+    p.add_argument("--checkpoint", default="last", help="checkpoint to evaluate (default last)")
+    _add_common(p)
+    p.set_defaults(func=cmd_harness)
+
+
 def _parser_info(sub: argparse._SubParsersAction) -> None:
     """`tinylm info`."""
     p = sub.add_parser("info", help="count trainable tensors and parameters")
     p.add_argument("run_dir", nargs="?", help="run directory (else describe --preset)")
     p.add_argument("--preset", default="tiny", help="preset to describe")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override config fields")
-    p.add_argument("--vocab-size", type=int, default=65, help="vocabulary size for a preset (default 65)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="vocabulary size for a preset (default: the one it is meant for, 50,257 for mini-gpt and "
+        "gpt2-small, 65 characters otherwise; --set vocab_size=N works too)",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_info)
 
@@ -796,6 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
     _parser_plot(sub)
     _parser_info(sub)
     _parser_serve(sub)
+
+
+    _parser_harness(sub)
     return parser
 
 

@@ -282,6 +282,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The vocabulary each preset is meant for (its tutorial's tokenizer: GPT-2's 50,257 subwords or Tiny
+# Shakespeare's 65 characters). Training always takes vocab_size from the data's tokenizer; this is what
+# `tinylm info --preset` counts parameters with.
+PRESET_VOCAB: dict[str, int] = {"mini-gpt": 50257, "gpt2-small": 50257}
+CHAR_VOCAB = 65
+
+
+def preset_vocab_size(preset: str) -> int:
+    """The vocabulary size `preset` is meant for (65 characters unless it is a subword preset)."""
+    return PRESET_VOCAB.get(preset, CHAR_VOCAB)
+
+
 # Fine-tuning starts from the base run's recipe with these changes. Both learning rates (lr and, for
 # optimizer muon, muon_lr) become FINETUNE_LR_SCALE of the base run's, and scale together with --lr.
 FINETUNE_DEFAULTS: dict[str, Any] = dict(warmup_steps=20, max_steps=200, epochs=0)
@@ -376,6 +388,8 @@ __all__ = [
     "TrainConfig",
     "SampleConfig",
     "PRESETS",
+    "PRESET_VOCAB",
+    "preset_vocab_size",
     "build_configs",
     "finetune_config",
     "FINETUNE_DEFAULTS",

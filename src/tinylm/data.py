@@ -88,9 +88,12 @@ def load_builtin(name: str) -> Source:
 
 def load_hf(spec: str) -> Source:
     """`hf:NAME[:CONFIG]` through Hugging Face `datasets`: its train split, and validation if it has one."""
+    from tinylm.hub import offline_reason
+
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not parts[1]:
         raise TinyLMError(f"Write Hugging Face datasets as hf:NAME or hf:NAME:CONFIG, not {spec!r}.")
+    offline = offline_reason()  # before importing datasets, which reads offline mode once
     try:
         import datasets
     except ImportError:
@@ -100,6 +103,11 @@ def load_hf(spec: str) -> Source:
     try:
         ds = datasets.load_dataset(parts[1], parts[2] if len(parts) == 3 else None)
     except Exception as exc:  # no network, unknown name, ...
+        if offline:
+            raise TinyLMError(
+                f"{spec!r} is not in the local Hugging Face cache and {offline}; connect to the network "
+                "(the first download is cached) or pass a local text file."
+            ) from None
         raise TinyLMError(
             f"Could not load {spec!r} from the Hugging Face hub ({type(exc).__name__}: {str(exc)[:200]}); "
             "check the name and your network, or pass a local text file."

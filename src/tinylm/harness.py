@@ -1,5 +1,7 @@
 """EleutherAI LM Evaluation Harness support: scoring helpers, and a `tinylm` model for the harness.
 
+    tinylm harness runs/mini-gpt --tasks hellaswag --limit 100      # or, in Python:
+    tinylm.harness.evaluate("runs/mini-gpt", ["hellaswag"], limit=100)
     import lm_eval, tinylm.harness                 # registers the "tinylm" model
     lm_eval.simple_evaluate(model="tinylm", model_args="run=runs/mini-gpt", tasks=["lambada_openai"])
 
@@ -16,7 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinylm.errors import TinyLMError
 from tinylm.generate import generate
+from tinylm.hub import offline_reason
 
 
 @torch.no_grad()
@@ -60,6 +64,8 @@ def _make_harness_model() -> type | None:
             super().__init__()
             from tinylm.checkpoint import load_run
 
+            offline_reason()  # offline, task datasets then load from the cache at once instead of retrying
+
             loaded = load_run(run, checkpoint, device)
             self.model, self.tok = loaded.model, loaded.tokenizer
             self.max_gen_toks = int(max_gen_toks)
@@ -102,3 +108,35 @@ def _make_harness_model() -> type | None:
 
 
 TinyLMEval = _make_harness_model()  # None when lm_eval is not installed
+
+
+def evaluate(
+    run: str, tasks: list[str], limit: int | None = None, device: str = "cpu", checkpoint: str = "last"
+) -> dict[str, dict[str, float]]:
+    """Run harness `tasks` on a tinylm run: {task: {metric: value}}; offline, uncached tasks fail at once."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise TinyLMError("The evaluation harness needs lm_eval: pip install 'tinylm[eval]'.") from None
+    offline = offline_reason()  # before any dataset download: offline mode means no retries
+    try:
+        results = lm_eval.simple_evaluate(
+            model="tinylm",
+            model_args=f"run={run},checkpoint={checkpoint},device={device}",
+            tasks=tasks,
+            limit=limit,
+        )
+    except TinyLMError:
+        raise
+    except Exception as exc:  # no network, unknown task, a dataset that fails to load
+        if offline:
+            raise TinyLMError(
+                f"Harness task(s) {', '.join(tasks)} could not be loaded: {offline} and their data is not in "
+                "the local Hugging Face cache; connect to the network once (downloads are cached)."
+            ) from None
+        raise TinyLMError(
+            f"The harness failed on {', '.join(tasks)} ({type(exc).__name__}: {str(exc)[:200]})."
+        ) from None
+    return {
+        task: {k: v for k, v in m.items() if isinstance(v, float)} for task, m in results["results"].items()
+    }

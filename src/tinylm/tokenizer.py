@@ -108,6 +108,9 @@ class HFTokenizer:
     @classmethod
     def gpt2(cls) -> HFTokenizer:
         """GPT-2's tokenizer through `transformers` (needs the files cached or a network)."""
+        from tinylm.hub import offline_reason
+
+        offline = offline_reason()  # before importing transformers, which reads offline mode once
         try:
             from transformers import AutoTokenizer
         except ImportError:
@@ -115,9 +118,9 @@ class HFTokenizer:
         try:
             hf = AutoTokenizer.from_pretrained("gpt2")
         except Exception as exc:  # offline, no cache, proxy errors...
+            why = f"{offline} and it is not in the local cache" if offline else f"{type(exc).__name__}"
             raise TinyLMError(
-                "Could not load GPT-2's tokenizer (no network and no local copy in the Hugging Face or tiktoken "
-                f"cache); use --tokenizer bpe or char instead. ({type(exc).__name__})"
+                f"Could not load GPT-2's tokenizer ({why}); use --tokenizer bpe or char instead."
             ) from None
         return cls(hf.backend_tokenizer, "gpt2")
 
