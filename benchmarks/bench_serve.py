@@ -56,7 +56,7 @@ def free_port() -> int:
 
 def prepare_run(out: Path, steps: int) -> Path:
     """A cpu-llama run on Tiny Shakespeare's characters: trained for `steps` steps, or random weights (0)."""
-    from tinylm.checkpoint import save_checkpoint, write_run_config
+    from tinylm.checkpoint import RunRecord, save_checkpoint
     from tinylm.config import build_configs
     from tinylm.model import Transformer
     from tinylm.tokenizer import CharTokenizer
@@ -68,7 +68,7 @@ def prepare_run(out: Path, steps: int) -> Path:
         tokenizer = CharTokenizer.train(text)
         model_cfg, train_cfg = build_configs("cpu-llama", vocab_size=tokenizer.vocab_size)
         torch.manual_seed(0)
-        write_run_config(run, model_cfg, train_cfg, tokenizer, {"init": "random"})
+        RunRecord(model_cfg, train_cfg).write(run, tokenizer)  # random init: no data
         save_checkpoint(run, "last", Transformer(model_cfg).state_dict(), None, {"step": 0})
         return run
     from tinylm.data import prepare

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FLAVOURS
-from tinylm.checkpoint import load_run, save_checkpoint, write_run_config
+from tinylm.checkpoint import RunRecord, load_run, save_checkpoint
 from tinylm.config import ModelConfig, SampleConfig, TrainConfig
 from tinylm.errors import TinyLMError
 from tinylm.export_gguf import export_gguf, gguf_architecture, permute_rope, write_gguf
@@ -206,7 +206,7 @@ def test_cli_exports_and_never_overwrites(tmp_path, tokenizers):
     tokenizer = tokenizers["char"]
     model = _random_model(tokenizer, **FLAVOURS["llama"])
     run = tmp_path / "run"
-    write_run_config(run, model.cfg, TrainConfig(), tokenizer, {"data": None})
+    RunRecord(model.cfg, TrainConfig()).write(run, tokenizer)
     save_checkpoint(run, "last", model.state_dict(), None, {"step": 0})
     out = tmp_path / "m.gguf"
     assert main(["export", str(run), "--format", "gguf", "--quant", "q8_0", "--out", str(out), "--json"]) == 0

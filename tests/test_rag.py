@@ -315,3 +315,23 @@ def test_retrieval_puts_held_out_answers_in_the_prompt(rag_set: Path, set_run: P
     pairs = bench_rag.finetune_pairs(index, train_qa, tok, 256, 3, seed=0)
     assert len(pairs) == 3 * len(train_qa)
     assert all(p["response"].strip() in p["prompt"] and p["prompt"].endswith("\nA:") for p in pairs)
+
+
+def test_serve_retriever_puts_the_gold_passage_before_the_prompt_within_budget(
+    rag_set: Path, tmp_path: Path
+) -> None:
+    from tinylm.rag import load_retriever
+
+    build_index([rag_set / "docs"], tmp_path / "index", CHARS, 64)
+    retriever = load_retriever(tmp_path / "index", CHARS, block_size=256, k=3)
+    q = read_jsonl(rag_set / "qa_test.jsonl")[0]
+    prompt = f"Q: {q['question']}\nA:"
+    text, sources = retriever.augment(q["question"], prompt, budget=256)
+    assert text.startswith("Context:\n") and text.endswith("\n\n" + prompt)
+    assert " ".join(q["passage"].split()) in text and len(CHARS.encode(text)) <= 256
+    assert sources and set(sources[0]) == {"file", "passage", "score"}
+    tight, fewer = retriever.augment(q["question"], prompt, budget=len(CHARS.encode(text)) - 1)
+    assert len(fewer) < len(sources) and len(CHARS.encode(tight)) < len(CHARS.encode(text))
+    assert retriever.augment("zzzz qqqq", prompt, budget=256) == (prompt, [])
+    with pytest.raises(TinyLMError, match="another tokenizer"):
+        load_retriever(tmp_path / "index", CharTokenizer("abc"), block_size=256)

@@ -309,9 +309,9 @@ def cmd_index(args: argparse.Namespace) -> dict[str, Any]:
             raise TinyLMError(
                 "With --tokenizer, give --passage-tokens N (with --run it follows the context)."
             )
-        from tinylm.checkpoint import read_run_config
+        from tinylm.checkpoint import RunRecord
 
-        cap = default_passage_tokens(read_run_config(Path(args.run))["model"]["block_size"], args.k)
+        cap = default_passage_tokens(RunRecord.read(Path(args.run)).model.block_size, args.k)
     meta = build_index(args.docs, args.out, tokenizer, cap, k1=args.k1, b=args.b)
     print(
         f"Indexed {meta['passages']:,} passages (at most {cap} tokens each) from {len(meta['files'])} "
@@ -831,7 +831,6 @@ def build_parser() -> argparse.ArgumentParser:
     _parser_plot(sub)
     _parser_info(sub)
     _parser_serve(sub)
-
 
     _parser_harness(sub)
     return parser

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from tinylm.config import TrainConfig
 from tinylm.errors import TinyLMError
-from tinylm.tokenizer import HFTokenizer, Tokenizer, build_tokenizer, load_tokenizer
+from tinylm.tokenizer import HFTokenizer, Tokenizer, build_tokenizer, load_tokenizer, tokenizer_hash
 
 # Built-in corpora: looked up in $TINYLM_DATA_DIR first, else downloaded once into the cache.
 BUILTINS = {
@@ -201,16 +201,6 @@ def prepare(
     tok.save(out / "tokenizer.json")
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
-
-
-def tokenizer_hash(tokenizer: Tokenizer) -> str:
-    """sha256 of the tokenizer's canonical JSON: equal exactly when two tokenizers map text the same way."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save(Path(tmp) / "tokenizer.json")
-        canonical = json.dumps(json.loads((Path(tmp) / "tokenizer.json").read_text()), sort_keys=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 class TokenData:

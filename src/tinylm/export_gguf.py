@@ -297,7 +297,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "f32", checkp
 
     run = load_run(run_dir, checkpoint)
     model = run.model
-    if run.config.get("lora"):
+    if run.record.lora is not None:
         from tinylm.lora import merge_lora
 
         model = merge_lora(model)

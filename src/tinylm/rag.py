@@ -19,7 +19,6 @@ left (its beginning kept, when at least `MIN_PIECE` tokens are left) and the res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.errors import TinyLMError
-from tinylm.tokenizer import Tokenizer, load_tokenizer
+from tinylm.tokenizer import Tokenizer, load_tokenizer, tokenizer_hash
 
 FORMAT_VERSION = 1  # bump when the index layout or the passage splitting changes
 INDEX_FILE = "index.json"
@@ -52,17 +51,6 @@ class Passage:
     passage_no: int
     text: str
     score: float = 0.0
-
-
-# ----- tokenizer identity ------------------------------------------------------------------
-def tokenizer_hash(tokenizer: Tokenizer) -> str:
-    """sha256 of the tokenizer's saved content (JSON keys sorted), so re-saved copies hash the same."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tokenizer.json"
-        tokenizer.save(path)
-        content = json.loads(path.read_text(encoding="utf-8"))
-    canonical = json.dumps({"kind": tokenizer.kind, "content": content}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def default_passage_tokens(block_size: int, k: int = 3) -> int:
@@ -403,12 +391,44 @@ def _kept_passages(prompt: str) -> list[str]:
 def index_tokenizer(run_dir: str | Path | None, tokenizer_file: str | Path | None) -> Tokenizer:
     """The tokenizer an index is capped with: the run's, or a tokenizer file."""
     if run_dir is not None:
-        from tinylm.checkpoint import read_run_config
+        from tinylm.checkpoint import RunRecord
 
-        read_run_config(Path(run_dir))  # a clear error when it is not a run
+        RunRecord.read(Path(run_dir))  # a clear error when it is not a run
         return load_tokenizer(Path(run_dir) / "tokenizer.json")
     if tokenizer_file is not None:
         return load_tokenizer(tokenizer_file)
     raise TinyLMError(
         "Give --run RUN_DIR (or --tokenizer FILE with --passage-tokens) to cap passages in tokens."
     )
+
+
+@dataclass
+class IndexRetriever:
+    """`tinylm serve --index`: puts the passages retrieved for a query in front of any prompt."""
+
+    index: Index
+    tokenizer: Tokenizer
+    k: int = 3
+
+    def augment(self, query: str, prompt: str, budget: int) -> tuple[str, list[dict]]:
+        """("Context:\n{passages}\n\n" + prompt, within `budget` tokens, best passages first; their sources)."""
+        kept: list[Passage] = []
+        for passage in self.index.search(query, self.k) if query.strip() else []:
+            text = _context_block([*kept, passage]) + prompt
+            if len(self.tokenizer.encode(text)) > budget:
+                break
+            kept.append(passage)
+        sources = [{"file": p.file, "passage": p.passage_no, "score": p.score} for p in kept]
+        return (_context_block(kept) + prompt if kept else prompt), sources
+
+
+def _context_block(passages: Sequence[Passage]) -> str:
+    return "Context:\n" + "\n".join(" ".join(p.text.split()) for p in passages) + "\n\n"
+
+
+def load_retriever(
+    index_dir: str | Path, tokenizer: Tokenizer, block_size: int, k: int = 3
+) -> IndexRetriever:
+    """The retriever `tinylm serve --index INDEX_DIR` uses (checked against the model's tokenizer)."""
+    del block_size  # the server passes each request's token budget to `augment`
+    return IndexRetriever(Index.load(index_dir, tokenizer), tokenizer, k)

@@ -220,3 +220,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise TinyLMError(f"{path} is not a valid tokenizer file ({exc}).") from None
     is_gpt2 = tok.get_vocab_size() == 50257 and tok.token_to_id(EOT) == 50256
     return HFTokenizer(tok, "gpt2" if is_gpt2 else "bpe")
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    """sha256 of the tokenizer's canonical JSON: equal exactly when two tokenizers map text the same way."""
+    import hashlib
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(Path(tmp) / "tokenizer.json")
+        canonical = json.dumps(
+            json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8")), sort_keys=True
+        )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from tinylm.checkpoint import LoadedRun
+from tinylm.config import to_dict
 from tinylm.model.transformer import parameter_summary
 from tinylm.viz import generation_attention
 
@@ -35,8 +36,8 @@ def run_card(run: LoadedRun, name: str) -> dict[str, Any]:
         "tokenizer": run.tokenizer.kind,
         "vocab_size": run.tokenizer.vocab_size,
         "parameters": parameter_summary(run.model)["parameters"],
-        "config": run.config.get("model", {}),
-        "train": run.config.get("train", {}),
+        "config": to_dict(run.record.model),
+        "train": to_dict(run.record.train),
         "step": run.meta.get("step"),
         "val_loss": val_loss,
         "train_curve": _curve(train, "loss"),
