@@ -3,9 +3,10 @@ import torch
 
 from conftest import FLAVOURS, tiny_config
 from tinylm.checkpoint import load_run
-from tinylm.config import SampleConfig
+from tinylm.config import SampleConfig, sample_config
 from tinylm.errors import TinyLMError
 from tinylm.generate import (
+    RowText,
     apply_repetition_penalty,
     filter_top_k,
     filter_top_p,
@@ -67,11 +68,7 @@ def test_same_seed_same_text(tiny_run):
     b = generate(run.model, run.tokenizer, "ROMEO:", max_new_tokens=40, seed=7)[0]
     c = generate(run.model, run.tokenizer, "ROMEO:", max_new_tokens=40, seed=8)[0]
     assert a.text == b.text and a.text != c.text and a.tokens == 40
-    pieces = list(
-        stream(
-            run.model, run.tokenizer, "ROMEO:", SampleConfig(max_new_tokens=40, top_k=50, top_p=0.95, seed=7)
-        )
-    )
+    pieces = list(stream(run.model, run.tokenizer, "ROMEO:", SampleConfig(max_new_tokens=40, seed=7)))
     assert "".join(pieces) == a.text
 
 
@@ -90,6 +87,48 @@ def test_stop_strings_cut_the_text(tiny_run):
     stop = full[10:12]
     cut = generate(run.model, run.tokenizer, "A", max_new_tokens=60, do_sample=False, stop=[stop])[0].text
     assert cut == full[: full.find(stop)]
+
+
+def test_stream_and_generate_stop_the_same_way(tiny_run):
+    """One decode path: stop strings (also across token boundaries) cut generate and stream alike."""
+    run = load_run(tiny_run)
+    full = generate(run.model, run.tokenizer, "A", max_new_tokens=80, seed=3)[0].text
+    stop = full[30:33]
+    cut = full[: full.find(stop)]
+    cfg = SampleConfig(max_new_tokens=80, seed=3, stop=(stop, "never there"))
+    assert generate(run.model, run.tokenizer, "A", cfg)[0].text == cut
+    assert "".join(stream(run.model, run.tokenizer, "A", cfg)) == cut
+
+
+class _Chars:
+    """A stand-in tokenizer: ids are code points."""
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+def test_row_text_holds_back_a_possible_stop_and_cuts_at_it():
+    row = RowText(_Chars(), stops=("\n\nUser:",), eot=0)
+    pieces = [row.push(ord(c)) for c in "Hi.\n\nUs"]
+    assert "".join(pieces) == "Hi." and not row.done  # "\n\nUs" may start the stop string
+    pieces = [row.push(ord(c)) for c in "er: more"]
+    assert row.done and row.text == "Hi." and pieces == [""] * 8
+    row = RowText(_Chars(), stops=("\n\nUser:",), eot=0)
+    assert "".join(row.push(ord(c)) for c in "a\n\nb") == "a\n\nb"  # a false start is released
+    assert row.push(0) == "" and row.done and row.ids == [ord(c) for c in "a\n\nb"]  # end-of-text
+
+
+def test_sample_config_is_the_one_source_of_defaults(tiny_run):
+    assert sample_config() == SampleConfig()
+    assert sample_config(SampleConfig(top_k=5), temperature=None, greedy=True) == SampleConfig(
+        top_k=5, do_sample=False
+    )
+    with pytest.raises(TinyLMError, match="unknown sampling option"):
+        sample_config(topk=3)
+    run = load_run(tiny_run)
+    implicit = generate(run.model, run.tokenizer, "ROMEO:", seed=2, max_new_tokens=30)[0].text
+    explicit = generate(run.model, run.tokenizer, "ROMEO:", SampleConfig(seed=2, max_new_tokens=30))[0].text
+    assert implicit == explicit
 
 
 def _greedy_both_ways(flavour: str, batch: int, new_tokens: int, **mode) -> tuple[torch.Tensor, torch.Tensor]:

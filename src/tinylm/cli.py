@@ -89,7 +89,6 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.checkpoint import load_run
-    from tinylm.config import SampleConfig
     from tinylm.generate import generate, stream
     from tinylm.runtime import resolve_device
 
@@ -99,21 +98,11 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         from tinylm.runtime import resolve_dtype
 
         run.model.to(resolve_dtype(args.dtype, device))
-    kwargs = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        do_sample=not args.greedy,
-        repetition_penalty=args.repetition_penalty,
-        stop=tuple(args.stop or ()),
-        seed=args.seed,
-    )
+    cfg = _sample_config(args)
     if args.stream:
-        cfg = SampleConfig(**kwargs)
         start, pieces = time.perf_counter(), []
         print(args.prompt, end="", flush=True)
-        for piece in stream(run.model, run.tokenizer, args.prompt, cfg):
+        for piece in stream(run.model, run.tokenizer, args.prompt, cfg, compile=args.compile):
             pieces.append(piece)
             print(piece, end="", flush=True)
         print()
@@ -127,10 +116,10 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         run.model,
         run.tokenizer,
         args.prompt,
+        cfg,
         num_samples=args.num_samples,
         progress=not args.no_progress,
         compile=args.compile,
-        **kwargs,
     )
     for i, r in enumerate(results):
         if len(results) > 1:
@@ -222,19 +211,8 @@ def cmd_app(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.runtime import resolve_device
 
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
-    sampling = dict(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        do_sample=not args.greedy,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-    )
-    fn = {"complete": apps.complete_text, "story": apps.generate_story, "ask": apps.answer_question}[
-        args.command
-    ]
-    text = fn(run.model, run.tokenizer, args.text, **sampling)
+    # only the flags the user gave: each app keeps its own defaults (e.g. ask's temperature 0.7)
+    text = apps.APPS[args.command](run.model, run.tokenizer, args.text, **_sampling_options(args))
     print(text)
     return {"text": text}
 
@@ -252,20 +230,14 @@ def cmd_attention(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
     from dataclasses import replace
 
+    from tinylm.chat import CHAT_STOP, render_chat
     from tinylm.checkpoint import load_run
-    from tinylm.config import SampleConfig
     from tinylm.generate import stream
     from tinylm.runtime import resolve_device
 
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
-    cfg = SampleConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        do_sample=not args.greedy,
-        seed=args.seed,
-    )
+    cfg = _sample_config(args)
+    cfg = replace(cfg, stop=CHAT_STOP + cfg.stop)  # a reply ends where the model starts the next user turn
     settings = {
         "/temp": ("temperature", float),
         "/top_k": ("top_k", int),
@@ -273,8 +245,10 @@ def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
         "/max": ("max_new_tokens", int),
     }
     print(
-        "tinylm chat: type a prompt; /temp 0.8, /top_k 50, /top_p 0.9, /max 200 change settings; /quit leaves."
+        "tinylm chat: type a message; /temp 0.8, /top_k 50, /top_p 0.9, /max 200 change settings; "
+        "/reset forgets the conversation; /quit leaves."
     )
+    messages: list[dict[str, str]] = []
     turns = 0
     while True:
         try:
@@ -284,6 +258,10 @@ def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
         word, _, value = line.strip().partition(" ")
         if word in ("/quit", "/exit"):
             break
+        if word == "/reset":
+            messages.clear()
+            print("(conversation cleared)")
+            continue
         if word in settings:
             name, kind = settings[word]
             try:
@@ -292,15 +270,31 @@ def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
             except (ValueError, TinyLMError) as exc:
                 print(f"error: {exc}")
             continue
-        try:
-            for piece in stream(run.model, run.tokenizer, line, cfg):
-                print(piece, end="", flush=True)
-        except TinyLMError as exc:
-            print(f"error: {exc}", end="")
-        print()
-        turns += 1
+        if not line.strip():
+            continue
+        reply = _chat_turn(run, messages + [{"role": "user", "content": line}], cfg, render_chat, stream)
+        if reply is not None:
+            messages += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
+            turns += 1
     print()
     return {"turns": turns}
+
+
+def _chat_turn(run: Any, messages: list[dict[str, str]], cfg: Any, render: Any, stream: Any) -> str | None:
+    """Stream the assistant's reply to `messages`; None (after printing the error) when it fails."""
+    pieces: list[str] = []
+    try:
+        with warnings.catch_warnings():  # a long conversation keeps its most recent context, silently
+            warnings.simplefilter("ignore")
+            for piece in stream(run.model, run.tokenizer, render(messages), cfg):
+                piece = piece if pieces else piece.lstrip()
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+    except TinyLMError as exc:
+        print(f"error: {exc}")
+        return None
+    print()
+    return "".join(pieces).strip()
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -358,26 +352,64 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
-def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature > 0 (default 0.8)")
+def _unescape(value: str) -> str:
+    r"""A --stop string with \n, \t, \r and \\ decoded, as a user typing "\n\n" in a shell means."""
+    import re
+
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m[1]], value)
+
+
+def _add_sampling(p: argparse.ArgumentParser, app: str | None = None) -> None:
+    """The sampling flags; defaults shown are SampleConfig's (or the app's own), never duplicated here."""
+    from tinylm.config import APP_SAMPLING, SampleConfig
+
+    d = APP_SAMPLING[app] if app else SampleConfig()
+    p.add_argument("--max-new-tokens", type=int, help=f"tokens to generate (default {d.max_new_tokens})")
+    p.add_argument("--temperature", type=float, help=f"sampling temperature > 0 (default {d.temperature})")
+    p.add_argument("--top-k", type=int, help=f"keep the k most likely tokens, 0 = off (default {d.top_k})")
     p.add_argument(
-        "--top-k", type=int, default=50, help="keep the k most likely tokens, 0 = off (default 50)"
+        "--top-p", type=float, help=f"nucleus sampling mass in (0, 1], 1 = off (default {d.top_p})"
     )
     p.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0 = off)"
-    )
-    p.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0 = off)"
+        "--repetition-penalty",
+        type=float,
+        help=f"> 1 discourages repeats, 1 = off (default {d.repetition_penalty})",
     )
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        type=_unescape,
+        help="stop when this string appears (repeatable); \\n, \\t, \\r and \\\\ are decoded, "
+        'so --stop "\\n\\n" stops at a blank line' + (f" (default {d.stop!r})" if d.stop else ""),
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default cpu)")
     p.add_argument(
         "--checkpoint", default="last", help="checkpoint name in the run (default last; e.g. best)"
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags the user gave, as SampleConfig fields (absent flags are left out)."""
+    options = {
+        name: getattr(args, name)
+        for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+        if getattr(args, name) is not None
+    }
+    if args.stop:
+        options["stop"] = tuple(args.stop)
+    if args.greedy:
+        options["do_sample"] = False
+    return options
+
+
+def _sample_config(args: argparse.Namespace) -> Any:
+    """SampleConfig from the sampling flags: the one helper every sampling command uses."""
+    from tinylm.config import sample_config
+
+    return sample_config(None, **_sampling_options(args))
 
 
 def _parser_prepare(sub: argparse._SubParsersAction) -> None:
@@ -499,7 +531,7 @@ def _parser_apps(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("run_dir", help="run directory")
         p.add_argument("text", help=arg)
-        _add_sampling(p)
+        _add_sampling(p, app=name)
         _add_common(p)
         p.set_defaults(func=cmd_app)
 
