@@ -12,6 +12,31 @@ from tinylm.config import ModelConfig
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (T, head_dim)
 
+# Roles a module marks on its own parameters, read from outside the model (init, optimizer split).
+RESIDUAL_OUT = (
+    "residual_out"  # writes into the residual stream: initialised with std 0.02 / sqrt(2 * n_layer)
+)
+HIDDEN_MATRIX = "hidden_matrix"  # a 2-D weight inside the blocks: what Muon orthogonalizes
+
+
+def mark(module: nn.Module, *roles: str, param: str = "weight") -> nn.Module:
+    """Tag `module`'s own parameter `param` with roles (RESIDUAL_OUT, HIDDEN_MATRIX); returns the module."""
+    marks = dict(getattr(module, "param_roles", {}))
+    marks[param] = marks.get(param, frozenset()) | frozenset(roles)
+    module.param_roles = marks
+    return module
+
+
+def parameters_with_role(model: nn.Module, role: str) -> list[nn.Parameter]:
+    """Every parameter some module of `model` marked with `role` (each once)."""
+    found: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, roles in getattr(module, "param_roles", {}).items():
+            p = module._parameters.get(name)  # an own, unparametrized parameter
+            if role in roles and p is not None:
+                found[id(p)] = p
+    return list(found.values())
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich, 2019), computed in float32."""
@@ -149,10 +174,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         kv_dim = self.n_kv_head * self.head_dim
-        self.wq = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
-        self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.wq = mark(nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias), HIDDEN_MATRIX)
+        self.wk = mark(nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias), HIDDEN_MATRIX)
+        self.wv = mark(nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias), HIDDEN_MATRIX)
+        self.wo = mark(nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias), HIDDEN_MATRIX, RESIDUAL_OUT)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.record_weights = False  # set from outside (viz) to keep the attention probabilities
@@ -220,12 +245,12 @@ class MLP(nn.Module):
         self.swiglu = cfg.mlp == "swiglu"
         hidden = cfg.hidden_dim
         if self.swiglu:
-            self.w1 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # gate
-            self.w3 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # up
-            self.w2 = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)  # down
+            self.w1 = mark(nn.Linear(cfg.n_embd, hidden, bias=cfg.bias), HIDDEN_MATRIX)  # gate
+            self.w3 = mark(nn.Linear(cfg.n_embd, hidden, bias=cfg.bias), HIDDEN_MATRIX)  # up
+            self.w2 = mark(nn.Linear(hidden, cfg.n_embd, bias=cfg.bias), HIDDEN_MATRIX, RESIDUAL_OUT)  # down
         else:
-            self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-            self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+            self.fc = mark(nn.Linear(cfg.n_embd, hidden, bias=cfg.bias), HIDDEN_MATRIX)
+            self.proj = mark(nn.Linear(hidden, cfg.n_embd, bias=cfg.bias), HIDDEN_MATRIX, RESIDUAL_OUT)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,10 +273,11 @@ class MoE(nn.Module):
         super().__init__()
         E, C, H = cfg.n_expert, cfg.n_embd, cfg.hidden_dim
         self.n_expert, self.top_k, self.swiglu = E, cfg.n_expert_active, cfg.mlp == "swiglu"
-        self.gate = nn.Linear(C, E, bias=False)
+        self.gate = mark(nn.Linear(C, E, bias=False), HIDDEN_MATRIX)
         self.w1 = nn.Parameter(torch.empty(E, C, H))  # in-projection (gate of SwiGLU)
         self.w3 = nn.Parameter(torch.empty(E, C, H)) if self.swiglu else None  # SwiGLU up-projection
         self.w2 = nn.Parameter(torch.empty(E, H, C))  # out-projection
+        mark(self, RESIDUAL_OUT, param="w2")  # 3-D experts stay with AdamW: no HIDDEN_MATRIX
         self.drop = nn.Dropout(cfg.dropout)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
