@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from tinylm.generate import (
     select_next,
     stream,
 )
-from tinylm.model import Transformer
+from tinylm.model import KVCache, Transformer
 
 pytestmark = pytest.mark.numerics
 
@@ -147,3 +149,69 @@ def test_compiled_decode_step_is_one_graph_and_matches_eager(flavour):
     """fullgraph=True fails on any graph break: the precondition for CUDA-graph capture on a GPU."""
     compiled, eager = _greedy_both_ways(flavour, batch=1, new_tokens=12, compile=True)
     assert torch.equal(compiled, eager)
+
+
+class _WindowCache(KVCache):
+    """Naive reference: keep every key at its position; mask each query to the last block_size keys."""
+
+    def __init__(self, *args, window: int) -> None:
+        super().__init__(*args)
+        self.window = window
+
+    def update(self, positions, k, v):
+        k, v, mask = super().update(positions, k, v)
+        positions = positions.expand(k.size(0), -1)
+        return k, v, mask & (self.pos[:, None, None, :] > positions[:, None, :, None] - self.window)
+
+
+@pytest.mark.parametrize("flavour", ["llama", "llama-gqa", "llama-moe"])
+def test_rolling_cache_matches_a_naive_sliding_window(flavour):
+    """Past the context the rolling cache attends to the last block_size keys at their original positions."""
+    torch.manual_seed(0)
+    cfg = tiny_config(**FLAVOURS[flavour])
+    model = Transformer(cfg).eval()
+    seq = torch.randint(0, 65, (1, 75))  # 75 positions: more than twice the 32-token context
+    reference = [
+        _WindowCache(1, cfg.kv_heads, 75, cfg.head_dim, torch.float32, torch.device("cpu"), window=32)
+        for _ in model.blocks
+    ]
+    rolling = model.make_caches(1, rolling=True)
+    with torch.no_grad():
+        ref = torch.cat(
+            [model(seq[:, t : t + 1], caches=reference, pos=torch.tensor([t])) for t in range(75)], 1
+        )
+        ours = [model(seq[:, :10], caches=rolling)]  # a prefix, then one token at a time
+        ours += [model(seq[:, t : t + 1], caches=rolling, pos=torch.tensor([t])) for t in range(10, 75)]
+    torch.testing.assert_close(torch.cat(ours, 1), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_rolling_cache_through_generate_and_its_errors(tiny_run):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS["llama"])).eval()
+    idx = torch.randint(0, 65, (2, 5))
+    cfg = SampleConfig(max_new_tokens=60, do_sample=False, rolling_cache=True)
+    rolled = torch.stack(list(generate_tokens(model, idx, cfg)))
+    assert rolled.shape == (60, 2)
+    inside = torch.stack(list(generate_tokens(model, idx, SampleConfig(max_new_tokens=27, do_sample=False))))
+    assert torch.equal(rolled[:27], inside)  # inside the context both modes are the same decoder
+    run = load_run(tiny_run)  # learned positions: re-encoding is the only mode
+    with pytest.raises(TinyLMError, match="rolling KV cache needs RoPE"):
+        generate(run.model, run.tokenizer, "A", max_new_tokens=3, rolling_cache=True)
+
+
+def test_decode_compiles_once_across_calls_and_past_the_context():
+    """Issue 14: 500 tokens past the context and repeated calls compile the decode step exactly once."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS["llama"])).eval()
+    idx = torch.randint(0, 65, (1, 5))
+    cfg = SampleConfig(max_new_tokens=500, do_sample=False, rolling_cache=True)
+    torch._dynamo.reset()
+    counters.clear()
+    first = torch.stack(list(generate_tokens(model, idx, cfg, compile=True)))
+    again = torch.stack(list(generate_tokens(model, idx, replace(cfg, max_new_tokens=40), compile=True)))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    assert torch.equal(first[:40], again)
+    eager = torch.stack(list(generate_tokens(model, idx, replace(cfg, max_new_tokens=40))))
+    assert torch.equal(eager, again)

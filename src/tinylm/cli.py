@@ -402,6 +402,8 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
         options["stop"] = tuple(args.stop)
     if args.greedy:
         options["do_sample"] = False
+    if getattr(args, "rolling_cache", False):
+        options["rolling_cache"] = True
     return options
 
 
@@ -498,7 +500,15 @@ def _parser_generate(sub: argparse._SubParsersAction) -> None:
         help="cast the weights for decoding (bf16 is ~1.5x faster on CPU)",
     )
     p.add_argument(
-        "--compile", action="store_true", help="compile the fixed-shape decode step (CUDA graphs on a GPU)"
+        "--compile",
+        action="store_true",
+        help="compile the one-token decode step once, before timing (CUDA graphs on a GPU)",
+    )
+    p.add_argument(
+        "--rolling-cache",
+        action="store_true",
+        help="past the context keep the last block_size keys at their positions instead of re-encoding "
+        "the window each token (RoPE models only)",
     )
     _add_sampling(p)
     _add_common(p)

@@ -144,6 +144,9 @@ class SampleConfig:
     do_sample: bool = True  # False = greedy decoding (always the most likely token)
     seed: int | None = None  # fixes the sampled text
     stop: tuple[str, ...] = ()  # stop when any of these strings appears in the continuation
+    rolling_cache: bool = (
+        False  # past the context keep the last block_size keys (RoPE) instead of re-encoding
+    )
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:

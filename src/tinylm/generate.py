@@ -90,6 +90,15 @@ def _compiled_step(mode: str) -> object:
     return torch.compile(decode_one_token, mode=mode, fullgraph=True)
 
 
+def warm_up(model: nn.Module, batch: int, rolling: bool = False) -> None:
+    """Compile the decode step for `batch` rows before anything is timed (inductor caches it on disk)."""
+    caches = model.decode_caches(batch, rolling=rolling)
+    device = next(model.parameters()).device
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    with torch.no_grad():  # writes position 0, which every prefill overwrites
+        compiled_decode(model)(model, token, torch.zeros(1, dtype=torch.long, device=device), caches)
+
+
 @torch.no_grad()
 def generate_tokens(
     model: nn.Module,
@@ -100,33 +109,42 @@ def generate_tokens(
 ) -> Iterator[torch.Tensor]:
     """Yield the next token (B,) for each of cfg.max_new_tokens steps after the prompt idx (B, T).
 
-    With the KV cache each step feeds one new position. Once the sequence outgrows the context,
-    the most recent block_size tokens are re-encoded each step (the tutorial's cropping rule), so
-    cached and uncached decoding give identical tokens. `compile` compiles the one-token step
-    (decode_one_token; CUDA graphs on a GPU).
+    With the KV cache (the model's own, reused across calls) the prompt is prefilled once, then
+    each step feeds one token at its position through decode_one_token (compiled with `compile`,
+    CUDA graphs on a GPU). Past the context, by default the most recent block_size tokens are
+    re-encoded each step (the tutorial's cropping rule), so cached and uncached decoding give
+    identical tokens; with cfg.rolling_cache (RoPE models) the cache keeps the last block_size keys
+    at their original positions and decoding stays one token per step.
     """
-    step_fn = compiled_decode(model) if compile else decode_one_token
+    if cfg.rolling_cache and not use_cache:
+        raise TinyLMError("rolling_cache needs the KV cache (use_cache=True).")
+    if cfg.max_new_tokens == 0:
+        return
     block = model.cfg.block_size
-    seq = idx
-    caches = model.make_caches(idx.size(0)) if use_cache else None
     generator = make_generator(cfg.seed, idx.device)
-    cached = 0  # positions already held in the caches
-    for _ in range(cfg.max_new_tokens):
-        if caches is None:
-            logits = model(seq[:, -block:])
-        else:
-            if seq.size(1) > block:
-                cached = 0  # re-encode the last block_size tokens from position 0
-            new = seq[:, -block:] if cached == 0 else seq[:, cached:]
-            positions = torch.arange(cached, cached + new.size(1), device=new.device)
-            if new.size(1) == 1:
-                logits = step_fn(model, new, positions, caches)[:, None]
-            else:
-                logits = model(new, caches=caches, pos=positions)
-            cached += new.size(1)
-        nxt = select_next(logits[:, -1], cfg, seq, generator)
+    if not use_cache:
+        seq = idx
+        for _ in range(cfg.max_new_tokens):
+            nxt = select_next(model(seq[:, -block:])[:, -1], cfg, seq, generator)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            yield nxt
+        return
+    step_fn = compiled_decode(model) if compile else decode_one_token
+    caches = model.decode_caches(idx.size(0), rolling=cfg.rolling_cache)
+    seq, prompt = idx, idx[:, -block:]
+    logits = model(prompt, caches=caches, pos=torch.arange(prompt.size(1), device=idx.device))[:, -1]
+    for step in range(cfg.max_new_tokens):
+        nxt = select_next(logits, cfg, seq, generator)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         yield nxt
+        if step + 1 == cfg.max_new_tokens:
+            break
+        if seq.size(1) > block and not cfg.rolling_cache:  # re-encode the last block_size tokens
+            window = seq[:, -block:]
+            logits = model(window, caches=caches, pos=torch.arange(block, device=idx.device))[:, -1]
+        else:
+            position = torch.full((1,), seq.size(1) - 1, dtype=torch.long, device=idx.device)
+            logits = step_fn(model, nxt[:, None].contiguous(), position, caches)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:
@@ -308,6 +326,8 @@ def generate(
     bar = tqdm(total=cfg.max_new_tokens * len(groups), desc="Generating", disable=not progress, leave=False)
     for members in groups.values():
         idx = torch.tensor([rows[i][1] for i in members], device=device)
+        if compile and use_cache:
+            warm_up(model, idx.size(0), cfg.rolling_cache)  # compiling is not part of the timed decode
         start = time.perf_counter()
         texts: list[RowText] = []
         for _, rows_so_far in decode_texts(model, tokenizer, idx, cfg, use_cache, compile):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -208,12 +209,11 @@ class CausalSelfAttention(nn.Module):
             k, v, mask = cache.update(pos, k, v)  # (B, Hkv, S, hd), mask (B, 1, T, S)
         elif pos is not None:
             mask = position_mask(pos)
-        if self.n_kv_head != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         if self.record_weights:
+            groups = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             y = self._attend_explicitly(q, k, v, mask)
-        else:
+        else:  # grouped-query attention without copying the cache: SDPA shares each kv head
             y = F.scaled_dot_product_attention(
                 q,
                 k,
@@ -221,6 +221,7 @@ class CausalSelfAttention(nn.Module):
                 attn_mask=mask,
                 is_causal=mask is None and T > 1,
                 dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
             )
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_drop(self.wo(y))
@@ -296,18 +297,34 @@ class MoE(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(-1, C)  # (N, C)
         experts, weights, probs = self.route(flat)
-        if torch.compiler.is_compiling() and not self.training:
-            # fixed shapes for compiled decoding (CUDA graphs): gather each token's chosen experts' weights
+        if not self.training and flat.size(0) <= GATHER_MAX_TOKENS:
+            # decode sizes: gather each token's chosen experts' weights (fixed shapes, no sort, no sync)
             return self._gathered(flat, experts, weights).view(B, T, C), probs.new_zeros(())
         assignment = experts.flatten()  # (N*k,) expert of each (token, slot)
         order = assignment.argsort(stable=True)
         token = order // self.top_k  # token of each sorted slot
         counts = torch.bincount(assignment, minlength=self.n_expert)
-        chunks = flat[token].split(counts.tolist())
-        out = torch.cat([self.expert_forward(e, chunk) for e, chunk in enumerate(chunks)])  # (N*k, C)
+        out = self._sorted_experts(flat[token], counts)  # (N*k, C)
         out = out * weights.flatten()[order, None].to(out.dtype)
         y = torch.zeros_like(flat).index_add_(0, token, out.to(flat.dtype))
         return self.drop(y.view(B, T, C)), load_balancing_loss(probs, counts, self.n_expert)
+
+    def _sorted_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Expert outputs for tokens x (n, C) sorted by expert, counts (E,) per expert.
+
+        One grouped matmul per weight where PyTorch has it for this device (no host sync); else
+        one matmul per expert on its slice (which needs the counts on the host).
+        """
+        if not torch.compiler.is_compiling() and _grouped_mm_works(x.device.type, x.dtype):
+            offs = counts.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(x, self.w1.to(x.dtype), offs=offs)
+            if self.w3 is not None:
+                h = F.silu(h) * torch._grouped_mm(x, self.w3.to(x.dtype), offs=offs)
+            else:
+                h = F.gelu(h, approximate="tanh")
+            return torch._grouped_mm(h, self.w2.to(x.dtype), offs=offs)
+        chunks = x.split(counts.tolist())
+        return torch.cat([self.expert_forward(e, chunk) for e, chunk in enumerate(chunks)])
 
     def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(N, C) output from per-token gathered expert weights: cheap when N * k is small (decoding)."""
@@ -319,6 +336,27 @@ class MoE(nn.Module):
         )
         out = torch.einsum("nkh,nkhc->nkc", h, self.w2[experts])
         return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
+
+
+GATHER_MAX_TOKENS = 8  # MoE inputs of at most this many tokens (decoding) use the gathered path
+
+
+@functools.cache
+def _grouped_mm_works(device: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs forward and backward here (it is new and not on every device)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.randn(5, 8, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(2, 8, 16, device=device, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([2, 5], device=device, dtype=torch.int32)
+            y = torch._grouped_mm(x, w, offs=offs)
+            y.backward(torch.ones_like(y))
+            ref = torch.cat([x[:2].detach() @ w[0].detach(), x[2:].detach() @ w[1].detach()])
+            return bool(torch.allclose(y.detach(), ref, atol=1e-2, rtol=1e-2))
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, n_expert: int) -> torch.Tensor:

@@ -149,6 +149,21 @@ class Transformer(nn.Module):
         kv, hd = self.cfg.kv_heads, self.cfg.head_dim
         return [KVCache(batch, kv, length, hd, dtype, param.device, rolling) for _ in self.blocks]
 
+    def decode_caches(self, batch: int, rolling: bool = False) -> list[KVCache]:
+        """The model's own block_size caches for `batch` rows, made once and reused by later calls.
+
+        Reuse needs no clearing (stale slots are masked by position) and keeps the same tensors
+        for a compiled decode step (no recompiles; CUDA graphs replay). One decode at a time:
+        concurrent decoders (the server) make their own with make_caches.
+        """
+        param = self.tok_emb.weight
+        key = (batch, rolling, param.dtype, param.device)
+        held = self.__dict__.get("_decode_caches")
+        if held is None or held[0] != key:
+            held = (key, self.make_caches(batch, rolling=rolling))
+            self.__dict__["_decode_caches"] = held  # a plain attribute: not part of the module tree
+        return held[1]
+
 
 def parameter_summary(model: nn.Module) -> dict:
     """Trainable tensors and parameters, in total and per top-level module (blocks summed per part)."""
