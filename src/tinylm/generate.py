@@ -63,6 +63,17 @@ def select_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def decode_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Weight dtype for decoding: auto is bf16 on GPUs with bf16 and on CPUs with bf16 units, else fp32."""
+    from tinylm.runtime import cpu_has_bf16, resolve_dtype
+
+    if name == "auto" and device.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if name == "fp16" and device.type == "cpu":
+        return torch.float16  # a weight cast, not mixed-precision training: allowed for decoding
+    return resolve_dtype(name, device)
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     if seed is None:
