@@ -130,6 +130,11 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
             print(f"--- sample {i + 1} ---")
         print(args.prompt + r.text)
     first = results[0]
+    if first.tokens and not any(r.text for r in results):
+        raise TinyLMError(
+            f"The model generated {first.tokens} tokens that the run's tokenizer decodes to no text; "
+            "the tokenizer is missing or does not belong to this model."
+        )
     summary = {
         "text": first.text,
         "tokens": first.tokens,
@@ -346,7 +351,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_import_hf(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.export import import_hf
 
-    out = import_hf(args.src, args.out)
+    out = import_hf(args.src, args.out, args.tokenizer)
     print(f"Imported {args.src} as a tinylm run in {out}")
     return {"out": str(out)}
 
@@ -632,6 +637,7 @@ def _parser_import_hf(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import-hf", help="import a local transformers GPT-2 / LLaMA / Mixtral model as a run")
     p.add_argument("src", help="Hugging Face model directory (config.json + weights + tokenizer)")
     p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--tokenizer", help="directory with the tokenizer files, when SRC has none")
     _add_common(p)
     p.set_defaults(func=cmd_import_hf)
 
