@@ -130,7 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
             print(f"--- sample {i + 1} ---")
         print(args.prompt + r.text)
     first = results[0]
-    if first.tokens and not any(r.text for r in results):
+    if first.ids and not run.tokenizer.decode(first.ids):  # an empty text cut by a stop string is fine
         raise TinyLMError(
             f"The model generated {first.tokens} tokens that the run's tokenizer decodes to no text; "
             "the tokenizer is missing or does not belong to this model."

@@ -6,7 +6,7 @@ import functools
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -179,6 +179,7 @@ class Generation:
     text: str  # the continuation only
     tokens: int
     seconds: float
+    ids: list[int] = field(default_factory=list)  # the generated token ids (before any stop string cut)
 
     @property
     def tokens_per_second(self) -> float:
@@ -346,6 +347,6 @@ def generate(
             bar.update(1)
         seconds = time.perf_counter() - start
         for i, row in zip(members, texts):
-            results[i] = Generation(rows[i][0], row.text, len(row.ids), seconds)
+            results[i] = Generation(rows[i][0], row.text, len(row.ids), seconds, row.ids)
     bar.close()
     return results  # type: ignore[return-value]
