@@ -52,12 +52,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(dtype))  # (N,)
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         self.register_buffer("bias", bias)
+        # chosen once, outside any compiled region (quantize after choosing the model's dtype)
+        self.int8pack = _int8pack_works(linear.weight.device.type, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         scale = self.scale.to(x.dtype)
-        if _int8pack_works(x.device.type, x.dtype):
+        if self.int8pack and x.dtype == self.scale.dtype:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, scale)
         else:
             y = F.linear(x2, self.weight_int8.to(x.dtype)) * scale
