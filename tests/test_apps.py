@@ -1,14 +1,19 @@
 """Batched generation, the tutorial's applications, chat and attention maps."""
 
+import importlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
+import pytest
 import torch
 
 from conftest import tiny_config
 from tinylm import apps
+from tinylm.chat import CHAT_STOP, render_chat
 from tinylm.checkpoint import load_run
+from tinylm.config import APP_SAMPLING, SampleConfig
 from tinylm.generate import generate
 from tinylm.model import Transformer
 from tinylm.tokenizer import CharTokenizer
@@ -31,15 +36,15 @@ def test_apps_use_the_tutorial_prompts(tiny_run, monkeypatch):
     seen = []
     real = apps.generate
 
-    def spy(model, tok, prompt, **kw):
-        seen.append((prompt, kw))
-        return real(model, tok, prompt, **kw)
+    def spy(model, tok, prompt, cfg=None, **kw):
+        seen.append((prompt, cfg))
+        return real(model, tok, prompt, cfg, **kw)
 
     monkeypatch.setattr(apps, "generate", spy)
     story = apps.generate_story(run.model, run.tokenizer, "a king", max_new_tokens=10, seed=0)
     assert story.startswith("Write a short story about a king. Once upon a time,")
     answer = apps.answer_question(run.model, run.tokenizer, "Who art thou?", max_new_tokens=10, seed=0)
-    assert seen[-1][0] == "Q: Who art thou?\nA:" and "\n" not in answer and seen[-1][1]["stop"] == ("\n",)
+    assert seen[-1][0] == "Q: Who art thou?\nA:" and "\n" not in answer and seen[-1][1].stop == ("\n",)
     assert apps.complete_text(run.model, run.tokenizer, "ROMEO:", max_new_tokens=5, seed=0).startswith(
         "ROMEO:"
     )
@@ -112,3 +117,90 @@ def test_chat_loop_and_app_commands(tiny_run):
             timeout=120,
         )
         assert out.returncode == 0 and "text" in json.loads(out.stdout.strip().splitlines()[-1])
+
+
+FLAGS = [
+    *("--max-new-tokens", "3", "--temperature", "0.5", "--top-k", "7", "--top-p", "0.9"),
+    *("--repetition-penalty", "1.3", "--seed", "5", "--stop", "\\n\\n", "--stop", "xy"),
+]
+GIVEN = SampleConfig(
+    max_new_tokens=3, temperature=0.5, top_k=7, top_p=0.9, repetition_penalty=1.3, seed=5, stop=("\n\n", "xy")
+)
+COMMANDS = {
+    "generate": ["generate", "{run}", "--prompt", "ROMEO:", "--no-progress"],
+    "generate --stream": ["generate", "{run}", "--prompt", "ROMEO:", "--stream"],
+    "complete": ["complete", "{run}", "ROMEO:"],
+    "story": ["story", "{run}", "a king"],
+    "ask": ["ask", "{run}", "Who?"],
+    "chat": ["chat", "{run}"],
+}
+
+
+def _sample_configs_used(monkeypatch, capsys, argv: list[str]) -> list[SampleConfig]:
+    """Run a CLI command in-process; the SampleConfigs that reached the one decode path."""
+    gen = importlib.import_module("tinylm.generate")  # the package's `generate` is the function
+    from tinylm.cli import main
+
+    seen, real = [], gen.decode_texts
+    monkeypatch.setattr(
+        gen, "decode_texts", lambda m, t, idx, cfg, *a: seen.append(cfg) or real(m, t, idx, cfg, *a)
+    )
+    lines = iter(["Who loves Juliet?"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": _next_or_eof(lines))
+    assert main(argv) == 0
+    capsys.readouterr()
+    return seen
+
+
+def _next_or_eof(lines):
+    try:
+        return next(lines)
+    except StopIteration:
+        raise EOFError from None
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_sampling_flag_reaches_the_decoder_on_every_command(command, tiny_run, monkeypatch, capsys):
+    argv = [a.format(run=tiny_run) for a in COMMANDS[command]]
+    (cfg,) = _sample_configs_used(monkeypatch, capsys, argv + FLAGS)
+    expected = replace(GIVEN, stop=CHAT_STOP + GIVEN.stop) if command == "chat" else GIVEN
+    assert cfg == expected
+    (cfg,) = _sample_configs_used(monkeypatch, capsys, argv + ["--greedy", "--max-new-tokens", "2"])
+    assert not cfg.do_sample
+
+
+@pytest.mark.parametrize("command", ["complete", "story", "ask"])
+def test_apps_keep_their_own_defaults_unless_a_flag_is_given(command, tiny_run, monkeypatch, capsys):
+    argv = [a.format(run=tiny_run) for a in COMMANDS[command]]
+    (cfg,) = _sample_configs_used(monkeypatch, capsys, argv)
+    assert cfg == APP_SAMPLING[command]  # e.g. ask: temperature 0.7, one line
+    (cfg,) = _sample_configs_used(monkeypatch, capsys, argv + ["--temperature", "1.5"])
+    assert cfg == replace(APP_SAMPLING[command], temperature=1.5)
+
+
+def test_generate_defaults_are_sample_config_defaults(tiny_run, monkeypatch, capsys):
+    (cfg,) = _sample_configs_used(monkeypatch, capsys, ["generate", str(tiny_run), "--no-progress"])
+    assert cfg == SampleConfig()
+
+
+def test_chat_renders_the_conversation_and_stops_at_the_next_user_turn(tiny_run, monkeypatch, capsys):
+    gen = importlib.import_module("tinylm.generate")  # the package's `generate` is the function
+    from tinylm.cli import main
+
+    prompts, real = [], gen.encode_prompt
+    monkeypatch.setattr(gen, "encode_prompt", lambda tok, p, n: prompts.append(p) or real(tok, p, n))
+    lines = iter(["Who loves Juliet?", "And who is he?"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": _next_or_eof(lines))
+    assert main(["chat", str(tiny_run), "--max-new-tokens", "20", "--seed", "0", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == {"turns": 2}
+    assert prompts[0] == render_chat([{"role": "user", "content": "Who loves Juliet?"}])
+    reply = prompts[1][len(prompts[0]) : -len("\nUser: And who is he?\nAssistant:")].strip()
+    assert reply and "\nUser:" not in reply and reply in out  # the printed reply ended before a new turn
+    assert prompts[1] == render_chat(
+        [
+            {"role": "user", "content": "Who loves Juliet?"},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": "And who is he?"},
+        ]
+    )

@@ -7,13 +7,14 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import FLAVOURS  # noqa: E402
 from tinylm.checkpoint import RunRecord, load_run, save_checkpoint  # noqa: E402
+from tinylm.cli import main  # noqa: E402
 from tinylm.config import (  # noqa: E402
     ModelConfig,
     SampleConfig,  # noqa: E402
     TrainConfig,
 )
 from tinylm.errors import TinyLMError  # noqa: E402
-from tinylm.export import export_hf, import_hf  # noqa: E402
+from tinylm.export import export_hf, from_hf_state, import_hf, to_hf_state  # noqa: E402
 from tinylm.generate import generate_tokens  # noqa: E402
 from tinylm.model import Transformer  # noqa: E402
 from tinylm.tokenizer import CharTokenizer, HFTokenizer  # noqa: E402
@@ -113,3 +114,45 @@ def test_unexportable_and_unimportable(tmp_path, bpe):
     transformers.BertModel(config).save_pretrained(tmp_path / "bert")
     with pytest.raises(TinyLMError, match="cannot be imported"):
         import_hf(tmp_path / "bert", tmp_path / "out")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_one_mapping_inverts_exactly(case):
+    """Each architecture's mapping is written once: import is the same rules inverted, bit for bit."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=70, block_size=16, n_layer=2, n_head=4, n_embd=32, **CASES[case])
+    sd = Transformer(cfg).state_dict()
+    back = from_hf_state(cfg, to_hf_state(cfg, sd))
+    expected = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    assert back.keys() == expected.keys()
+    assert all(torch.equal(back[k], expected[k]) for k in expected)
+
+
+def test_import_without_tokenizer_files_is_a_clear_error(tmp_path, bpe, capsys):
+    config = transformers.GPT2Config(
+        vocab_size=bpe.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4
+    )
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    with pytest.raises(TinyLMError, match="has no tokenizer files"):
+        import_hf(tmp_path / "hf", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2
+    assert "no tokenizer files" in capsys.readouterr().err
+    (tmp_path / "tok").mkdir()
+    bpe.save(tmp_path / "tok" / "tokenizer.json")
+    out = tmp_path / "run2"
+    assert (
+        main(["import-hf", str(tmp_path / "hf"), "--out", str(out), "--tokenizer", str(tmp_path / "tok")])
+        == 0
+    )
+    assert load_run(out).tokenizer.encode("To be") == bpe.encode("To be")
+
+
+def test_a_generation_that_decodes_to_nothing_is_an_error(tiny_run, monkeypatch, capsys):
+    from tinylm.tokenizer import CharTokenizer
+
+    monkeypatch.setattr(CharTokenizer, "decode", lambda self, ids: "")  # a tokenizer that lost its vocabulary
+    code = main(
+        ["generate", str(tiny_run), "--prompt", "A", "--max-new-tokens", "5", "--no-progress", "--json"]
+    )
+    assert code == 2 and "decodes to no text" in capsys.readouterr().err

@@ -1,11 +1,14 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from conftest import FLAVOURS, tiny_config
 from tinylm.checkpoint import load_run
-from tinylm.config import SampleConfig
+from tinylm.config import SampleConfig, sample_config
 from tinylm.errors import TinyLMError
 from tinylm.generate import (
+    RowText,
     apply_repetition_penalty,
     filter_top_k,
     filter_top_p,
@@ -14,7 +17,7 @@ from tinylm.generate import (
     select_next,
     stream,
 )
-from tinylm.model import Transformer
+from tinylm.model import KVCache, Transformer
 
 pytestmark = pytest.mark.numerics
 
@@ -67,11 +70,7 @@ def test_same_seed_same_text(tiny_run):
     b = generate(run.model, run.tokenizer, "ROMEO:", max_new_tokens=40, seed=7)[0]
     c = generate(run.model, run.tokenizer, "ROMEO:", max_new_tokens=40, seed=8)[0]
     assert a.text == b.text and a.text != c.text and a.tokens == 40
-    pieces = list(
-        stream(
-            run.model, run.tokenizer, "ROMEO:", SampleConfig(max_new_tokens=40, top_k=50, top_p=0.95, seed=7)
-        )
-    )
+    pieces = list(stream(run.model, run.tokenizer, "ROMEO:", SampleConfig(max_new_tokens=40, seed=7)))
     assert "".join(pieces) == a.text
 
 
@@ -92,6 +91,48 @@ def test_stop_strings_cut_the_text(tiny_run):
     assert cut == full[: full.find(stop)]
 
 
+def test_stream_and_generate_stop_the_same_way(tiny_run):
+    """One decode path: stop strings (also across token boundaries) cut generate and stream alike."""
+    run = load_run(tiny_run)
+    full = generate(run.model, run.tokenizer, "A", max_new_tokens=80, seed=3)[0].text
+    stop = full[30:33]
+    cut = full[: full.find(stop)]
+    cfg = SampleConfig(max_new_tokens=80, seed=3, stop=(stop, "never there"))
+    assert generate(run.model, run.tokenizer, "A", cfg)[0].text == cut
+    assert "".join(stream(run.model, run.tokenizer, "A", cfg)) == cut
+
+
+class _Chars:
+    """A stand-in tokenizer: ids are code points."""
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+def test_row_text_holds_back_a_possible_stop_and_cuts_at_it():
+    row = RowText(_Chars(), stops=("\n\nUser:",), eot=0)
+    pieces = [row.push(ord(c)) for c in "Hi.\n\nUs"]
+    assert "".join(pieces) == "Hi." and not row.done  # "\n\nUs" may start the stop string
+    pieces = [row.push(ord(c)) for c in "er: more"]
+    assert row.done and row.text == "Hi." and pieces == [""] * 8
+    row = RowText(_Chars(), stops=("\n\nUser:",), eot=0)
+    assert "".join(row.push(ord(c)) for c in "a\n\nb") == "a\n\nb"  # a false start is released
+    assert row.push(0) == "" and row.done and row.ids == [ord(c) for c in "a\n\nb"]  # end-of-text
+
+
+def test_sample_config_is_the_one_source_of_defaults(tiny_run):
+    assert sample_config() == SampleConfig()
+    assert sample_config(SampleConfig(top_k=5), temperature=None, greedy=True) == SampleConfig(
+        top_k=5, do_sample=False
+    )
+    with pytest.raises(TinyLMError, match="unknown sampling option"):
+        sample_config(topk=3)
+    run = load_run(tiny_run)
+    implicit = generate(run.model, run.tokenizer, "ROMEO:", seed=2, max_new_tokens=30)[0].text
+    explicit = generate(run.model, run.tokenizer, "ROMEO:", SampleConfig(seed=2, max_new_tokens=30))[0].text
+    assert implicit == explicit
+
+
 def _greedy_both_ways(flavour: str, batch: int, new_tokens: int, **mode) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens decoded with `mode` (compile=True) and with the default path."""
     torch.manual_seed(0)
@@ -108,3 +149,69 @@ def test_compiled_decode_step_is_one_graph_and_matches_eager(flavour):
     """fullgraph=True fails on any graph break: the precondition for CUDA-graph capture on a GPU."""
     compiled, eager = _greedy_both_ways(flavour, batch=1, new_tokens=12, compile=True)
     assert torch.equal(compiled, eager)
+
+
+class _WindowCache(KVCache):
+    """Naive reference: keep every key at its position; mask each query to the last block_size keys."""
+
+    def __init__(self, *args, window: int) -> None:
+        super().__init__(*args)
+        self.window = window
+
+    def update(self, positions, k, v):
+        k, v, mask = super().update(positions, k, v)
+        positions = positions.expand(k.size(0), -1)
+        return k, v, mask & (self.pos[:, None, None, :] > positions[:, None, :, None] - self.window)
+
+
+@pytest.mark.parametrize("flavour", ["llama", "llama-gqa", "llama-moe"])
+def test_rolling_cache_matches_a_naive_sliding_window(flavour):
+    """Past the context the rolling cache attends to the last block_size keys at their original positions."""
+    torch.manual_seed(0)
+    cfg = tiny_config(**FLAVOURS[flavour])
+    model = Transformer(cfg).eval()
+    seq = torch.randint(0, 65, (1, 75))  # 75 positions: more than twice the 32-token context
+    reference = [
+        _WindowCache(1, cfg.kv_heads, 75, cfg.head_dim, torch.float32, torch.device("cpu"), window=32)
+        for _ in model.blocks
+    ]
+    rolling = model.make_caches(1, rolling=True)
+    with torch.no_grad():
+        ref = torch.cat(
+            [model(seq[:, t : t + 1], caches=reference, pos=torch.tensor([t])) for t in range(75)], 1
+        )
+        ours = [model(seq[:, :10], caches=rolling)]  # a prefix, then one token at a time
+        ours += [model(seq[:, t : t + 1], caches=rolling, pos=torch.tensor([t])) for t in range(10, 75)]
+    torch.testing.assert_close(torch.cat(ours, 1), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_rolling_cache_through_generate_and_its_errors(tiny_run):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS["llama"])).eval()
+    idx = torch.randint(0, 65, (2, 5))
+    cfg = SampleConfig(max_new_tokens=60, do_sample=False, rolling_cache=True)
+    rolled = torch.stack(list(generate_tokens(model, idx, cfg)))
+    assert rolled.shape == (60, 2)
+    inside = torch.stack(list(generate_tokens(model, idx, SampleConfig(max_new_tokens=27, do_sample=False))))
+    assert torch.equal(rolled[:27], inside)  # inside the context both modes are the same decoder
+    run = load_run(tiny_run)  # learned positions: re-encoding is the only mode
+    with pytest.raises(TinyLMError, match="rolling KV cache needs RoPE"):
+        generate(run.model, run.tokenizer, "A", max_new_tokens=3, rolling_cache=True)
+
+
+def test_decode_compiles_once_across_calls_and_past_the_context():
+    """Issue 14: 500 tokens past the context and repeated calls compile the decode step exactly once."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS["llama"])).eval()
+    idx = torch.randint(0, 65, (1, 5))
+    cfg = SampleConfig(max_new_tokens=500, do_sample=False, rolling_cache=True)
+    torch._dynamo.reset()
+    counters.clear()
+    first = torch.stack(list(generate_tokens(model, idx, cfg, compile=True)))
+    again = torch.stack(list(generate_tokens(model, idx, replace(cfg, max_new_tokens=40), compile=True)))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    assert torch.equal(first[:40], again)
+    eager = torch.stack(list(generate_tokens(model, idx, replace(cfg, max_new_tokens=40))))
+    assert torch.equal(eager, again)

@@ -193,6 +193,29 @@ def test_moe_gathered_decode_path_matches_sorted_path():
     moe = MoE(tiny_config(**FLAVOURS["llama-moe"])).eval()
     for p in (moe.w1, moe.w2, moe.w3):
         torch.nn.init.normal_(p, std=0.2)
-    x = torch.randn(3, 32)
+    x = torch.randn(3, 32)  # decode sizes: the forward takes the gathered path
     experts, weights, _ = moe.route(x)
-    torch.testing.assert_close(moe._gathered(x, experts, weights), moe(x[None])[0][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(moe._gathered(x, experts, weights), naive_moe(moe, x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(moe(x[None])[0][0], naive_moe(moe, x), atol=1e-5, rtol=1e-4)
+
+
+def test_moe_training_forward_has_no_host_sync(monkeypatch):
+    """No .item() / .tolist() / nonzero on the training path (where PyTorch has grouped matmuls)."""
+    from tinylm.model.layers import _grouped_mm_works
+
+    if not _grouped_mm_works("cpu", torch.float32):
+        pytest.skip("torch._grouped_mm is not available on this CPU build")
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS["llama-moe"])).train()
+    idx = torch.randint(0, 65, (2, 16))
+
+    def sync(*a, **k):
+        raise AssertionError("host sync on the MoE training path")
+
+    for name in ("tolist", "item", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    monkeypatch.setattr(torch, "nonzero", sync)
+    logits, aux = model(idx, return_aux=True)
+    (logits.logsumexp(-1).mean() + aux).backward()
+    monkeypatch.undo()
+    assert model.blocks[0].ff.w1.grad.abs().sum() > 0

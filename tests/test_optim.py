@@ -3,11 +3,13 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import FLAVOURS, tiny_config
 from tinylm.config import TrainConfig
 from tinylm.errors import TinyLMError
+from tinylm.lora import LoRAConfig, apply_lora
 from tinylm.model import Transformer
-from tinylm.optim import Muon, build_optimizer, lr_at, orthogonalize, param_groups
+from tinylm.model.layers import HIDDEN_MATRIX, RESIDUAL_OUT, mark, parameters_with_role
+from tinylm.optim import Muon, MuonAdamW, build_optimizer, hidden_matrices, lr_at, orthogonalize, param_groups
 
 pytestmark = pytest.mark.numerics
 
@@ -120,3 +122,55 @@ def test_muon_adamw_splits_parameters_and_schedules_both():
     opt.load_state_dict(state)
     with pytest.raises(TinyLMError, match="not from optimizer muon"):
         opt.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+
+
+def _names(model, params):
+    ids = {id(p) for p in params}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+@pytest.mark.parametrize("flavour", ["gpt", "llama-moe"])
+def test_marks_name_the_hidden_matrices_and_residual_outputs(flavour):
+    """The optimizer split and the init read marks on the modules; the names are only the expected result."""
+    model = Transformer(tiny_config(n_layer=4, **FLAVOURS[flavour]))
+    hidden = _names(model, hidden_matrices(model))
+    residual = _names(model, parameters_with_role(model, RESIDUAL_OUT))
+    if flavour == "gpt":
+        per_block = {"attn.wq", "attn.wk", "attn.wv", "attn.wo", "ff.fc", "ff.proj"}
+        assert residual == {f"blocks.{i}.{m}.weight" for i in range(4) for m in ("attn.wo", "ff.proj")}
+    else:
+        per_block = {"attn.wq", "attn.wk", "attn.wv", "attn.wo", "ff.gate"}  # experts are 3-D: AdamW
+        assert residual == {f"blocks.{i}.{m}" for i in range(4) for m in ("attn.wo.weight", "ff.w2")}
+    assert hidden == {f"blocks.{i}.{m}.weight" for i in range(4) for m in per_block}
+    std = {n: model.get_parameter(n).std().item() for n in residual}
+    assert all(s < 0.02 * 0.6 for s in std.values())  # 0.02 / sqrt(2 * 4) = 0.007
+    assert 0.015 < model.blocks[0].attn.wq.weight.std().item() < 0.025
+
+
+def test_a_marked_module_anywhere_is_orthogonalized_and_an_unmarked_one_is_not():
+    model = Transformer(tiny_config())
+    extra = mark(torch.nn.Linear(32, 32, bias=False), HIDDEN_MATRIX)
+    model.blocks[0].extra = extra  # a new layer: only its mark matters, not its name
+    assert any(p is extra.weight for p in hidden_matrices(model))
+    model.blocks[0].extra = torch.nn.Linear(32, 32, bias=False)
+    assert not any(p is model.blocks[0].extra.weight for p in hidden_matrices(model))
+
+
+def test_lora_adapters_are_trained_by_adamw_under_muon():
+    """Issue 10 item 6: LoRA factors are small low-rank matrices; Muon would orthogonalize them."""
+    cfg = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02)
+    model = apply_lora(Transformer(tiny_config()), LoRAConfig(rank=4))
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert adapters and hidden_matrices(model) == []  # the base matrices are frozen, the adapters unmarked
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in adapters}
+    # partly trainable: unfreeze one base block, its matrices go to Muon, the adapters stay with AdamW
+    for n, p in model.blocks[1].named_parameters():
+        if "lora_" not in n:
+            p.requires_grad_(p.dim() == 2)
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, MuonAdamW)
+    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    assert muon and not muon & {id(p) for p in adapters}
+    assert {id(p) for g in opt.adamw.param_groups for p in g["params"]} >= {id(p) for p in adapters}

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from tinylm.config import APP_SAMPLING, sample_config
 from tinylm.generate import generate
 from tinylm.tokenizer import Tokenizer
 
@@ -13,28 +14,24 @@ STORY_PROMPT = "Write a short story about {theme}. Once upon a time,"
 QA_PROMPT = "Q: {question}\nA:"
 
 
-def complete_text(
-    model: nn.Module, tokenizer: Tokenizer, text: str, max_new_tokens: int = 50, **sampling: Any
-) -> str:
-    """The prompt followed by its continuation."""
-    return text + generate(model, tokenizer, text, max_new_tokens=max_new_tokens, **sampling)[0].text
+def complete_text(model: nn.Module, tokenizer: Tokenizer, text: str, **options: Any) -> str:
+    """The prompt followed by its continuation; options are SampleConfig fields."""
+    cfg = sample_config(APP_SAMPLING["complete"], **options)
+    return text + generate(model, tokenizer, text, cfg)[0].text
 
 
-def generate_story(
-    model: nn.Module, tokenizer: Tokenizer, theme: str, max_new_tokens: int = 200, **sampling: Any
-) -> str:
+def generate_story(model: nn.Module, tokenizer: Tokenizer, theme: str, **options: Any) -> str:
     """A story from the tutorial's prompt: "Write a short story about {theme}. Once upon a time,"."""
-    sampling.setdefault("temperature", 0.8)
-    return complete_text(model, tokenizer, STORY_PROMPT.format(theme=theme), max_new_tokens, **sampling)
+    prompt = STORY_PROMPT.format(theme=theme)
+    return (
+        prompt + generate(model, tokenizer, prompt, sample_config(APP_SAMPLING["story"], **options))[0].text
+    )
 
 
-def answer_question(
-    model: nn.Module, tokenizer: Tokenizer, question: str, max_new_tokens: int = 50, **sampling: Any
-) -> str:
+def answer_question(model: nn.Module, tokenizer: Tokenizer, question: str, **options: Any) -> str:
     """The answer after "Q: {question}\\nA:", up to the end of its line."""
-    sampling.setdefault("temperature", 0.7)
-    sampling.setdefault("stop", ("\n",))
-    answer = generate(
-        model, tokenizer, QA_PROMPT.format(question=question), max_new_tokens=max_new_tokens, **sampling
-    )[0].text
-    return answer.strip()
+    cfg = sample_config(APP_SAMPLING["ask"], **options)
+    return generate(model, tokenizer, QA_PROMPT.format(question=question), cfg)[0].text.strip()
+
+
+APPS = {"complete": complete_text, "story": generate_story, "ask": answer_question}

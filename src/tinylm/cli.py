@@ -105,31 +105,24 @@ def _report(args: argparse.Namespace, result: Any, verb: str) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.checkpoint import load_run
-    from tinylm.config import SampleConfig
     from tinylm.generate import generate, stream
     from tinylm.runtime import resolve_device
 
     device = resolve_device(args.device)
     run = load_run(args.run_dir, args.checkpoint, device)
     if args.dtype:  # e.g. bf16 weights: half the memory traffic per decoded token
-        from tinylm.runtime import resolve_dtype
+        from tinylm.generate import decode_dtype
 
-        run.model.to(resolve_dtype(args.dtype, device))
-    kwargs = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        do_sample=not args.greedy,
-        repetition_penalty=args.repetition_penalty,
-        stop=tuple(args.stop or ()),
-        seed=args.seed,
-    )
+        run.model.to(decode_dtype(args.dtype, device))
+    if args.quantize == "int8":  # int8 weights with per-channel scales; activations stay float
+        from tinylm.quantize import quantize_int8
+
+        quantize_int8(run.model)
+    cfg = _sample_config(args)
     if args.stream:
-        cfg = SampleConfig(**kwargs)
         start, pieces = time.perf_counter(), []
         print(args.prompt, end="", flush=True)
-        for piece in stream(run.model, run.tokenizer, args.prompt, cfg):
+        for piece in stream(run.model, run.tokenizer, args.prompt, cfg, compile=args.compile):
             pieces.append(piece)
             print(piece, end="", flush=True)
         print()
@@ -143,16 +136,21 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         run.model,
         run.tokenizer,
         args.prompt,
+        cfg,
         num_samples=args.num_samples,
         progress=not args.no_progress,
         compile=args.compile,
-        **kwargs,
     )
     for i, r in enumerate(results):
         if len(results) > 1:
             print(f"--- sample {i + 1} ---")
         print(args.prompt + r.text)
     first = results[0]
+    if first.ids and not run.tokenizer.decode(first.ids):  # an empty text cut by a stop string is fine
+        raise TinyLMError(
+            f"The model generated {first.tokens} tokens that the run's tokenizer decodes to no text; "
+            "the tokenizer is missing or does not belong to this model."
+        )
     summary = {
         "text": first.text,
         "tokens": first.tokens,
@@ -258,19 +256,8 @@ def cmd_app(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.runtime import resolve_device
 
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
-    sampling = dict(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        do_sample=not args.greedy,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-    )
-    fn = {"complete": apps.complete_text, "story": apps.generate_story, "ask": apps.answer_question}[
-        args.command
-    ]
-    text = fn(run.model, run.tokenizer, args.text, **sampling)
+    # only the flags the user gave: each app keeps its own defaults (e.g. ask's temperature 0.7)
+    text = apps.APPS[args.command](run.model, run.tokenizer, args.text, **_sampling_options(args))
     print(text)
     return {"text": text}
 
@@ -330,20 +317,10 @@ def cmd_ask_rag(args: argparse.Namespace) -> dict[str, Any]:
     index = Index.load(args.index)
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
     index.check_tokenizer(run.tokenizer)
-    result = answer(
-        run.model,
-        run.tokenizer,
-        index,
-        args.text,
-        k=args.k,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        do_sample=not args.greedy,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    options = _sampling_options(args)  # greedy unless the user asks for sampling
+    if options.keys() & {"temperature", "top_k", "top_p"}:
+        options.setdefault("do_sample", True)
+    result = answer(run.model, run.tokenizer, index, args.text, k=args.k, **options)
     print(result.text)
     print("Sources:" if result.sources else "Sources: none (no passage shares a word with the question)")
     for i, p in enumerate(result.sources, start=1):
@@ -365,20 +342,14 @@ def cmd_attention(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
     from dataclasses import replace
 
+    from tinylm.chat import CHAT_STOP, render_chat
     from tinylm.checkpoint import load_run
-    from tinylm.config import SampleConfig
     from tinylm.generate import stream
     from tinylm.runtime import resolve_device
 
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
-    cfg = SampleConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        do_sample=not args.greedy,
-        seed=args.seed,
-    )
+    cfg = _sample_config(args)
+    cfg = replace(cfg, stop=CHAT_STOP + cfg.stop)  # a reply ends where the model starts the next user turn
     settings = {
         "/temp": ("temperature", float),
         "/top_k": ("top_k", int),
@@ -386,8 +357,10 @@ def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
         "/max": ("max_new_tokens", int),
     }
     print(
-        "tinylm chat: type a prompt; /temp 0.8, /top_k 50, /top_p 0.9, /max 200 change settings; /quit leaves."
+        "tinylm chat: type a message; /temp 0.8, /top_k 50, /top_p 0.9, /max 200 change settings; "
+        "/reset forgets the conversation; /quit leaves."
     )
+    messages: list[dict[str, str]] = []
     turns = 0
     while True:
         try:
@@ -397,6 +370,10 @@ def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
         word, _, value = line.strip().partition(" ")
         if word in ("/quit", "/exit"):
             break
+        if word == "/reset":
+            messages.clear()
+            print("(conversation cleared)")
+            continue
         if word in settings:
             name, kind = settings[word]
             try:
@@ -405,15 +382,31 @@ def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
             except (ValueError, TinyLMError) as exc:
                 print(f"error: {exc}")
             continue
-        try:
-            for piece in stream(run.model, run.tokenizer, line, cfg):
-                print(piece, end="", flush=True)
-        except TinyLMError as exc:
-            print(f"error: {exc}", end="")
-        print()
-        turns += 1
+        if not line.strip():
+            continue
+        reply = _chat_turn(run, messages + [{"role": "user", "content": line}], cfg, render_chat, stream)
+        if reply is not None:
+            messages += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
+            turns += 1
     print()
     return {"turns": turns}
+
+
+def _chat_turn(run: Any, messages: list[dict[str, str]], cfg: Any, render: Any, stream: Any) -> str | None:
+    """Stream the assistant's reply to `messages`; None (after printing the error) when it fails."""
+    pieces: list[str] = []
+    try:
+        with warnings.catch_warnings():  # a long conversation keeps its most recent context, silently
+            warnings.simplefilter("ignore")
+            for piece in stream(run.model, run.tokenizer, render(messages), cfg):
+                piece = piece if pieces else piece.lstrip()
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+    except TinyLMError as exc:
+        print(f"error: {exc}")
+        return None
+    print()
+    return "".join(pieces).strip()
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -465,7 +458,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_import_hf(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.export import import_hf
 
-    out = import_hf(args.src, args.out)
+    out = import_hf(args.src, args.out, args.tokenizer)
     print(f"Imported {args.src} as a tinylm run in {out}")
     return {"out": str(out)}
 
@@ -484,26 +477,66 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature > 0 (default 0.8)")
+def _unescape(value: str) -> str:
+    r"""A --stop string with \n, \t, \r and \\ decoded, as a user typing "\n\n" in a shell means."""
+    import re
+
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m[1]], value)
+
+
+def _add_sampling(p: argparse.ArgumentParser, app: str | None = None) -> None:
+    """The sampling flags; defaults shown are SampleConfig's (or the app's own), never duplicated here."""
+    from tinylm.config import APP_SAMPLING, SampleConfig
+
+    d = APP_SAMPLING[app] if app else SampleConfig()
+    p.add_argument("--max-new-tokens", type=int, help=f"tokens to generate (default {d.max_new_tokens})")
+    p.add_argument("--temperature", type=float, help=f"sampling temperature > 0 (default {d.temperature})")
+    p.add_argument("--top-k", type=int, help=f"keep the k most likely tokens, 0 = off (default {d.top_k})")
     p.add_argument(
-        "--top-k", type=int, default=50, help="keep the k most likely tokens, 0 = off (default 50)"
+        "--top-p", type=float, help=f"nucleus sampling mass in (0, 1], 1 = off (default {d.top_p})"
     )
     p.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0 = off)"
-    )
-    p.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0 = off)"
+        "--repetition-penalty",
+        type=float,
+        help=f"> 1 discourages repeats, 1 = off (default {d.repetition_penalty})",
     )
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--stop", action="append", help="stop when this string appears (repeatable)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        type=_unescape,
+        help="stop when this string appears (repeatable); \\n, \\t, \\r and \\\\ are decoded, "
+        'so --stop "\\n\\n" stops at a blank line' + (f" (default {d.stop!r})" if d.stop else ""),
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
     _add_device(p)
     p.add_argument(
         "--checkpoint", default="last", help="checkpoint name in the run (default last; e.g. best)"
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags the user gave, as SampleConfig fields (absent flags are left out)."""
+    options = {
+        name: getattr(args, name)
+        for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+        if getattr(args, name) is not None
+    }
+    if args.stop:
+        options["stop"] = tuple(args.stop)
+    if args.greedy:
+        options["do_sample"] = False
+    if getattr(args, "rolling_cache", False):
+        options["rolling_cache"] = True
+    return options
+
+
+def _sample_config(args: argparse.Namespace) -> Any:
+    """SampleConfig from the sampling flags: the one helper every sampling command uses."""
+    from tinylm.config import sample_config
+
+    return sample_config(None, **_sampling_options(args))
 
 
 def _parser_prepare(sub: argparse._SubParsersAction) -> None:
@@ -591,11 +624,25 @@ def _parser_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument(
         "--dtype",
-        choices=("fp32", "bf16", "fp16"),
-        help="cast the weights for decoding (bf16 is ~1.5x faster on CPU)",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="cast the weights for decoding; auto: bf16 on GPUs and on CPUs with bf16 units "
+        "(AVX512-BF16/AMX), else fp32",
     )
     p.add_argument(
-        "--compile", action="store_true", help="compile the fixed-shape decode step (CUDA graphs on a GPU)"
+        "--quantize",
+        choices=("int8",),
+        help="int8 weight-only quantization of the linear layers (per-channel scales) for CPU decoding",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the one-token decode step once, before timing (CUDA graphs on a GPU)",
+    )
+    p.add_argument(
+        "--rolling-cache",
+        action="store_true",
+        help="past the context keep the last block_size keys at their positions instead of re-encoding "
+        "the window each token (RoPE models only)",
     )
     _add_sampling(p)
     _add_common(p)
@@ -630,7 +677,7 @@ def _parser_apps(sub: argparse._SubParsersAction) -> None:
         p.add_argument("text", help=arg)
         if name == "ask":
             _add_rag_flags(p)
-        _add_sampling(p)
+        _add_sampling(p, app=name)
         _add_common(p)
         p.set_defaults(func=cmd_app)
 
@@ -676,7 +723,7 @@ def _parser_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    _add_device(p)
     p.add_argument("--model-name", help="model id clients send (default: the run directory's name)")
     p.add_argument(
         "--max-batch", type=int, default=16, help="sequences decoded together in one step (default 16)"
@@ -769,6 +816,7 @@ def _parser_import_hf(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import-hf", help="import a local transformers GPT-2 / LLaMA / Mixtral model as a run")
     p.add_argument("src", help="Hugging Face model directory (config.json + weights + tokenizer)")
     p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--tokenizer", help="directory with the tokenizer files, when SRC has none")
     _add_common(p)
     p.set_defaults(func=cmd_import_hf)
 
@@ -788,7 +836,7 @@ def _parser_harness(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--tasks", required=True, help="comma-separated harness task names, e.g. hellaswag")
     p.add_argument("--limit", type=int, help="at most this many examples per task")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
+    _add_device(p)
     p.add_argument("--checkpoint", default="last", help="checkpoint to evaluate (default last)")
     _add_common(p)
     p.set_defaults(func=cmd_harness)

@@ -134,16 +134,19 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """How to pick each next token."""
+    """How to pick each next token: the one home of every sampling default (API, CLI, apps, server)."""
 
-    max_new_tokens: int = 100  # tokens to generate
-    temperature: float = 1.0  # > 0; lower is more conservative
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    max_new_tokens: int = 200  # tokens to generate
+    temperature: float = 0.8  # > 0; lower is more conservative
+    top_k: int = 50  # keep the k most likely tokens; 0 = off
     top_p: float = 1.0  # nucleus: keep the smallest set reaching this probability; 1.0 = off
     repetition_penalty: float = 1.0  # > 1 discourages tokens already present; 1.0 = off
-    do_sample: bool = True  # False = greedy decoding
+    do_sample: bool = True  # False = greedy decoding (always the most likely token)
     seed: int | None = None  # fixes the sampled text
     stop: tuple[str, ...] = ()  # stop when any of these strings appears in the continuation
+    rolling_cache: bool = (
+        False  # past the context keep the last block_size keys (RoPE) instead of re-encoding
+    )
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -158,7 +161,39 @@ class SampleConfig:
             raise TinyLMError(f"top_p ({self.top_p}) must be in (0, 1].")
         if self.repetition_penalty <= 0:
             raise TinyLMError(f"repetition_penalty ({self.repetition_penalty}) must be > 0.")
-        self.stop = tuple(self.stop)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample
+
+
+# Each application's own sampling defaults (tinylm complete / story / ask); options a caller gives replace them.
+APP_SAMPLING: dict[str, SampleConfig] = {
+    "complete": SampleConfig(max_new_tokens=50),
+    "story": SampleConfig(max_new_tokens=200, temperature=0.8),
+    "ask": SampleConfig(max_new_tokens=50, temperature=0.7, stop=("\n",)),
+}
+
+
+def sample_config(base: SampleConfig | None = None, **options: Any) -> SampleConfig:
+    """`base` (default SampleConfig()) with the given fields replaced; None values keep the base's.
+
+    The one way every caller (generate, stream, the apps, chat, the CLI) turns options into a
+    SampleConfig, so a default lives only in SampleConfig. `greedy=True` is do_sample=False.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    if "greedy" in options:
+        greedy = options.pop("greedy")
+        if greedy:
+            options["do_sample"] = False
+    names = {f.name for f in fields(SampleConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TinyLMError(
+            f"unknown sampling option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}."
+        )
+    return dataclasses.replace(base or SampleConfig(), **options)
 
 
 _GPT = dict(position="learned", norm="layernorm", mlp="gelu")
@@ -387,6 +422,8 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "SampleConfig",
+    "sample_config",
+    "APP_SAMPLING",
     "PRESETS",
     "PRESET_VOCAB",
     "preset_vocab_size",

@@ -3,6 +3,7 @@ directories, and import local transformers GPT-2 / LLaMA / Mixtral checkpoints a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,131 @@ def hf_architecture(cfg: ModelConfig) -> str:
     )
 
 
-# ----- tinylm -> transformers --------------------------------------------------------------
-def _gpt2(cfg: ModelConfig, sd: State) -> tuple[Any, State]:
-    tf = _transformers()
-    config = tf.GPT2Config(
+# ----- one weight mapping per architecture, used in both directions ----------------------------
+@dataclass(frozen=True)
+class Rule:
+    """Our tensors `ours` <-> one transformers tensor `theirs`.
+
+    `sizes` (split along dim 0 of our layout) joins several of ours into one of theirs (GPT-2's
+    fused qkv, Mixtral's gate_up); `transpose` swaps the last two dims (GPT-2's Conv1D, experts);
+    `expert_cat` joins on the last dim before the transpose (Mixtral's (E, C, 2H) gate_up).
+    `zeros` fills absent tensors of ours with zeros on export (bias-free models as GPT-2).
+    """
+
+    ours: tuple[str, ...]
+    theirs: str
+    sizes: tuple[int, ...] = ()
+    transpose: bool = False
+    expert_cat: bool = False
+    zeros: bool = False
+
+    def to_hf(self, sd: State) -> torch.Tensor:
+        parts = [sd[k] if k in sd or not self.zeros else torch.zeros(n) for k, n in self._sized()]
+        t = torch.cat(parts, dim=-1 if self.expert_cat else 0) if len(parts) > 1 else parts[0]
+        return t.transpose(-2, -1) if self.transpose else t
+
+    def from_hf(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = t.transpose(-2, -1) if self.transpose else t
+        parts = t.split(list(self.sizes), dim=-1 if self.expert_cat else 0) if self.sizes else (t,)
+        return {k: p.contiguous() for k, p in zip(self.ours, parts)}
+
+    def _sized(self) -> list[tuple[str, int]]:
+        return list(zip(self.ours, self.sizes or (0,) * len(self.ours)))
+
+
+def _gpt2_rules(cfg: ModelConfig) -> list[Rule]:
+    C, H = cfg.n_embd, cfg.hidden_dim
+    rules = [
+        Rule(("tok_emb.weight",), "transformer.wte.weight"),
+        Rule(("pos_emb.weight",), "transformer.wpe.weight"),
+        Rule(("norm_f.weight",), "transformer.ln_f.weight"),
+        Rule(("norm_f.bias",), "transformer.ln_f.bias", (C,), zeros=True),
+    ]
+    if not cfg.tie_embeddings:
+        rules.append(Rule(("lm_head.weight",), "lm_head.weight"))
+    for i in range(cfg.n_layer):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        qkv = tuple(f"{b}attn.{w}" for w in ("wq", "wk", "wv"))
+        rules += [
+            Rule((b + "norm1.weight",), h + "ln_1.weight"),
+            Rule((b + "norm1.bias",), h + "ln_1.bias", (C,), zeros=True),
+            Rule((b + "norm2.weight",), h + "ln_2.weight"),
+            Rule((b + "norm2.bias",), h + "ln_2.bias", (C,), zeros=True),
+            # GPT-2's Conv1D stores (in, out): transposed nn.Linear weights; q, k, v fused
+            Rule(tuple(w + ".weight" for w in qkv), h + "attn.c_attn.weight", (C, C, C), transpose=True),
+            Rule(tuple(w + ".bias" for w in qkv), h + "attn.c_attn.bias", (C, C, C), zeros=True),
+        ]
+        for ours, theirs, n in (
+            ("attn.wo", "attn.c_proj", C),
+            ("ff.fc", "mlp.c_fc", H),
+            ("ff.proj", "mlp.c_proj", C),
+        ):
+            rules += [
+                Rule((f"{b}{ours}.weight",), f"{h}{theirs}.weight", transpose=True),
+                Rule((f"{b}{ours}.bias",), f"{h}{theirs}.bias", (n,), zeros=True),
+            ]
+    return rules
+
+
+_LLAMA_LINEARS = {
+    "attn.wq": "self_attn.q_proj",
+    "attn.wk": "self_attn.k_proj",
+    "attn.wv": "self_attn.v_proj",
+    "attn.wo": "self_attn.o_proj",
+}
+_LLAMA_MLP = {"ff.w1": "mlp.gate_proj", "ff.w3": "mlp.up_proj", "ff.w2": "mlp.down_proj"}
+
+
+def _llama_rules(cfg: ModelConfig) -> list[Rule]:
+    """LLaMA, and Mixtral (its experts: gate_up_proj[e] = [w1[e]^T; w3[e]^T], down_proj[e] = w2[e]^T)."""
+    rules = [
+        Rule(("tok_emb.weight",), "model.embed_tokens.weight"),
+        Rule(("norm_f.weight",), "model.norm.weight"),
+    ]
+    if not cfg.tie_embeddings:
+        rules.append(Rule(("lm_head.weight",), "lm_head.weight"))
+    linears = dict(_LLAMA_LINEARS) if cfg.n_expert else {**_LLAMA_LINEARS, **_LLAMA_MLP}
+    H = cfg.hidden_dim
+    for i in range(cfg.n_layer):
+        b, h = f"blocks.{i}.", f"model.layers.{i}."
+        rules += [
+            Rule((b + "norm1.weight",), h + "input_layernorm.weight"),
+            Rule((b + "norm2.weight",), h + "post_attention_layernorm.weight"),
+        ]
+        for ours, theirs in linears.items():
+            suffixes = ("weight", "bias") if cfg.bias else ("weight",)
+            rules += [Rule((f"{b}{ours}.{x}",), f"{h}{theirs}.{x}") for x in suffixes]
+        if cfg.n_expert:
+            rules += [
+                Rule((b + "ff.gate.weight",), h + "mlp.gate.weight"),
+                Rule((b + "ff.w1", b + "ff.w3"), h + "mlp.experts.gate_up_proj", (H, H), True, True),
+                Rule((b + "ff.w2",), h + "mlp.experts.down_proj", transpose=True),
+            ]
+    return rules
+
+
+def hf_rules(cfg: ModelConfig) -> list[Rule]:
+    """The weight mapping of this model's transformers architecture (both directions)."""
+    return _gpt2_rules(cfg) if hf_architecture(cfg) == "gpt2" else _llama_rules(cfg)
+
+
+def to_hf_state(cfg: ModelConfig, sd: State) -> State:
+    """Our state dict in the transformers layout."""
+    return {r.theirs: r.to_hf(sd) for r in hf_rules(cfg)}
+
+
+def from_hf_state(cfg: ModelConfig, sd: State) -> State:
+    """A transformers state dict in our layout: the same rules, inverted."""
+    out: State = {}
+    for rule in hf_rules(cfg):
+        if not (rule.zeros and not cfg.bias):  # a bias-free model exported zeros: nothing to read back
+            out.update(rule.from_hf(sd[rule.theirs]))
+    return out
+
+
+# ----- configs -------------------------------------------------------------------------------
+def _gpt2_config(cfg: ModelConfig) -> Any:
+    return _transformers().GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.block_size,
         n_embd=cfg.n_embd,
@@ -62,48 +184,9 @@ def _gpt2(cfg: ModelConfig, sd: State) -> tuple[Any, State]:
         bos_token_id=None,
         eos_token_id=None,
     )
-    zeros = lambda n: torch.zeros(n)
-    bias = lambda key, n: sd.get(key, zeros(n))  # bias-free models export zero biases (same function)
-    out = {
-        "transformer.wte.weight": sd["tok_emb.weight"],
-        "transformer.wpe.weight": sd["pos_emb.weight"],
-        "transformer.ln_f.weight": sd["norm_f.weight"],
-        "transformer.ln_f.bias": bias("norm_f.bias", cfg.n_embd),
-        "lm_head.weight": sd.get("lm_head.weight", sd["tok_emb.weight"]),
-    }
-    C = cfg.n_embd
-    for i in range(cfg.n_layer):
-        b, h = f"blocks.{i}.", f"transformer.h.{i}."
-        out[h + "ln_1.weight"], out[h + "ln_1.bias"] = sd[b + "norm1.weight"], bias(b + "norm1.bias", C)
-        out[h + "ln_2.weight"], out[h + "ln_2.bias"] = sd[b + "norm2.weight"], bias(b + "norm2.bias", C)
-        # GPT-2's Conv1D stores weights as (in, out): transposed nn.Linear weights
-        out[h + "attn.c_attn.weight"] = torch.cat([sd[b + f"attn.{w}.weight"] for w in ("wq", "wk", "wv")]).T
-        out[h + "attn.c_attn.bias"] = torch.cat([bias(b + f"attn.{w}.bias", C) for w in ("wq", "wk", "wv")])
-        out[h + "attn.c_proj.weight"], out[h + "attn.c_proj.bias"] = (
-            sd[b + "attn.wo.weight"].T,
-            bias(b + "attn.wo.bias", C),
-        )
-        out[h + "mlp.c_fc.weight"], out[h + "mlp.c_fc.bias"] = (
-            sd[b + "ff.fc.weight"].T,
-            bias(b + "ff.fc.bias", cfg.hidden_dim),
-        )
-        out[h + "mlp.c_proj.weight"], out[h + "mlp.c_proj.bias"] = (
-            sd[b + "ff.proj.weight"].T,
-            bias(b + "ff.proj.bias", C),
-        )
-    return config, out
 
 
-_LLAMA_LINEARS = {
-    "attn.wq": "self_attn.q_proj",
-    "attn.wk": "self_attn.k_proj",
-    "attn.wv": "self_attn.v_proj",
-    "attn.wo": "self_attn.o_proj",
-}
-_LLAMA_MLP = {"ff.w1": "mlp.gate_proj", "ff.w3": "mlp.up_proj", "ff.w2": "mlp.down_proj"}
-
-
-def _llama_like(cfg: ModelConfig, sd: State) -> tuple[Any, State]:
+def _llama_config(cfg: ModelConfig) -> Any:
     tf = _transformers()
     common = dict(
         vocab_size=cfg.vocab_size,
@@ -122,36 +205,14 @@ def _llama_like(cfg: ModelConfig, sd: State) -> tuple[Any, State]:
         eos_token_id=None,
     )
     if cfg.n_expert:
-        config = tf.MixtralConfig(
+        return tf.MixtralConfig(
             **common,
             num_local_experts=cfg.n_expert,
             num_experts_per_tok=cfg.n_expert_active,
             router_aux_loss_coef=cfg.moe_aux_weight,
             sliding_window=None,
         )
-    else:
-        config = tf.LlamaConfig(**common, attention_bias=cfg.bias, mlp_bias=cfg.bias)
-    out = {
-        "model.embed_tokens.weight": sd["tok_emb.weight"],
-        "model.norm.weight": sd["norm_f.weight"],
-        "lm_head.weight": sd.get("lm_head.weight", sd["tok_emb.weight"]),
-    }
-    for i in range(cfg.n_layer):
-        b, h = f"blocks.{i}.", f"model.layers.{i}."
-        out[h + "input_layernorm.weight"] = sd[b + "norm1.weight"]
-        out[h + "post_attention_layernorm.weight"] = sd[b + "norm2.weight"]
-        linears = dict(_LLAMA_LINEARS) if cfg.n_expert else {**_LLAMA_LINEARS, **_LLAMA_MLP}
-        for ours, theirs in linears.items():
-            for suffix in ("weight", "bias"):
-                if f"{b}{ours}.{suffix}" in sd:
-                    out[f"{h}{theirs}.{suffix}"] = sd[f"{b}{ours}.{suffix}"]
-        if cfg.n_expert:  # Mixtral: gate_up_proj[e] = [w1[e]^T; w3[e]^T], down_proj[e] = w2[e]^T
-            out[h + "mlp.gate.weight"] = sd[b + "ff.gate.weight"]
-            out[h + "mlp.experts.gate_up_proj"] = torch.cat(
-                [sd[b + "ff.w1"], sd[b + "ff.w3"]], dim=2
-            ).transpose(1, 2)
-            out[h + "mlp.experts.down_proj"] = sd[b + "ff.w2"].transpose(1, 2)
-    return config, out
+    return tf.LlamaConfig(**common, attention_bias=cfg.bias, mlp_bias=cfg.bias)
 
 
 def hf_tokenizer(tokenizer: Tokenizer) -> Any:
@@ -182,7 +243,8 @@ def to_hf_model(cfg: ModelConfig, sd: State) -> Any:
     """The transformers GPT2LMHeadModel / LlamaForCausalLM / MixtralForCausalLM holding a tinylm state dict."""
     tf = _transformers()
     arch = hf_architecture(cfg)
-    config, state = (_gpt2 if arch == "gpt2" else _llama_like)(cfg, sd)
+    config = (_gpt2_config if arch == "gpt2" else _llama_config)(cfg)
+    state = to_hf_state(cfg, sd)
     cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "mixtral": tf.MixtralForCausalLM}[arch]
     hf_model = cls(config)
     missing, unexpected = hf_model.load_state_dict(
@@ -231,34 +293,7 @@ def _from_gpt2(config: Any, sd: State) -> tuple[ModelConfig, State]:
         tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
         dropout=0.0,
     )
-    C = cfg.n_embd
-    out = {
-        "tok_emb.weight": sd["transformer.wte.weight"],
-        "pos_emb.weight": sd["transformer.wpe.weight"],
-        "norm_f.weight": sd["transformer.ln_f.weight"],
-        "norm_f.bias": sd["transformer.ln_f.bias"],
-    }
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.n_layer):
-        b, h = f"blocks.{i}.", f"transformer.h.{i}."
-        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            out[f"{b}{ours}.weight"], out[f"{b}{ours}.bias"] = (
-                sd[f"{h}{theirs}.weight"],
-                sd[f"{h}{theirs}.bias"],
-            )
-        qkv_w, qkv_b = sd[h + "attn.c_attn.weight"].T, sd[h + "attn.c_attn.bias"]
-        for j, w in enumerate(("wq", "wk", "wv")):
-            out[f"{b}attn.{w}.weight"], out[f"{b}attn.{w}.bias"] = (
-                qkv_w[j * C : (j + 1) * C],
-                qkv_b[j * C : (j + 1) * C],
-            )
-        for ours, theirs in (("attn.wo", "attn.c_proj"), ("ff.fc", "mlp.c_fc"), ("ff.proj", "mlp.c_proj")):
-            out[f"{b}{ours}.weight"], out[f"{b}{ours}.bias"] = (
-                sd[f"{h}{theirs}.weight"].T,
-                sd[f"{h}{theirs}.bias"],
-            )
-    return cfg, out
+    return cfg, from_hf_state(cfg, sd)
 
 
 def _from_llama_like(config: Any, sd: State) -> tuple[ModelConfig, State]:
@@ -298,30 +333,14 @@ def _from_llama_like(config: Any, sd: State) -> tuple[ModelConfig, State]:
         n_expert=config.num_local_experts if moe else 0,
         n_expert_active=config.num_experts_per_tok if moe else 2,
     )
-    out = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm_f.weight": sd["model.norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    H = cfg.hidden_dim
-    for i in range(cfg.n_layer):
-        b, h = f"blocks.{i}.", f"model.layers.{i}."
-        out[b + "norm1.weight"], out[b + "norm2.weight"] = (
-            sd[h + "input_layernorm.weight"],
-            sd[h + "post_attention_layernorm.weight"],
-        )
-        for ours, theirs in ({**_LLAMA_LINEARS} if moe else {**_LLAMA_LINEARS, **_LLAMA_MLP}).items():
-            for suffix in ("weight", "bias"):
-                if f"{h}{theirs}.{suffix}" in sd:
-                    out[f"{b}{ours}.{suffix}"] = sd[f"{h}{theirs}.{suffix}"]
-        if moe:
-            gate_up = sd[h + "mlp.experts.gate_up_proj"].transpose(1, 2)  # (E, C, 2H)
-            out[b + "ff.gate.weight"] = sd[h + "mlp.gate.weight"]
-            out[b + "ff.w1"], out[b + "ff.w3"] = gate_up[..., :H].contiguous(), gate_up[..., H:].contiguous()
-            out[b + "ff.w2"] = sd[h + "mlp.experts.down_proj"].transpose(1, 2).contiguous()
-    return cfg, out
+    return cfg, from_hf_state(cfg, sd)
 
 
-def import_hf(src: str | Path, out: str | Path) -> Path:
-    """Turn a local transformers GPT-2 / LLaMA / Mixtral directory into a tinylm run directory."""
+def import_hf(src: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Turn a local transformers GPT-2 / LLaMA / Mixtral directory into a tinylm run directory.
+
+    The tokenizer comes from `src`, or from the directory `tokenizer` when given.
+    """
     tf = _transformers()
     src = Path(src)
     if not (src / "config.json").is_file():
@@ -334,18 +353,32 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
         )
     hf_model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     model_cfg, state = converters[config.model_type](config, hf_model.state_dict())
-    tokenizer = _load_hf_tokenizer(src, tf)
+    tok = _load_hf_tokenizer(Path(tokenizer) if tokenizer else src, tf)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise TinyLMError(
+            f"The tokenizer has {tok.vocab_size} tokens but the model only {model_cfg.vocab_size}; "
+            "it belongs to another model."
+        )
     out = Path(out)
-    RunRecord(model_cfg, TrainConfig(), imported_from=str(src.resolve())).write(out, tokenizer)
+    RunRecord(model_cfg, TrainConfig(), imported_from=str(src.resolve())).write(out, tok)
     save_checkpoint(
         out, "last", {k: v.float() for k, v in state.items()}, None, {"step": 0, "imported": True}
     )
     return out
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
+
+
 def _load_hf_tokenizer(src: Path, tf: Any) -> HFTokenizer:
+    """The tokenizer in `src`; a clear error when there is none (never an empty vocabulary)."""
     from tokenizers import Tokenizer as _Tok
 
+    if not any((src / name).is_file() for name in _TOKENIZER_FILES):
+        raise TinyLMError(
+            f"{src} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); copy the model's tokenizer "
+            "into it or pass --tokenizer DIR."
+        )
     if (src / "tokenizer.json").is_file():
         tok = _Tok.from_file(str(src / "tokenizer.json"))
     else:
@@ -353,4 +386,6 @@ def _load_hf_tokenizer(src: Path, tf: Any) -> HFTokenizer:
             tok = tf.AutoTokenizer.from_pretrained(src).backend_tokenizer
         except Exception as exc:
             raise TinyLMError(f"{src} has no usable tokenizer files ({type(exc).__name__}).") from None
+    if tok.get_vocab_size() == 0:
+        raise TinyLMError(f"The tokenizer in {src} has an empty vocabulary; pass --tokenizer DIR.")
     return HFTokenizer(tok, "gpt2" if tok.get_vocab_size() == 50257 else "bpe")

@@ -6,13 +6,14 @@ import functools
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from tinylm.config import SampleConfig
+from tinylm.config import SampleConfig, sample_config
 from tinylm.errors import TinyLMError
 from tinylm.tokenizer import Tokenizer
 
@@ -62,6 +63,17 @@ def select_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def decode_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Weight dtype for decoding: auto is bf16 on GPUs with bf16 and on CPUs with bf16 units, else fp32."""
+    from tinylm.runtime import cpu_has_bf16, resolve_dtype
+
+    if name == "auto" and device.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if name == "fp16" and device.type == "cpu":
+        return torch.float16  # a weight cast, not mixed-precision training: allowed for decoding
+    return resolve_dtype(name, device)
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     if seed is None:
@@ -89,6 +101,15 @@ def _compiled_step(mode: str) -> object:
     return torch.compile(decode_one_token, mode=mode, fullgraph=True)
 
 
+def warm_up(model: nn.Module, batch: int, rolling: bool = False) -> None:
+    """Compile the decode step for `batch` rows before anything is timed (inductor caches it on disk)."""
+    caches = model.decode_caches(batch, rolling=rolling)
+    device = next(model.parameters()).device
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    with torch.no_grad():  # writes position 0, which every prefill overwrites
+        compiled_decode(model)(model, token, torch.zeros(1, dtype=torch.long, device=device), caches)
+
+
 @torch.no_grad()
 def generate_tokens(
     model: nn.Module,
@@ -99,33 +120,42 @@ def generate_tokens(
 ) -> Iterator[torch.Tensor]:
     """Yield the next token (B,) for each of cfg.max_new_tokens steps after the prompt idx (B, T).
 
-    With the KV cache each step feeds one new position. Once the sequence outgrows the context,
-    the most recent block_size tokens are re-encoded each step (the tutorial's cropping rule), so
-    cached and uncached decoding give identical tokens. `compile` compiles the one-token step
-    (decode_one_token; CUDA graphs on a GPU).
+    With the KV cache (the model's own, reused across calls) the prompt is prefilled once, then
+    each step feeds one token at its position through decode_one_token (compiled with `compile`,
+    CUDA graphs on a GPU). Past the context, by default the most recent block_size tokens are
+    re-encoded each step (the tutorial's cropping rule), so cached and uncached decoding give
+    identical tokens; with cfg.rolling_cache (RoPE models) the cache keeps the last block_size keys
+    at their original positions and decoding stays one token per step.
     """
-    step_fn = compiled_decode(model) if compile else decode_one_token
+    if cfg.rolling_cache and not use_cache:
+        raise TinyLMError("rolling_cache needs the KV cache (use_cache=True).")
+    if cfg.max_new_tokens == 0:
+        return
     block = model.cfg.block_size
-    seq = idx
-    caches = model.make_caches(idx.size(0)) if use_cache else None
     generator = make_generator(cfg.seed, idx.device)
-    cached = 0  # positions already held in the caches
-    for _ in range(cfg.max_new_tokens):
-        if caches is None:
-            logits = model(seq[:, -block:])
-        else:
-            if seq.size(1) > block:
-                cached = 0  # re-encode the last block_size tokens from position 0
-            new = seq[:, -block:] if cached == 0 else seq[:, cached:]
-            positions = torch.arange(cached, cached + new.size(1), device=new.device)
-            if new.size(1) == 1:
-                logits = step_fn(model, new, positions, caches)[:, None]
-            else:
-                logits = model(new, caches=caches, pos=positions)
-            cached += new.size(1)
-        nxt = select_next(logits[:, -1], cfg, seq, generator)
+    if not use_cache:
+        seq = idx
+        for _ in range(cfg.max_new_tokens):
+            nxt = select_next(model(seq[:, -block:])[:, -1], cfg, seq, generator)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            yield nxt
+        return
+    step_fn = compiled_decode(model) if compile else decode_one_token
+    caches = model.decode_caches(idx.size(0), rolling=cfg.rolling_cache)
+    seq, prompt = idx, idx[:, -block:]
+    logits = model(prompt, caches=caches, pos=torch.arange(prompt.size(1), device=idx.device))[:, -1]
+    for step in range(cfg.max_new_tokens):
+        nxt = select_next(logits, cfg, seq, generator)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         yield nxt
+        if step + 1 == cfg.max_new_tokens:
+            break
+        if seq.size(1) > block and not cfg.rolling_cache:  # re-encode the last block_size tokens
+            window = seq[:, -block:]
+            logits = model(window, caches=caches, pos=torch.arange(block, device=idx.device))[:, -1]
+        else:
+            position = torch.full((1,), seq.size(1) - 1, dtype=torch.long, device=idx.device)
+            logits = step_fn(model, nxt[:, None].contiguous(), position, caches)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:
@@ -149,84 +179,17 @@ class Generation:
     text: str  # the continuation only
     tokens: int
     seconds: float
+    ids: list[int] = field(default_factory=list)  # the generated token ids (before any stop string cut)
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _truncate_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+def _first_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Index of the earliest stop string in text, or -1."""
     cuts = [text.find(s) for s in stops if s and s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
-
-
-def stream(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    prompt: str,
-    cfg: SampleConfig,
-    use_cache: bool = True,
-    stop_at_eot: bool = True,
-) -> Iterator[str]:
-    """Yield pieces of the continuation as they are generated (whole characters only)."""
-    for piece, _ in _pieces(model, tokenizer, prompt, cfg, use_cache, stop_at_eot):
-        yield piece
-
-
-def _pieces(
-    model: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig, use_cache: bool, stop_at_eot: bool
-) -> Iterator[tuple[str, int]]:
-    """(new text, tokens generated so far) as decoding goes."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([encode_prompt(tokenizer, prompt, model.cfg.block_size)], device=device)
-    eot = tokenizer.eot_id if (stop_at_eot and tokenizer.kind != "char") else None
-    ids: list[int] = []
-    emitted, text = "", ""
-    for nxt in generate_tokens(model, idx, cfg, use_cache):
-        token = int(nxt[0])
-        if eot is not None and token == eot:
-            break
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
-            continue
-        text, stopped = _truncate_at_stop(text, cfg.stop)
-        if stopped:
-            break
-        safe = len(text) - _pending_stop_prefix(text, cfg.stop)  # hold back a possible start of a stop string
-        if safe > len(emitted):
-            yield text[len(emitted) : safe], len(ids)
-            emitted = text[:safe]
-    text = text.rstrip("\ufffd")
-    if len(text) > len(emitted):
-        yield text[len(emitted) :], len(ids)
-
-
-def _collect_until_stop(
-    tokens: Iterator[torch.Tensor],
-    tokenizer: Tokenizer,
-    cfg: SampleConfig,
-    eot: int | None,
-    rows: int,
-    bar: tqdm,
-) -> list[list[int]]:
-    """Token ids per row, each row ending at end-of-text or once its text holds a stop string."""
-    ids: list[list[int]] = [[] for _ in range(rows)]
-    done = [False] * rows
-    for nxt in tokens:
-        bar.update(1)
-        for row, token in enumerate(nxt.tolist()):
-            if done[row]:
-                continue
-            if token == eot:
-                done[row] = True
-                continue
-            ids[row].append(token)
-            if cfg.stop and _truncate_at_stop(tokenizer.decode(ids[row][-64:]), cfg.stop)[1]:
-                done[row] = True
-        if all(done):
-            break
-    return ids
+    return min(cuts) if cuts else -1
 
 
 def _pending_stop_prefix(text: str, stops: tuple[str, ...]) -> int:
@@ -237,31 +200,130 @@ def _pending_stop_prefix(text: str, stops: tuple[str, ...]) -> int:
     )
 
 
+class RowText:
+    """The text of one row as its tokens arrive: ends at end-of-text or before the first stop string.
+
+    push() returns the text that is final so far (whole characters, never a possible start of a
+    stop string); the one place where stop strings and end-of-text are handled, for generate,
+    stream and the server.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...] = (), eot: int | None = None) -> None:
+        self.tokenizer, self.stops, self.eot = tokenizer, stops, eot
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far (cut at a stop string once one appears)
+        self.emitted = 0  # characters of self.text already returned
+        self.done = False
+
+    def push(self, token: int) -> str:
+        """Add one generated token; return the newly final text ("" when none)."""
+        if self.done:
+            return ""
+        if token == self.eot:
+            self.done = True
+            return self.finish()
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
+            return ""
+        cut = _first_stop(text, self.stops)
+        if cut >= 0:
+            self.text, self.done = text[:cut], True
+            return self.finish()
+        self.text = text
+        return self._take(len(text) - _pending_stop_prefix(text, self.stops))
+
+    def finish(self) -> str:
+        """The text not returned yet (at the end of decoding)."""
+        self.text = self.text.rstrip("\ufffd")
+        return self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        piece = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece
+
+
+def _eot(tokenizer: Tokenizer, stop_at_eot: bool = True) -> int | None:
+    """The end-of-text id that ends a row (a character vocabulary has none that ends text)."""
+    return tokenizer.eot_id if (stop_at_eot and tokenizer.kind != "char") else None
+
+
+def decode_texts(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    idx: torch.Tensor,
+    cfg: SampleConfig,
+    use_cache: bool = True,
+    compile: bool = False,
+    stop_at_eot: bool = True,
+) -> Iterator[tuple[list[str], list[RowText]]]:
+    """The one decode path: after prompts idx (B, T), per step the new final text of each row.
+
+    Yields (pieces, rows) per generated token and once more at the end; stops early when every
+    row has ended (end-of-text or a stop string). generate() and stream() both run on it.
+    """
+    eot = _eot(tokenizer, stop_at_eot)
+    rows = [RowText(tokenizer, cfg.stop, eot) for _ in range(idx.size(0))]
+    if eot is None and not cfg.stop:  # nothing ends a row early: no per-token text work is needed
+        steps = []  # tokens stay on the device until the end: no host sync per token
+        for nxt in generate_tokens(model, idx, cfg, use_cache, compile=compile):
+            steps.append(nxt)
+            yield [""] * len(rows), rows
+        for row, ids in zip(rows, torch.stack(steps, dim=1).tolist() if steps else [[]] * len(rows)):
+            row.ids, row.text = ids, tokenizer.decode(ids)
+        yield [row.finish() for row in rows], rows
+        return
+    for nxt in generate_tokens(model, idx, cfg, use_cache, compile=compile):
+        yield [row.push(token) for row, token in zip(rows, nxt.tolist())], rows
+        if all(row.done for row in rows):
+            break
+    yield [row.finish() for row in rows], rows
+
+
+def stream(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    cfg: SampleConfig | None = None,
+    *,
+    use_cache: bool = True,
+    stop_at_eot: bool = True,
+    compile: bool = False,
+    **options: Any,
+) -> Iterator[str]:
+    """Yield pieces of the continuation of one prompt as they are generated (whole characters only).
+
+    Sampling comes from `cfg` with any SampleConfig field given in `options` replacing its value.
+    """
+    cfg = sample_config(cfg, **options)
+    device = next(model.parameters()).device
+    idx = torch.tensor([encode_prompt(tokenizer, prompt, model.cfg.block_size)], device=device)
+    for pieces, _ in decode_texts(model, tokenizer, idx, cfg, use_cache, compile, stop_at_eot):
+        if pieces[0]:
+            yield pieces[0]
+
+
 def generate(
     model: nn.Module,
     tokenizer: Tokenizer,
     prompt: str | list[str] = "",
-    max_new_tokens: int = 100,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 0.95,
-    do_sample: bool = True,
-    repetition_penalty: float = 1.0,
-    stop: tuple[str, ...] | list[str] = (),
-    seed: int | None = None,
+    cfg: SampleConfig | None = None,
+    *,
     num_samples: int = 1,
     use_cache: bool = True,
     progress: bool = False,
     compile: bool = False,
+    **options: Any,
 ) -> list[Generation]:
     """Continue one prompt or a list of prompts (any lengths), `num_samples` times each, in batches.
 
+    Sampling comes from `cfg` (default SampleConfig()) with any SampleConfig field given as a
+    keyword replacing its value, e.g. generate(model, tok, "ROMEO:", max_new_tokens=50, seed=0).
     Prompts of equal token length decode together as one batch; the same seed gives the same texts.
     Results come in order: prompt 0's samples, then prompt 1's, ...
     """
-    cfg = SampleConfig(
-        max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample, seed, tuple(stop)
-    )
+    cfg = sample_config(cfg, **options)
     if num_samples < 1:
         raise TinyLMError(f"num_samples ({num_samples}) must be at least 1.")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -273,40 +335,18 @@ def generate(
         groups.setdefault(len(ids), []).append(i)
     results: list[Generation | None] = [None] * len(rows)
     device = next(model.parameters()).device
+    bar = tqdm(total=cfg.max_new_tokens * len(groups), desc="Generating", disable=not progress, leave=False)
     for members in groups.values():
         idx = torch.tensor([rows[i][1] for i in members], device=device)
-        texts, counts, seconds = _decode_batch(model, tokenizer, idx, cfg, use_cache, progress, compile)
-        for i, text, n in zip(members, texts, counts):
-            results[i] = Generation(rows[i][0], text, n, seconds)
-    return results  # type: ignore[return-value]
-
-
-def _decode_batch(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    idx: torch.Tensor,
-    cfg: SampleConfig,
-    use_cache: bool,
-    progress: bool,
-    compile: bool = False,
-) -> tuple[list[str], list[int], float]:
-    """Texts and token counts of a batch of equal-length prompts, each cut at end-of-text or a stop string."""
-    eot = tokenizer.eot_id if tokenizer.kind != "char" else None
-    start = time.perf_counter()
-    bar = tqdm(total=cfg.max_new_tokens, desc="Generating", disable=not progress, leave=False)
-    tokens = generate_tokens(model, idx, cfg, use_cache, compile=compile)
-    if eot is None and not cfg.stop:  # nothing ends a row early: keep tokens on the device, sync once
-        steps = []
-        for nxt in tokens:
-            steps.append(nxt)
+        if compile and use_cache:
+            warm_up(model, idx.size(0), cfg.rolling_cache)  # compiling is not part of the timed decode
+        start = time.perf_counter()
+        texts: list[RowText] = []
+        for _, rows_so_far in decode_texts(model, tokenizer, idx, cfg, use_cache, compile):
+            texts = rows_so_far
             bar.update(1)
-        ids = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(idx.size(0))]
-    else:
-        ids = _collect_until_stop(tokens, tokenizer, cfg, eot, idx.size(0), bar)
+        seconds = time.perf_counter() - start
+        for i, row in zip(members, texts):
+            results[i] = Generation(rows[i][0], row.text, len(row.ids), seconds, row.ids)
     bar.close()
-    texts, counts = [], []
-    for row_ids in ids:
-        text = _truncate_at_stop(tokenizer.decode(row_ids), cfg.stop)[0]
-        texts.append(text.rstrip("\ufffd"))
-        counts.append(len(row_ids))
-    return texts, counts, time.perf_counter() - start
+    return results  # type: ignore[return-value]

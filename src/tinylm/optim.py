@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from tinylm.config import TrainConfig
 from tinylm.errors import TinyLMError
+from tinylm.model.layers import HIDDEN_MATRIX, parameters_with_role
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -24,8 +25,11 @@ def decay_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | MuonAdamW:
-    """cfg.optimizer: "adamw" over `param_groups` (fused kernel), or "muon" (see `MuonAdamW`)."""
-    if cfg.optimizer == "muon":
+    """cfg.optimizer: "adamw" over `param_groups` (fused kernel), or "muon" (see `MuonAdamW`).
+
+    With "muon" but no trainable hidden matrix (LoRA: only the adapters train), AdamW trains everything.
+    """
+    if cfg.optimizer == "muon" and hidden_matrices(model):
         return MuonAdamW(model, cfg)
     return _adamw(param_groups(model, cfg.weight_decay), cfg)
 
@@ -34,9 +38,13 @@ def _adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
-    """A 2-D weight inside the blocks: what Muon orthogonalizes (not embeddings, the head, norms or 3-D experts)."""
-    return p.dim() == 2 and name.startswith("blocks.")
+def hidden_matrices(model: nn.Module) -> list[torch.Tensor]:
+    """Trainable weights the model marks HIDDEN_MATRIX: what Muon orthogonalizes.
+
+    The blocks' 2-D projections; not embeddings, the head, norms, biases, 3-D experts or LoRA
+    adapters (their factors are small and low-rank, so AdamW trains them).
+    """
+    return [p for p in parameters_with_role(model, HIDDEN_MATRIX) if p.requires_grad and p.dim() == 2]
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -100,7 +108,7 @@ class Muon(torch.optim.Optimizer):
 
 
 class MuonAdamW:
-    """`Muon` on hidden matrices, AdamW on everything else (embeddings, head, norms, biases, 3-D experts).
+    """`Muon` on `hidden_matrices`, AdamW on the rest (embeddings, head, norms, biases, 3-D experts, LoRA).
 
     Muon's learning rate is cfg.muon_lr; the schedule scales it with AdamW's through each group's
     "lr_scale" (muon_lr / lr), so one `lr_at` drives both. Looks like one optimizer to the Trainer:
@@ -108,14 +116,13 @@ class MuonAdamW:
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        hidden = [p for n, p in named if is_hidden_matrix(n, p)]
+        hidden = hidden_matrices(model)
         if not hidden:
             raise TinyLMError(
                 "optimizer muon needs 2-D weight matrices inside the blocks to train; this model has none."
             )
         hidden_ids = {id(p) for p in hidden}
-        rest = [p for _, p in named if id(p) not in hidden_ids]
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden_ids]
         self.adamw = _adamw([g for g in decay_groups(rest, cfg.weight_decay) if g["params"]], cfg)
         self.muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
         for group in self.muon.param_groups:

@@ -249,3 +249,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic units PyTorch uses (x86 AVX512-BF16 / AMX-BF16, Arm BF16).
+
+    An AVX2-only CPU, or PyTorch capped below AVX-512 (ATEN_CPU_CAPABILITY=avx2), emulates bf16 and
+    is slower in bf16 than in fp32.
+    """
+    import platform
+
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read().split()
+    except OSError:
+        return False
+    if platform.machine() in ("x86_64", "AMD64"):
+        capped = torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX")
+        return not capped and ("avx512_bf16" in flags or "amx_bf16" in flags)
+    return "bf16" in flags  # Arm: the BF16 extension

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -11,6 +12,31 @@ import torch.nn.functional as F
 from tinylm.config import ModelConfig
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (T, head_dim)
+
+# Roles a module marks on its own parameters, read from outside the model (init, optimizer split).
+RESIDUAL_OUT = (
+    "residual_out"  # writes into the residual stream: initialised with std 0.02 / sqrt(2 * n_layer)
+)
+HIDDEN_MATRIX = "hidden_matrix"  # a 2-D weight inside the blocks: what Muon orthogonalizes
+
+
+def mark(module: nn.Module, *roles: str, param: str = "weight") -> nn.Module:
+    """Tag `module`'s own parameter `param` with roles (RESIDUAL_OUT, HIDDEN_MATRIX); returns the module."""
+    marks = dict(getattr(module, "param_roles", {}))
+    marks[param] = marks.get(param, frozenset()) | frozenset(roles)
+    module.param_roles = marks
+    return module
+
+
+def parameters_with_role(model: nn.Module, role: str) -> list[nn.Parameter]:
+    """Every parameter some module of `model` marked with `role` (each once)."""
+    found: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, roles in getattr(module, "param_roles", {}).items():
+            p = module._parameters.get(name)  # an own, unparametrized parameter
+            if role in roles and p is not None:
+                found[id(p)] = p
+    return list(found.values())
 
 
 class RMSNorm(nn.Module):
@@ -149,10 +175,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         kv_dim = self.n_kv_head * self.head_dim
-        self.wq = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias)
-        self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.wq = mark(nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias), HIDDEN_MATRIX)
+        self.wk = mark(nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias), HIDDEN_MATRIX)
+        self.wv = mark(nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias), HIDDEN_MATRIX)
+        self.wo = mark(nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias), HIDDEN_MATRIX, RESIDUAL_OUT)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.record_weights = False  # set from outside (viz) to keep the attention probabilities
@@ -183,12 +209,11 @@ class CausalSelfAttention(nn.Module):
             k, v, mask = cache.update(pos, k, v)  # (B, Hkv, S, hd), mask (B, 1, T, S)
         elif pos is not None:
             mask = position_mask(pos)
-        if self.n_kv_head != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         if self.record_weights:
+            groups = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             y = self._attend_explicitly(q, k, v, mask)
-        else:
+        else:  # grouped-query attention without copying the cache: SDPA shares each kv head
             y = F.scaled_dot_product_attention(
                 q,
                 k,
@@ -196,6 +221,7 @@ class CausalSelfAttention(nn.Module):
                 attn_mask=mask,
                 is_causal=mask is None and T > 1,
                 dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
             )
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_drop(self.wo(y))
@@ -220,12 +246,12 @@ class MLP(nn.Module):
         self.swiglu = cfg.mlp == "swiglu"
         hidden = cfg.hidden_dim
         if self.swiglu:
-            self.w1 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # gate
-            self.w3 = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # up
-            self.w2 = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)  # down
+            self.w1 = mark(nn.Linear(cfg.n_embd, hidden, bias=cfg.bias), HIDDEN_MATRIX)  # gate
+            self.w3 = mark(nn.Linear(cfg.n_embd, hidden, bias=cfg.bias), HIDDEN_MATRIX)  # up
+            self.w2 = mark(nn.Linear(hidden, cfg.n_embd, bias=cfg.bias), HIDDEN_MATRIX, RESIDUAL_OUT)  # down
         else:
-            self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-            self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+            self.fc = mark(nn.Linear(cfg.n_embd, hidden, bias=cfg.bias), HIDDEN_MATRIX)
+            self.proj = mark(nn.Linear(hidden, cfg.n_embd, bias=cfg.bias), HIDDEN_MATRIX, RESIDUAL_OUT)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,10 +274,11 @@ class MoE(nn.Module):
         super().__init__()
         E, C, H = cfg.n_expert, cfg.n_embd, cfg.hidden_dim
         self.n_expert, self.top_k, self.swiglu = E, cfg.n_expert_active, cfg.mlp == "swiglu"
-        self.gate = nn.Linear(C, E, bias=False)
+        self.gate = mark(nn.Linear(C, E, bias=False), HIDDEN_MATRIX)
         self.w1 = nn.Parameter(torch.empty(E, C, H))  # in-projection (gate of SwiGLU)
         self.w3 = nn.Parameter(torch.empty(E, C, H)) if self.swiglu else None  # SwiGLU up-projection
         self.w2 = nn.Parameter(torch.empty(E, H, C))  # out-projection
+        mark(self, RESIDUAL_OUT, param="w2")  # 3-D experts stay with AdamW: no HIDDEN_MATRIX
         self.drop = nn.Dropout(cfg.dropout)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -270,18 +297,34 @@ class MoE(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(-1, C)  # (N, C)
         experts, weights, probs = self.route(flat)
-        if torch.compiler.is_compiling() and not self.training:
-            # fixed shapes for compiled decoding (CUDA graphs): gather each token's chosen experts' weights
+        if not self.training and flat.size(0) <= GATHER_MAX_TOKENS:
+            # decode sizes: gather each token's chosen experts' weights (fixed shapes, no sort, no sync)
             return self._gathered(flat, experts, weights).view(B, T, C), probs.new_zeros(())
         assignment = experts.flatten()  # (N*k,) expert of each (token, slot)
         order = assignment.argsort(stable=True)
         token = order // self.top_k  # token of each sorted slot
         counts = torch.bincount(assignment, minlength=self.n_expert)
-        chunks = flat[token].split(counts.tolist())
-        out = torch.cat([self.expert_forward(e, chunk) for e, chunk in enumerate(chunks)])  # (N*k, C)
+        out = self._sorted_experts(flat[token], counts)  # (N*k, C)
         out = out * weights.flatten()[order, None].to(out.dtype)
         y = torch.zeros_like(flat).index_add_(0, token, out.to(flat.dtype))
         return self.drop(y.view(B, T, C)), load_balancing_loss(probs, counts, self.n_expert)
+
+    def _sorted_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Expert outputs for tokens x (n, C) sorted by expert, counts (E,) per expert.
+
+        One grouped matmul per weight where PyTorch has it for this device (no host sync); else
+        one matmul per expert on its slice (which needs the counts on the host).
+        """
+        if not torch.compiler.is_compiling() and _grouped_mm_works(x.device.type, x.dtype):
+            offs = counts.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(x, self.w1.to(x.dtype), offs=offs)
+            if self.w3 is not None:
+                h = F.silu(h) * torch._grouped_mm(x, self.w3.to(x.dtype), offs=offs)
+            else:
+                h = F.gelu(h, approximate="tanh")
+            return torch._grouped_mm(h, self.w2.to(x.dtype), offs=offs)
+        chunks = x.split(counts.tolist())
+        return torch.cat([self.expert_forward(e, chunk) for e, chunk in enumerate(chunks)])
 
     def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(N, C) output from per-token gathered expert weights: cheap when N * k is small (decoding)."""
@@ -293,6 +336,27 @@ class MoE(nn.Module):
         )
         out = torch.einsum("nkh,nkhc->nkc", h, self.w2[experts])
         return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
+
+
+GATHER_MAX_TOKENS = 8  # MoE inputs of at most this many tokens (decoding) use the gathered path
+
+
+@functools.cache
+def _grouped_mm_works(device: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs forward and backward here (it is new and not on every device)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.randn(5, 8, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(2, 8, 16, device=device, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([2, 5], device=device, dtype=torch.int32)
+            y = torch._grouped_mm(x, w, offs=offs)
+            y.backward(torch.ones_like(y))
+            ref = torch.cat([x[:2].detach() @ w[0].detach(), x[2:].detach() @ w[1].detach()])
+            return bool(torch.allclose(y.detach(), ref, atol=1e-2, rtol=1e-2))
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, n_expert: int) -> torch.Tensor:

@@ -13,17 +13,16 @@ from tinylm.config import ModelConfig
 from tinylm.errors import TinyLMError
 from tinylm.model.layers import (
     MLP,
+    RESIDUAL_OUT,
     CausalSelfAttention,
     KVCache,
     MoE,
     Rope,
     make_norm,
+    parameters_with_role,
     rope_at,
     rope_frequencies,
 )
-
-# Parameters that write into the residual stream: initialised smaller, scaled by depth (GPT-2).
-_RESIDUAL_OUT = ("attn.wo.weight", "ff.proj.weight", "ff.w2.weight", "ff.w2")
 
 
 class Block(nn.Module):
@@ -79,13 +78,14 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, 0.02) weights, zero biases, residual outputs scaled by 1/sqrt(2 * n_layer)."""
+        """N(0, 0.02) weights, zero biases; weights marked RESIDUAL_OUT get 0.02 / sqrt(2 * n_layer) (GPT-2)."""
         residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        residual = {id(p) for p in parameters_with_role(self, RESIDUAL_OUT)}
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif p.dim() >= 2:
-                nn.init.normal_(p, mean=0.0, std=residual_std if name.endswith(_RESIDUAL_OUT) else 0.02)
+                nn.init.normal_(p, mean=0.0, std=residual_std if id(p) in residual else 0.02)
 
     def forward(
         self,
@@ -148,6 +148,21 @@ class Transformer(nn.Module):
         dtype = dtype or param.dtype
         kv, hd = self.cfg.kv_heads, self.cfg.head_dim
         return [KVCache(batch, kv, length, hd, dtype, param.device, rolling) for _ in self.blocks]
+
+    def decode_caches(self, batch: int, rolling: bool = False) -> list[KVCache]:
+        """The model's own block_size caches for `batch` rows, made once and reused by later calls.
+
+        Reuse needs no clearing (stale slots are masked by position) and keeps the same tensors
+        for a compiled decode step (no recompiles; CUDA graphs replay). One decode at a time:
+        concurrent decoders (the server) make their own with make_caches.
+        """
+        param = self.tok_emb.weight
+        key = (batch, rolling, param.dtype, param.device)
+        held = self.__dict__.get("_decode_caches")
+        if held is None or held[0] != key:
+            held = (key, self.make_caches(batch, rolling=rolling))
+            self.__dict__["_decode_caches"] = held  # a plain attribute: not part of the module tree
+        return held[1]
 
 
 def parameter_summary(model: nn.Module) -> dict:

@@ -1,0 +1,65 @@
+"""int8 weight-only decoding and the bf16 CPU detection."""
+
+import pytest
+import torch
+
+from conftest import FLAVOURS, tiny_config
+from tinylm.checkpoint import load_run
+from tinylm.cli import main
+from tinylm.data import TokenData
+from tinylm.evaluate import evaluate_tokens
+from tinylm.generate import decode_dtype, generate
+from tinylm.model import Transformer
+from tinylm.quantize import Int8Linear, quantize_int8, quantize_per_channel
+from tinylm.runtime import cpu_has_bf16
+
+pytestmark = pytest.mark.numerics
+
+
+def test_per_channel_int8_round_trip_error_is_at_most_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(48, 64) * torch.linspace(0.01, 3.0, 48)[:, None]  # rows of very different scales
+    q, scale = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    err = (q.float() * scale[:, None] - w).abs()
+    assert torch.all(err <= scale[:, None] / 2 + 1e-6)
+
+
+def test_int8_linear_matches_the_dequantized_matmul():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    q, scale = quantize_per_channel(linear.weight)
+    x = torch.randn(2, 5, 64)
+    expected = x @ (q.float() * scale[:, None]).T + linear.bias
+    # float32 sums of 64 products of size ~1: rounding far below 1e-4
+    torch.testing.assert_close(Int8Linear(linear)(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("flavour", ["llama", "llama-moe"])
+def test_quantize_replaces_every_linear(flavour):
+    model = quantize_int8(Transformer(tiny_config(**FLAVOURS[flavour])))
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert model(torch.randint(0, 65, (1, 8))).shape == (1, 8, 65)
+
+
+def test_int8_validation_loss_within_one_percent_of_fp32(tiny_run):
+    run = load_run(tiny_run)
+    tokens = TokenData(run.config["data"]).split("val")[:4000]
+    block = run.model_cfg.block_size
+    fp32 = evaluate_tokens(run.model, tokens, block_size=block).loss
+    int8 = evaluate_tokens(quantize_int8(run.model), tokens, block_size=block).loss
+    assert abs(int8 - fp32) / fp32 < 0.01
+    assert generate(run.model, run.tokenizer, "ROMEO:", max_new_tokens=20, seed=0)[0].tokens == 20
+
+
+def test_generate_quantize_and_dtype_flags(tiny_run, capsys):
+    argv = ["generate", str(tiny_run), "--prompt", "ROMEO:", "--max-new-tokens", "10", "--no-progress"]
+    assert main([*argv, "--quantize", "int8", "--greedy"]) == 0
+    assert main([*argv, "--dtype", "auto", "--greedy"]) == 0
+    capsys.readouterr()
+
+
+def test_bf16_detection_drives_dtype_auto():
+    expected = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    assert decode_dtype("auto", torch.device("cpu")) == expected
+    assert decode_dtype("bf16", torch.device("cpu")) == torch.bfloat16
