@@ -183,7 +183,14 @@ def count_mismatches(run: Path, records: list[Record], limit: int, rng: random.R
     bad = 0
     for r in sample:
         alone = generate(
-            loaded.model, loaded.tokenizer, r.prompt, r.max_tokens, 0.8, top_k=0, top_p=1.0, seed=r.seed
+            loaded.model,
+            loaded.tokenizer,
+            r.prompt,
+            max_new_tokens=r.max_tokens,
+            temperature=0.8,
+            top_k=0,
+            top_p=1.0,
+            seed=r.seed,
         )[0].text
         bad += alone != r.text
     return bad, len(sample)

@@ -116,7 +116,9 @@ def test_playground_streams_and_draws(playground, browser, tmp_path: Path) -> No
     assert browser.find_element(By.ID, "output").get_attribute("data-state") == "done"
     tokens = browser.find_elements(By.CSS_SELECTOR, "#output .tok")
     shown = browser.execute_script("return document.querySelector('#output .generated').textContent")
-    expected = generate(run.model, run.tokenizer, "JULIET:", 24, 0.8, top_k=0, top_p=1.0, seed=3)[0].text
+    expected = generate(
+        run.model, run.tokenizer, "JULIET:", max_new_tokens=24, temperature=0.8, top_k=0, top_p=1.0, seed=3
+    )[0].text
     assert shown == expected and len(tokens) == 24
     assert "%" in tokens[0].get_attribute("title")  # each token carries its probability
     browser.execute_script("arguments[0].dispatchEvent(new MouseEvent('mouseenter'))", tokens[0])

@@ -44,7 +44,7 @@ def test_quantize_replaces_every_linear(flavour):
 
 def test_int8_validation_loss_within_one_percent_of_fp32(tiny_run):
     run = load_run(tiny_run)
-    tokens = TokenData(run.config["data"]).split("val")[:4000]
+    tokens = TokenData(run.record.data).split("val")[:4000]
     block = run.model_cfg.block_size
     fp32 = evaluate_tokens(run.model, tokens, block_size=block).loss
     int8 = evaluate_tokens(quantize_int8(run.model), tokens, block_size=block).loss

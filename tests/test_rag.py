@@ -91,7 +91,7 @@ def test_default_passage_tokens_leaves_a_quarter_of_the_context() -> None:
 def test_build_prompt_template_and_order() -> None:
     prompt = build_prompt("Where?", [Passage("a.txt", 0, "First fact."), "Second fact."], CHARS, 200, 20)
     assert prompt == "Context:\nFirst fact.\nSecond fact.\n\nQ: Where?\nA:"
-    assert build_prompt("  Where \n now? ", [], CHARS, 200, 20) == "Context:\n(none)\n\nQ: Where now?\nA:"
+    assert build_prompt("  Where \n now? ", [], CHARS, 200, 20) == "Context:\nnone\n\nQ: Where now?\nA:"
 
 
 def test_build_prompt_cuts_the_first_passage_that_does_not_fit_and_drops_the_rest() -> None:

@@ -65,6 +65,7 @@ SKIP: list[tuple[str, str]] = [
     ),
     (r"^tinylm serve", "a long-running server; tested with a real port in its own tests"),
     (r"^tinylm chat", "an interactive loop; tested in test_apps.py"),
+    (r"^curl ", "talks to `tinylm serve`, which the walk does not start; the API is tested in test_serve.py"),
     (r"^torchrun", "multi-process training; tested with gloo in test_distributed.py"),
     (r"^make ", "make targets set up .venv and run this suite (make test) or the full demo"),
     (r"^(source|pip|cd|export) ", "shell setup, not a tinylm command"),

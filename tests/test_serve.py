@@ -355,7 +355,9 @@ def test_engine_rows_at_different_positions_equal_each_alone(flavour: str) -> No
 
 
 def alone_model(model, tokenizer, prompt: str, n: int, seed: int) -> str:
-    return generate(model, tokenizer, prompt, n, 0.9, top_k=0, top_p=1.0, seed=seed)[0].text
+    return generate(
+        model, tokenizer, prompt, max_new_tokens=n, temperature=0.9, top_k=0, top_p=1.0, seed=seed
+    )[0].text
 
 
 class _ShoutRetriever:

@@ -38,7 +38,7 @@ PASSAGES_FILE = "passages.jsonl"
 BM25_DIR = "bm25"
 TEXT_SUFFIXES = (".txt", ".md")  # files taken from a documents directory
 RAG_TEMPLATE = "Context:\n{context}\n\nQ: {question}\nA:"
-NO_CONTEXT = "(none)"  # the context line when no passage is given or retrieved
+NO_CONTEXT = "none"  # the context line when no passage is given or retrieved (plain letters: any vocabulary)
 MIN_PIECE = 8  # a cut passage keeps at least this many tokens, else it is dropped
 STOPWORDS = "en"  # bm25s's English stop-word list
 
