@@ -36,7 +36,7 @@ from tinylm.data import (
 from tinylm.errors import TinyLMError
 from tinylm.lora import LoRAConfig, apply_lora
 from tinylm.model import Transformer
-from tinylm.runtime import Runtime
+from tinylm.runtime import Runtime, main_process_first, teardown
 from tinylm.tokenizer import Tokenizer, load_tokenizer
 from tinylm.train import TrainResult, run_training
 
@@ -125,7 +125,11 @@ def finetune(
     else:
         if base_run is None or data is None:
             raise TinyLMError("Fine-tuning needs a base run directory and --data.")
-        record = _new_record(Path(base_run), Path(data), out, checkpoint, lora, overrides or {})
+        try:
+            record = _new_record(Path(base_run), Path(data), out, checkpoint, lora, overrides or {})
+        except BaseException:
+            teardown(clean=False)  # torchrun's process group, if preparing the data joined it
+            raise
     parent = record.finetune
     assert parent is not None
     tokenizer = load_tokenizer(Path(parent.base) / "tokenizer.json")
@@ -178,9 +182,11 @@ def _new_record(
         read_pairs(data)  # fail now on a bad file
     elif (data / "meta.json").is_file():
         data_dir = data
-    else:  # plain text: tokenize it with the base run's tokenizer
+    else:  # plain text: tokenize it with the base run's tokenizer, once (rank 0 under torchrun)
         data_dir = out / "data"
-        prepare([str(data)], data_dir, tokenizer)
+        with main_process_first() as first:
+            if first:
+                prepare([str(data)], data_dir, tokenizer)
     base_hash = tokenizer_hash(tokenizer)
     if data_dir is not None and TokenData(data_dir).tokenizer_hash != base_hash:
         raise TinyLMError(

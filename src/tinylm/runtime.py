@@ -92,19 +92,14 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(device: str = "auto", dtype: str = "auto", seed: int | None = None) -> Runtime:
-    """Resolve device and precision, join torchrun's process group when launched by it, and seed."""
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """Resolve device and precision, join torchrun's process group when launched by it, and seed
+    (every rank alike, so models build identically; see `seed_rank` for what comes after)."""
+    rank, world_size, local_rank = _launch_env()
     dev = resolve_device(device)
     if world_size > 1:
-        import torch.distributed as dist
-
         if dev.type == "cuda":
             dev = torch.device("cuda", local_rank)
-            torch.cuda.set_device(dev)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        join_process_group(dev)
     if dev.type == "cuda":
         # TF32 matmuls: ~free speed on Ampere and newer, negligible accuracy cost for training.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -114,11 +109,71 @@ def setup(device: str = "auto", dtype: str = "auto", seed: int | None = None) ->
     return Runtime(dev, resolve_dtype(dtype, dev), rank, world_size, local_rank)
 
 
-def teardown() -> None:
-    """Leave the process group, if any."""
+def _launch_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) otherwise."""
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+
+
+def join_process_group(device: torch.device | None = None) -> None:
+    """Join torchrun's process group once: gloo for CPU tensors, NCCL too where CUDA is (device None:
+    not yet known, so both when a GPU is present)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
+    if cuda:
+        torch.cuda.set_device(_launch_env()[2] if device is None or device.index is None else device.index)
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
+
+
+def seed_rank(seed: int, runtime: Runtime) -> None:
+    """Give each rank its own random stream (seed + rank), e.g. its own dropout masks, once the model is
+    built alike everywhere; rank 0 keeps `seed`, so one process matches a single-process run."""
+    if runtime.distributed:
+        seed_everything(seed + runtime.rank)
+
+
+@contextlib.contextmanager
+def main_process_first() -> Any:
+    """Under torchrun, run the body on rank 0 before the others enter it (e.g. to prepare data once); yields
+    whether this process is rank 0. When rank 0 fails in it, the other ranks raise too instead of waiting.
+    A no-op in a single process."""
+    rank, world_size, _ = _launch_env()
+    if world_size <= 1:
+        yield True
+        return
+    import torch.distributed as dist
+
+    join_process_group()
+    if rank == 0:
+        ok = [False]
+        try:
+            yield True
+            ok = [True]
+        finally:
+            dist.broadcast_object_list(ok, src=0)
+    else:
+        ok = [None]
+        dist.broadcast_object_list(ok, src=0)
+        if not ok[0]:
+            raise TinyLMError("Rank 0 failed while preparing; see its error above.")
+        yield False
+
+
+def teardown(clean: bool = True) -> None:
+    """Leave the process group, if any. After a clean finish (every rank got here the same way) wait for
+    all ranks first, so none tears down gloo's connections while another still uses them (which aborts
+    it: "terminate called without an active exception"); after an error on some ranks, just leave."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 
@@ -216,6 +271,17 @@ def any_rank(flag: bool, runtime: Runtime) -> bool:
     if not runtime.distributed:
         return flag
     return all_mean(torch.tensor(float(flag), device=runtime.device)).item() > 0
+
+
+def gather_objects(obj: Any, runtime: Runtime) -> list[Any]:
+    """`obj` from every process, in rank order (`[obj]` in a single process)."""
+    if not runtime.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def skip_grad_sync(module: nn.Module) -> ContextManager:

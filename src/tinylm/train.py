@@ -139,6 +139,7 @@ class Trainer:
             model_init(self.model)
             n, trainable = (sum(p.numel() for p in ps) for ps in (self.model.parameters(), self._trainable()))
             self.log(f"Training {trainable:,} of {n:,} parameters ({100 * trainable / n:.2f}%)")
+        rt.seed_rank(self.cfg.seed, runtime)  # after the model is built alike on every rank
         self.model.grad_checkpointing = self.cfg.grad_checkpointing
         state = self._load_weights(resume_from) if resume_from else None  # before FSDP shards the model
         self.wrapped = rt.wrap_model(self.model, runtime, fsdp=self.fsdp, compile=self.cfg.compile)
@@ -299,6 +300,7 @@ class Trainer:
             model_state(self.model, self.fsdp),
             optimizer_state(self.model, self.optimizer, self.fsdp),
         )
+        rng = rt.gather_objects(rt.rng_state(), self.rt)  # every rank's RNG, each resumes its own
         if not self.rt.is_main:
             return
         state = {
@@ -306,7 +308,8 @@ class Trainer:
             "optimizer": optim,
             "scaler": self.scaler.state_dict(),
             "best_val": self.best_val,
-            **rt.rng_state(),
+            **rng[0],  # rank 0's also at the top level, as single-process runs store it
+            "rng_ranks": rng,
             "history": self.history,
             "data": self.source.state_dict(),
         }
@@ -329,7 +332,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.source.load_state_dict(state.get("data", {}))
         self.step, self.best_val, self.history = state["step"], state["best_val"], state["history"]
-        rt.set_rng_state(state)
+        ranks = state.get("rng_ranks") or [state]  # older checkpoints hold rank 0's only
+        rt.set_rng_state(ranks[self.rt.rank] if self.rt.rank < len(ranks) else ranks[0])
         self.run_log.truncate(self.step)
 
 
@@ -365,6 +369,7 @@ def run_training(
 ) -> TrainResult:
     """Set up the runtime, the batch source and a Trainer (resumed from checkpoint `resume_from`), train."""
     runtime = rt.setup(record.train.device, record.train.dtype, record.train.seed)
+    clean = False  # whether every rank ends here the same way, so they can wait for each other
     try:
         source, val_batches = batches_for(record, runtime)
         record = replace(record, train=fit_warmup(record.train, source.total_steps))
@@ -386,9 +391,15 @@ def run_training(
             )  # fmt: skip
         except CorruptFile as exc:
             raise TinyLMError(f"{exc} {_newest_good(run_dir, resume_from or '', record)}") from None
-        return trainer.train(stop_after=stop_after)
+        try:
+            result = trainer.train(stop_after=stop_after)
+        except TrainingInterrupted:  # every rank stopped at the same step boundary
+            clean = True
+            raise
+        clean = True
+        return result
     finally:
-        rt.teardown()
+        rt.teardown(clean)
 
 
 def _newest_good(run_dir: Path, broken: str, record: RunRecord) -> str:
