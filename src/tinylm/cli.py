@@ -173,6 +173,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
     if args.text:
         text = read_text_file(Path(args.text))
+        if not text.strip():
+            raise TinyLMError(f"{args.text} is empty; there is no text to evaluate.")
         tokens = np.asarray(run.tokenizer.encode(text), dtype=np.int64)
         chars, n_bytes, source = len(text), len(text.encode("utf-8")), args.text
     else:
