@@ -490,7 +490,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str | torch.
     """Load a run directory's model (in eval mode), tokenizer and record."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise TinyLMError(f"Run directory {run_dir} does not exist.")
+        what = "is a file, not a run directory" if run_dir.exists() else "does not exist"
+        raise TinyLMError(f"Run directory {run_dir} {what}.")
     record = RunRecord.read(run_dir)
     ckpt = checkpoint_dir(run_dir, checkpoint)
     model = build_model(record)

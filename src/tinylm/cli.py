@@ -168,10 +168,13 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.data import TokenData, read_text_file
     from tinylm.evaluate import evaluate_tokens
     from tinylm.runtime import resolve_device
+    from tinylm.tokenizer import tokenizer_hash
 
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
     if args.text:
         text = read_text_file(Path(args.text))
+        if not text.strip():
+            raise TinyLMError(f"{args.text} is empty; there is no text to evaluate.")
         tokens = np.asarray(run.tokenizer.encode(text), dtype=np.int64)
         chars, n_bytes, source = len(text), len(text.encode("utf-8")), args.text
     else:
@@ -180,6 +183,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
                 f"{args.run_dir} records no data directory (e.g. an imported model); pass --data DIR or --text FILE."
             )
         data = TokenData(args.data or run.record.data)
+        if args.data and data.tokenizer_hash != tokenizer_hash(run.tokenizer):
+            raise TinyLMError(
+                f"{args.data} was prepared with another tokenizer than {args.run_dir}'s; prepare it with "
+                "the run's tokenizer, or pass --text FILE."
+            )
         tokens, chars, n_bytes, source = (
             data.split(args.split),
             data.chars(args.split),
@@ -333,6 +341,8 @@ def cmd_attention(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.checkpoint import load_run
     from tinylm.viz import visualize_generation_attention
 
+    if args.tokens < 1:
+        raise TinyLMError(f"--tokens must be at least 1, not {args.tokens}.")
     run = load_run(args.run_dir, args.checkpoint)
     path = visualize_generation_attention(run.model, run.tokenizer, args.prompt, args.tokens, args.out)
     print(f"Saved {path}")
@@ -523,6 +533,8 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
         for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
         if getattr(args, name) is not None
     }
+    if options.get("max_new_tokens", 1) < 1:
+        raise TinyLMError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}.")
     if args.stop:
         options["stop"] = tuple(args.stop)
     if args.greedy:
@@ -894,6 +906,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TinyLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        # a path the user gave that cannot be read or created, e.g. --out under a regular file
+        print(f"error: cannot use {exc.filename}: {exc.strerror}; choose another path.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted.", file=sys.stderr)
         return 130

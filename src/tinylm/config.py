@@ -124,7 +124,9 @@ class TrainConfig:
                 raise TinyLMError(f"{name} ({getattr(self, name)}) must be a positive integer.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise TinyLMError("Give a positive max_steps or epochs: there is nothing to train otherwise.")
-        if self.lr <= 0 or self.muon_lr <= 0:
+        if self.lr <= 0:
+            raise TinyLMError(f"lr ({self.lr}) must be positive.")
+        if self.muon_lr <= 0:
             raise TinyLMError(f"lr ({self.lr}) and muon_lr ({self.muon_lr}) must be positive.")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise TinyLMError(f"min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1].")

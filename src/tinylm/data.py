@@ -43,6 +43,9 @@ def cache_dir() -> Path:
 
 def read_text_file(path: Path) -> str:
     """Read UTF-8 text or say why not."""
+    if not path.is_file():
+        what = "is a directory, not a text file" if path.is_dir() else "does not exist"
+        raise TinyLMError(f"{path} {what}; pass a UTF-8 text file.")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

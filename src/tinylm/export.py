@@ -262,6 +262,8 @@ def to_hf_model(cfg: ModelConfig, sd: State) -> Any:
 
 def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "last") -> Path:
     """Write a directory that transformers' AutoModelForCausalLM / AutoTokenizer load offline."""
+    if Path(out).exists():
+        raise TinyLMError(f"{out} already exists; choose another --out (export never overwrites).")
     run = load_run(run_dir, checkpoint)
     model = run.model
     if run.record.lora is not None:
@@ -345,7 +347,12 @@ def import_hf(src: str | Path, out: str | Path, tokenizer: str | Path | None = N
     src = Path(src)
     if not (src / "config.json").is_file():
         raise TinyLMError(f"{src} is not a Hugging Face model directory (no config.json).")
-    config = tf.AutoConfig.from_pretrained(src)
+    if (Path(out) / "config.json").is_file():
+        raise TinyLMError(f"{out} already holds a run; choose another --out.")
+    try:
+        config = tf.AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as exc:
+        raise TinyLMError(f"{src}/config.json cannot be read as a model config ({exc}).") from None
     converters = {"gpt2": _from_gpt2, "llama": _from_llama_like, "mixtral": _from_llama_like}
     if config.model_type not in converters:
         raise TinyLMError(

@@ -260,7 +260,8 @@ def write_gguf(
     if out.exists():
         raise TinyLMError(f"{out} already exists; choose another --out (exports never overwrite).")
     if not out.parent.is_dir():
-        raise TinyLMError(f"The directory {out.parent} does not exist; create it first.")
+        what = "is a file, not a directory" if out.parent.exists() else "does not exist; create it first"
+        raise TinyLMError(f"The directory {out.parent} {what}.")
     arch = gguf_architecture(cfg)
     tensors = gguf_tensors(cfg, sd)
     vocab = gguf_vocab(tokenizer, cfg.vocab_size)

@@ -114,8 +114,9 @@ def plot_training_progress(run_dir: str | Path, out: str | Path | None = None) -
 
     try:
         fig = training_figure(read_metrics(run_dir))
-    except TinyLMError as exc:
-        raise TinyLMError(f"{run_dir}: {exc}") from None
+    except TinyLMError as exc:  # name the run, once
+        msg = str(exc)
+        raise TinyLMError(msg if msg.startswith(str(run_dir)) else f"{run_dir}: {msg}") from None
     out = Path(out) if out else Path(run_dir) / "loss.png"
     fig.savefig(out, dpi=DPI)
     plt.close(fig)
