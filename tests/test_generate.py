@@ -21,6 +21,14 @@ from tinylm.model import KVCache, Transformer
 
 pytestmark = pytest.mark.numerics
 
+# Inductor writes its own vector code for the machine's real ISA and ignores ATEN_CPU_CAPABILITY, so under
+# the AVX2 re-run a compiled step and the eager (now AVX2) kernels round differently and greedy tokens of a
+# random-weight model, whose logits are nearly tied, can differ. The default run checks compiled == eager.
+_MIXED_KERNELS = pytest.mark.skipif(
+    bool(__import__("os").environ.get("ATEN_CPU_CAPABILITY")),
+    reason="compiled (Inductor, native ISA) vs eager (ATen forced to another ISA) round differently",
+)
+
 INF = float("-inf")
 
 
@@ -144,6 +152,7 @@ def _greedy_both_ways(flavour: str, batch: int, new_tokens: int, **mode) -> tupl
     )
 
 
+@_MIXED_KERNELS
 @pytest.mark.parametrize("flavour", ["gpt", "llama-moe"])
 def test_compiled_decode_step_is_one_graph_and_matches_eager(flavour):
     """fullgraph=True fails on any graph break: the precondition for CUDA-graph capture on a GPU."""
@@ -199,6 +208,7 @@ def test_rolling_cache_through_generate_and_its_errors(tiny_run):
         generate(run.model, run.tokenizer, "A", max_new_tokens=3, rolling_cache=True)
 
 
+@_MIXED_KERNELS
 def test_decode_compiles_once_across_calls_and_past_the_context():
     """Issue 14: 500 tokens past the context and repeated calls compile the decode step exactly once."""
     from torch._dynamo.utils import counters
