@@ -109,6 +109,11 @@ def cap_passage(text: str, tokenizer: Tokenizer, max_tokens: int) -> list[str]:
     if len(tokenizer.encode(text)) <= max_tokens:
         return [text]
     units = [w for s in re.split(r"(?<=[.!?])\s+", text) for w in _fit_sentence(s, tokenizer, max_tokens)]
+    return _pack(units, tokenizer, max_tokens)
+
+
+def _pack(units: list[str], tokenizer: Tokenizer, max_tokens: int) -> list[str]:
+    """Units joined by spaces, greedily, into pieces of at most max_tokens tokens (a lone unit may exceed it)."""
     pieces: list[str] = []
     current = ""
     for unit in units:
@@ -117,9 +122,7 @@ def cap_passage(text: str, tokenizer: Tokenizer, max_tokens: int) -> list[str]:
             pieces.append(current)
             joined = unit
         current = joined
-    if current:
-        pieces.append(current)
-    return pieces
+    return [*pieces, current] if current else pieces
 
 
 def _fit_sentence(sentence: str, tokenizer: Tokenizer, max_tokens: int) -> list[str]:
@@ -127,23 +130,16 @@ def _fit_sentence(sentence: str, tokenizer: Tokenizer, max_tokens: int) -> list[
     if len(tokenizer.encode(sentence)) <= max_tokens:
         return [sentence]
     pieces: list[str] = []
-    current = ""
+    words: list[str] = []
     for word in sentence.split(" "):
         ids = tokenizer.encode(word)
         if len(ids) > max_tokens:  # e.g. a URL or a run of symbols: cut between tokens
-            if current:
-                pieces.append(current)
-                current = ""
+            pieces += _pack(words, tokenizer, max_tokens)
+            words = []
             pieces.extend(tokenizer.decode(ids[i : i + max_tokens]) for i in range(0, len(ids), max_tokens))
-            continue
-        joined = f"{current} {word}" if current else word
-        if current and len(tokenizer.encode(joined)) > max_tokens:
-            pieces.append(current)
-            joined = word
-        current = joined
-    if current:
-        pieces.append(current)
-    return pieces
+        else:
+            words.append(word)
+    return pieces + _pack(words, tokenizer, max_tokens)
 
 
 def split_passages(text: str, tokenizer: Tokenizer, max_tokens: int) -> list[str]:
