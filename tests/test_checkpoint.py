@@ -57,7 +57,7 @@ def save_checkpoint(run_dir, name, weights, state, meta):
         save(run_dir, name, weights, state, meta)
         kill()  # moment "after": the new `last` is in place
     return save(run_dir, name, weights, state, meta)
-importlib.import_module("tinylm.train").save_checkpoint = save_checkpoint
+C.save_checkpoint = save_checkpoint  # what save_training calls
 from tinylm.cli import main
 sys.exit(main(sys.argv[4:]))
 """

@@ -41,14 +41,14 @@ elif point == "eval":  # during the evaluation after `at` steps
     evaluate = T.Trainer.evaluate
     T.Trainer.evaluate = lambda self: (fire() if self.step == at else None, evaluate(self))[1]
 elif point in ("save", "save-twice"):  # while a checkpoint after `at` steps is half written
-    write, save = C.save_state_dict, T.save_checkpoint
+    write, save = C.save_state_dict, C.save_checkpoint
     def writing(state, path):
         write(state, path)
         fire()
     def save_checkpoint(run_dir, name, weights, state, meta):
         C.save_state_dict = writing if meta["step"] == at or (point == "save-twice" and meta["step"] > at) else write
         return save(run_dir, name, weights, state, meta)
-    T.save_checkpoint = save_checkpoint
+    C.save_checkpoint = save_checkpoint  # what save_training calls
 from tinylm.cli import main
 sys.exit(main(sys.argv[5:]))
 """

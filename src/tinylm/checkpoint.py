@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from tinylm.config import ModelConfig, TrainConfig, from_dict, to_dict
 from tinylm.errors import TinyLMError
 from tinylm.model import Transformer
+from tinylm.runtime import Runtime, gather_objects, rng_state, set_rng_state
 from tinylm.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -281,6 +282,56 @@ def load_optimizer_state(
             f"The optimizer state in {where} does not fit optimizer {name!r}; "
             "resume with the optimizer the run was trained with."
         ) from exc
+
+
+def save_training(
+    run_dir: Path,
+    name: str,
+    parts: TrainingParts,
+    counters: dict[str, Any],
+    meta: dict[str, Any],
+) -> None:
+    """Checkpoint NAME of a training run: weights, optimizer, loss scaler, every rank's RNG (each rank resumes
+    its own) and `counters` (step, best validation loss, history, data position). Collective; rank 0 writes."""
+    weights = model_state(parts.model, parts.fsdp)
+    optim = optimizer_state(parts.model, parts.optimizer, parts.fsdp)
+    rng = gather_objects(rng_state(), parts.runtime)
+    if parts.runtime.is_main:  # rank 0's RNG also at the top level, as single-process runs store it
+        state = {
+            **counters,
+            "optimizer": optim,
+            "scaler": parts.scaler.state_dict(),
+            **rng[0],
+            "rng_ranks": rng,
+        }
+        save_checkpoint(run_dir, name, weights, state, meta)
+
+
+def load_training_weights(ckpt: Path, model: nn.Module) -> dict[str, Any]:
+    """Load checkpoint `ckpt`'s weights into an unwrapped model and return its training state (checked whole)."""
+    read_json(ckpt / META)  # the whole checkpoint must be intact, not only what resuming reads
+    state = load_train_state(ckpt)
+    load_weights(model, ckpt / WEIGHTS)
+    return state
+
+
+def restore_training(parts: TrainingParts, state: dict[str, Any], ckpt: Path, optimizer_name: str) -> None:
+    """Put the optimizer, loss scaler and this rank's RNG of checkpoint `ckpt` back (after its weights)."""
+    load_optimizer_state(parts.model, parts.optimizer, state["optimizer"], parts.fsdp, ckpt, optimizer_name)
+    parts.scaler.load_state_dict(state["scaler"])
+    ranks = state.get("rng_ranks") or [state]  # older checkpoints hold rank 0's only
+    set_rng_state(ranks[parts.runtime.rank] if parts.runtime.rank < len(ranks) else ranks[0])
+
+
+@dataclass
+class TrainingParts:
+    """What a training checkpoint holds besides counters: the model, its optimizer and loss scaler."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    runtime: Runtime
+    fsdp: bool
 
 
 # ----- the run record -------------------------------------------------------------------------

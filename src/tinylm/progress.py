@@ -68,6 +68,18 @@ def progress_bar(
     return PlainProgress(total, initial, desc, delay)
 
 
+def show_step(bar: tqdm | PlainProgress, desc: str, stats: dict[str, float]) -> None:
+    """Advance a training bar by one step, showing its loss, learning rate and throughput."""
+    bar.set_description(desc, refresh=False)
+    bar.set_postfix(
+        loss=f"{stats['loss']:.3f}",
+        lr=f"{stats['lr']:.6f}",
+        tok_s=f"{stats['tokens_per_sec']:.0f}",
+        refresh=False,
+    )
+    bar.update(1)
+
+
 def write(message: str) -> None:
     """Print a line without breaking a terminal progress bar."""
     tqdm.write(message)

@@ -16,31 +16,27 @@ import torch.nn.functional as F
 
 from tinylm import runtime as rt
 from tinylm.checkpoint import (
-    META,
-    WEIGHTS,
     CorruptFile,
     RunLog,
     RunRecord,
+    TrainingParts,
     check_run_dir,
     checkpoint_dir,
-    load_optimizer_state,
-    load_train_state,
-    load_weights,
-    model_state,
+    load_training_weights,
     newest_good_checkpoint,
-    optimizer_state,
     prune_checkpoints,
-    read_json,
     recover_checkpoints,
-    save_checkpoint,
+    restore_training,
+    save_training,
 )
 from tinylm.config import TrainConfig, build_configs
 from tinylm.data import Batch, BatchSource, TokenData, token_batches
 from tinylm.errors import TinyLMError
 from tinylm.evaluate import mean_loss
+from tinylm.history import LossHistory
 from tinylm.model import Transformer
 from tinylm.optim import build_optimizer, lr_at
-from tinylm.progress import progress_bar, write
+from tinylm.progress import progress_bar, show_step, write
 from tinylm.tokenizer import Tokenizer
 
 EVAL_SHARE_WARNING = (
@@ -55,6 +51,12 @@ class TrainingInterrupted(TinyLMError):
     def __init__(self, message: str, signum: int = 2) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
+
+    @classmethod
+    def saved(cls, step: int, resume_command: str, signum: int) -> TrainingInterrupted:
+        return cls(
+            f"Interrupted at step {step}; saved checkpoint 'last'. Resume with: {resume_command}", signum
+        )
 
 
 @dataclass
@@ -87,15 +89,17 @@ class TrainResult:
     @classmethod
     def of(cls, trainer: Trainer, start_step: int, seconds: float) -> TrainResult:
         """The result of `trainer`'s session that started at `start_step` and took `seconds`."""
-        h, epochs, source = trainer.history, trainer.history["epoch_losses"], trainer.source
-        loss, kind = (h["train_losses"][-1]["loss"], "last step") if h["train_losses"] else (math.nan, "none")
+        h, source = trainer.history, trainer.source
+        epochs = h.epoch_losses
+        loss, kind = (h.train_losses[-1]["loss"], "last step") if h.train_losses else (math.nan, "none")
         if epochs and source.epoch_done(trainer.step) == epochs[-1]["epoch"]:
             loss, kind = epochs[-1]["train_loss"], f"epoch {epochs[-1]['epoch']} average"
         tokens = (trainer.step - start_step) * trainer.tokens_per_step
-        val = h["val_losses"][-1]["loss"] if h["val_losses"] else math.nan
+        val = h.last_val()
+        val = math.nan if val is None else val
         return cls(
             trainer.run_dir, trainer.rt.rank, trainer.step, start_step, source.total_steps, loss, kind, val,
-            seconds, tokens / max(seconds, 1e-9), trainer.record.resume_command(trainer.run_dir), **h,
+            seconds, tokens / max(seconds, 1e-9), trainer.record.resume_command(trainer.run_dir), **h.to_dict(),
         )  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
@@ -133,37 +137,36 @@ class Trainer:
         self.run_dir, self.tokenizer, self.rt = Path(run_dir), tokenizer, runtime
         self.progress = progress and runtime.is_main
         self.log = (log or write) if runtime.is_main else (lambda msg: None)
-        self.fsdp = runtime.distributed and self.cfg.fsdp
         self.model = Transformer(record.model).to(runtime.device)
         if model_init is not None:  # e.g. load pre-trained weights, wrap LoRA adapters
             model_init(self.model)
-            n, trainable = (sum(p.numel() for p in ps) for ps in (self.model.parameters(), self._trainable()))
-            self.log(f"Training {trainable:,} of {n:,} parameters ({100 * trainable / n:.2f}%)")
+            self.log(_trainable_share(self.model))
         rt.seed_rank(self.cfg.seed, runtime)  # after the model is built alike on every rank
         self.model.grad_checkpointing = self.cfg.grad_checkpointing
-        state = self._load_weights(resume_from) if resume_from else None  # before FSDP shards the model
-        self.wrapped = rt.wrap_model(self.model, runtime, fsdp=self.fsdp, compile=self.cfg.compile)
+        state = load_training_weights(resume_from, self.model) if resume_from else None  # before FSDP shards
+        fsdp = runtime.distributed and self.cfg.fsdp
+        self.wrapped = rt.wrap_model(self.model, runtime, fsdp=fsdp, compile=self.cfg.compile)
         self.optimizer = build_optimizer(self.model, self.cfg)
-        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
-        self.step, self.best_val = 0, math.inf
-        self.history: dict[str, list[dict]] = {"train_losses": [], "val_losses": [], "epoch_losses": []}
+        scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+        self.parts = TrainingParts(self.model, self.optimizer, scaler, runtime, fsdp)
+        self.step, self.best_val, self.history = 0, math.inf, LossHistory()
         self.run_log = RunLog(self.run_dir, record, enabled=runtime.is_main)
-        if state is not None:
-            self._restore(state, resume_from)
+        if state is not None:  # the rest of the checkpoint: optimizer, RNG, data position, counters
+            restore_training(self.parts, state, resume_from, self.cfg.optimizer)
+            self.source.load_state_dict(state.get("data", {}))
+            self.step, self.best_val = state["step"], state["best_val"]
+            self.history = LossHistory.from_dict(state["history"])
+            self.run_log.truncate(self.step)
 
     # ----- the loop -----------------------------------------------------------------------
     def train(self, stop_after: int | None = None) -> TrainResult:
         """Train until total_steps (or `stop_after` more steps); evaluate, log and checkpoint on the way.
         SIGINT / SIGTERM stop the loop at the next step boundary, after saving `last`."""
-        total = self.source.total_steps
-        if self.step >= total:
-            raise TinyLMError(
-                f"This run already finished ({self.step} of {total} steps); "
-                "pass a larger --max-steps or --epochs to continue it."
-            )
+        _refuse_finished(self.step, self.source.total_steps)
         if self.rt.is_main:
             check_run_dir(self.run_dir, sum(p.numel() for p in self.model.parameters()))
             self.record.write(self.run_dir, self.tokenizer)
+        total = self.source.total_steps
         end = total if stop_after is None else min(total, self.step + stop_after)
         start_time, start_step = time.perf_counter(), self.step
         bar = progress_bar(total, initial=self.step, desc=self.source.label(self.step), enabled=self.progress)
@@ -173,17 +176,15 @@ class Trainer:
                 stats = self.train_step(self.step)
                 self.step += 1
                 stats["tokens_per_sec"] = self.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-                self._show(bar, stats)
+                show_step(bar, self.source.label(self.step), stats)
                 self._after_step(stats)
             bar.close()
             if signals.received is not None:
                 self.save("last")
-                raise TrainingInterrupted(
-                    f"Interrupted at step {self.step}; saved checkpoint 'last'. "
-                    f"Resume with: {self.record.resume_command(self.run_dir)}",
-                    signals.received,
+                raise TrainingInterrupted.saved(
+                    self.step, self.record.resume_command(self.run_dir), signals.received
                 )
-            if not self.history["val_losses"] or self.history["val_losses"][-1]["step"] != self.step:
+            if not self.history.evaluated_at(self.step):
                 self.checkpoint(self.evaluate(), epoch=None)  # e.g. --stop-after between evaluations
         return TrainResult.of(self, start_step, time.perf_counter() - start_time)
 
@@ -192,7 +193,7 @@ class Trainer:
         lr = lr_at(step, self.source.total_steps, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        micro = self.micro_batches(step)
+        micro, scaler = self.micro_batches(step), self.parts.scaler
         total = torch.zeros((), device=self.rt.device)  # summed on device: no sync per micro-batch
         for i, (x, y) in enumerate(micro):
             x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
@@ -201,23 +202,19 @@ class Trainer:
                 logits, aux = self.wrapped(x, return_aux=True)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                 objective = (loss + self.record.model.moe_aux_weight * aux) / len(micro)
-            self.scaler.scale(objective).backward()
+            scaler.scale(objective).backward()
             total += loss.detach() / len(micro)
         if self.rt.distributed:  # log the global-batch loss, as a single process would see it
             total = rt.all_mean(total)
-        self.scaler.unscale_(self.optimizer)
+        scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
         loss_value, norm_value = torch.stack([total, grad_norm.float().to(total.device)]).tolist()  # one sync
-        if not math.isfinite(loss_value):
-            raise TinyLMError(
-                f"Loss became {loss_value} at step {step + 1}; stopped. The last good checkpoint in {self.run_dir} "
-                "is intact; lower --lr, raise warmup_steps, or use --dtype fp32/bf16 instead of fp16."
-            )
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        _refuse_non_finite(loss_value, step, self.run_dir)
+        scaler.step(self.optimizer)
+        scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
 
@@ -231,7 +228,7 @@ class Trainer:
         if self.rt.distributed:
             loss = rt.all_mean(torch.tensor(loss, device=self.rt.device)).item()
         epoch = self.source.epoch_of(self.step)
-        self.history["val_losses"].append({"step": self.step, "epoch": epoch, "loss": loss})
+        self.history.add_val(self.step, epoch, loss)
         self.run_log.write({"type": "eval", "step": self.step, "epoch": epoch, "val_loss": loss})
         return loss
 
@@ -247,10 +244,18 @@ class Trainer:
         if epoch is not None and self.cfg.keep_last and self.rt.is_main:
             prune_checkpoints(self.run_dir, "epoch_", self.cfg.keep_last)
 
+    def save(self, name: str) -> None:
+        """Checkpoint NAME: weights, optimizer, step, data position, RNG states and histories (rank 0 writes)."""
+        step, source = self.step, self.source
+        counters = {"step": step, "best_val": self.best_val, "history": self.history.to_dict()}
+        meta = {"step": step, "epoch": source.epoch_of(step), "val_loss": self.history.last_val()}
+        counters["data"], meta["total_steps"] = source.state_dict(), source.total_steps
+        save_training(self.run_dir, name, self.parts, counters, meta)
+
     # ----- bookkeeping --------------------------------------------------------------------
     def _after_step(self, stats: dict[str, float]) -> None:
         step, cfg = self.step, self.cfg
-        self.history["train_losses"].append({"step": step, "loss": stats["loss"]})
+        self.history.add_train(step, stats["loss"])
         if step % cfg.log_interval == 0 or step == 1:
             self.run_log.write({"type": "train", "step": step, **stats})
         if self.source.evaluates_at(step, cfg.eval_interval):
@@ -258,83 +263,43 @@ class Trainer:
             if epoch is None:
                 self.log(f"step {step}: train loss {stats['loss']:.4f}, val loss {val:.4f}")
             else:
-                self._end_epoch(epoch, val)
+                avg = self.history.end_epoch(epoch, val, self.source.epoch_of)
+                self.run_log.write(
+                    {"type": "epoch", "step": step, "epoch": epoch, "train_loss": avg, "val_loss": val}
+                )
+                self.log(f"{self.source.label(step - 1)}: average loss {avg:.4f}, validation loss {val:.4f}")
             self.checkpoint(val, epoch)
         if cfg.save_interval and step % cfg.save_interval == 0:
             self.save(f"step_{step:07d}")
             if cfg.keep_last and self.rt.is_main:
                 prune_checkpoints(self.run_dir, "step_", cfg.keep_last)
 
-    def _end_epoch(self, epoch: int, val: float) -> None:
-        losses = [
-            r["loss"] for r in self.history["train_losses"] if self.source.epoch_of(r["step"]) > epoch - 1
-        ]
-        avg = sum(losses) / len(losses)
-        self.history["epoch_losses"].append({"epoch": epoch, "train_loss": avg, "val_loss": val})
-        self.run_log.write(
-            {"type": "epoch", "step": self.step, "epoch": epoch, "train_loss": avg, "val_loss": val}
-        )
-        self.log(f"{self.source.label(self.step - 1)}: average loss {avg:.4f}, validation loss {val:.4f}")
-
-    def _show(self, bar: Any, stats: dict[str, float]) -> None:
-        bar.set_description(self.source.label(self.step), refresh=False)
-        bar.set_postfix(
-            loss=f"{stats['loss']:.3f}",
-            lr=f"{stats['lr']:.6f}",
-            tok_s=f"{stats['tokens_per_sec']:.0f}",
-            refresh=False,
-        )
-        bar.update(1)
-
-    def _trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum * self.record.model.block_size * self.rt.world_size
 
-    # ----- checkpoints --------------------------------------------------------------------
-    def save(self, name: str) -> None:
-        """Checkpoint NAME: weights, optimizer, step, data position, RNG states and histories (rank 0 writes)."""
-        weights, optim = (
-            model_state(self.model, self.fsdp),
-            optimizer_state(self.model, self.optimizer, self.fsdp),
-        )
-        rng = rt.gather_objects(rt.rng_state(), self.rt)  # every rank's RNG, each resumes its own
-        if not self.rt.is_main:
-            return
-        state = {
-            "step": self.step,
-            "optimizer": optim,
-            "scaler": self.scaler.state_dict(),
-            "best_val": self.best_val,
-            **rng[0],  # rank 0's also at the top level, as single-process runs store it
-            "rng_ranks": rng,
-            "history": self.history,
-            "data": self.source.state_dict(),
-        }
-        val = self.history["val_losses"][-1]["loss"] if self.history["val_losses"] else None
-        epoch = self.source.epoch_of(self.step)
-        meta = {"step": self.step, "epoch": epoch, "val_loss": val, "total_steps": self.source.total_steps}
-        save_checkpoint(self.run_dir, name, weights, state, meta)
 
-    def _load_weights(self, ckpt: Path) -> dict[str, Any]:
-        read_json(ckpt / META)  # the whole checkpoint must be intact, not only what resuming reads
-        state = load_train_state(ckpt)
-        load_weights(self.model, ckpt / WEIGHTS)
-        return state
+def _trainable_share(model: Transformer) -> str:
+    n, trainable = (
+        sum(p.numel() for p in model.parameters()),
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+    return f"Training {trainable:,} of {n:,} parameters ({100 * trainable / n:.2f}%)"
 
-    def _restore(self, state: dict[str, Any], ckpt: Path) -> None:
-        """The rest of checkpoint `ckpt` after its weights: optimizer, data position, step, RNG, metrics."""
-        load_optimizer_state(
-            self.model, self.optimizer, state["optimizer"], self.fsdp, ckpt, self.cfg.optimizer
+
+def _refuse_finished(step: int, total: int) -> None:
+    if step >= total:
+        raise TinyLMError(
+            f"This run already finished ({step} of {total} steps); pass a larger --max-steps or --epochs to continue it."
         )
-        self.scaler.load_state_dict(state["scaler"])
-        self.source.load_state_dict(state.get("data", {}))
-        self.step, self.best_val, self.history = state["step"], state["best_val"], state["history"]
-        ranks = state.get("rng_ranks") or [state]  # older checkpoints hold rank 0's only
-        rt.set_rng_state(ranks[self.rt.rank] if self.rt.rank < len(ranks) else ranks[0])
-        self.run_log.truncate(self.step)
+
+
+def _refuse_non_finite(loss: float, step: int, run_dir: Path) -> None:
+    if not math.isfinite(loss):
+        raise TinyLMError(
+            f"Loss became {loss} at step {step + 1}; stopped. The last good checkpoint in {run_dir} "
+            "is intact; lower --lr, raise warmup_steps, or use --dtype fp32/bf16 instead of fp16."
+        )
 
 
 # ----- entry points -----------------------------------------------------------------------------
