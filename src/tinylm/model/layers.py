@@ -137,12 +137,17 @@ class KVCache(nn.Module):
         (B, 1, T, max_len): True where a slot holds a key at a position <= the query's.
         """
         B, H, T, D = k.shape
-        positions = positions.expand(B, T)
         slots = positions % self.max_len if self.rolling else positions
-        index = slots[:, None, :, None].expand(B, H, T, D)
-        self.k.scatter_(2, index, k.to(self.k.dtype))
-        self.v.scatter_(2, index, v.to(self.v.dtype))
-        self.pos.scatter_(1, slots, positions)
+        if positions.dim() == 1:  # shared by every row: an index_put that inductor does in place
+            self.k[:, :, slots] = k.to(self.k.dtype)
+            self.v[:, :, slots] = v.to(self.v.dtype)
+            self.pos[:, slots] = positions
+        else:
+            index = slots[:, None, :, None].expand(B, H, T, D)
+            self.k.scatter_(2, index, k.to(self.k.dtype))
+            self.v.scatter_(2, index, v.to(self.v.dtype))
+            self.pos.scatter_(1, slots, positions)
+        positions = positions.expand(B, T)
         mask = self.pos[:, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, max_len)
         return self.k, self.v, mask
 
@@ -167,7 +172,10 @@ class KVCache(nn.Module):
             return self.update(torch.arange(start, end, device=k.device), k, v)
         self.k[:, :, slot : slot + T] = k
         self.v[:, :, slot : slot + T] = v
-        self.pos[:, slot : slot + T] = start if T == 1 else torch.arange(start, end, device=k.device)
+        if T == 1:
+            self.pos[:, slot : slot + 1].fill_(start)
+        else:
+            self.pos[:, slot : slot + T] = torch.arange(start, end, device=k.device)
         mask = None
         if T > 1 and start > 0:
             mask = torch.ones(T, end, dtype=torch.bool, device=k.device).tril(diagonal=start)
@@ -233,7 +241,8 @@ class CausalSelfAttention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            # queries and keys rotate together: one set of elementwise ops per layer, not two
+            q, k = apply_rope(torch.cat([q, k], dim=1), *rope).split([self.n_head, self.n_kv_head], dim=1)
         mask = None  # None: plain causal attention over these T tokens (SDPA's is_causal)
         if pos is None:
             pos = 0
@@ -273,7 +282,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU (GPT) or SwiGLU (LLaMA). Returns (output, zero aux loss)."""
+    """Position-wise feed-forward: GELU (GPT) or SwiGLU (LLaMA). Returns (output, None): no aux loss."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -288,12 +297,12 @@ class MLP(nn.Module):
             self.proj = mark(nn.Linear(hidden, cfg.n_embd, bias=cfg.bias), HIDDEN_MATRIX, RESIDUAL_OUT)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         if self.swiglu:
             y = self.w2(F.silu(self.w1(x)) * self.w3(x))
         else:
             y = self.proj(F.gelu(self.fc(x), approximate="tanh"))
-        return (self.drop(y) if self.training else y), x.new_zeros((), dtype=torch.float32)
+        return (self.drop(y) if self.training else y), None
 
 
 class MoE(nn.Module):

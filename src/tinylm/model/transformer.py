@@ -41,7 +41,8 @@ class Block(nn.Module):
         rope: Rope | None = None,
         cache: KVCache | None = None,
         pos: torch.Tensor | int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x, the MoE load-balancing loss, or None for a dense MLP)."""
         x = x + self.attn(self.norm1(x), rope, cache, pos)
         h, aux = self.ff(self.norm2(x))
         return x + h, aux
@@ -128,7 +129,7 @@ class Transformer(nn.Module):
                 x, block_aux = checkpoint(block, x, rope, None, pos, use_reentrant=False)
             else:
                 x, block_aux = block(x, rope, caches[i] if caches else None, pos)
-            if aux is not None:  # summed only when asked: decoding skips n_layer adds per token
+            if aux is not None and block_aux is not None:  # summed only when asked (not when decoding)
                 aux = aux + block_aux
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         return (logits, aux) if return_aux else logits
