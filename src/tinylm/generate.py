@@ -92,12 +92,16 @@ def decode_one_token(
 
 
 def compiled_decode(model: nn.Module) -> object:
-    """decode_one_token compiled (CUDA graphs on GPU); the model is an argument, so one per mode serves all models."""
-    return _compiled_step("reduce-overhead" if next(model.parameters()).is_cuda else "default")
+    """decode_one_token compiled (CUDA graphs on GPU, a C++ wrapper on CPU); the model is an argument, so one
+    per device kind serves all models."""
+    device = next(model.parameters()).device.type
+    return _compiled_step({"cuda": "reduce-overhead", "cpu": "cpp-wrapper"}.get(device, "default"))
 
 
 @functools.cache
 def _compiled_step(mode: str) -> object:
+    if mode == "cpp-wrapper":  # kernels launched from C++, not Python: 1.1-1.3x per CPU step (RESULTS.md)
+        return torch.compile(decode_one_token, fullgraph=True, options={"cpp_wrapper": True})
     return torch.compile(decode_one_token, mode=mode, fullgraph=True)
 
 
