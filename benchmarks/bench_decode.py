@@ -1,18 +1,21 @@
 """Batch-1 greedy decoding, one process: tinylm variants against llama.cpp (the same weights through the GGUF
 export, f32 and q8_0, the same thread count) and Hugging Face transformers' static cache.
 
-    python benchmarks/bench_decode.py                       # both models, inside the context and 500 tokens
+    python benchmarks/bench_decode.py --threads 1 --iters 3   # both models, inside the context and 500 tokens
     python benchmarks/bench_decode.py --models cpu-llama --iters 5
-    python benchmarks/bench_decode.py --profile             # torch.profiler over tinylm's eager decode step
+    python benchmarks/bench_decode.py --profile               # torch.profiler over tinylm's eager decode step
 
-A variant whose API or package is missing prints "skipped: <reason>" and the rest runs. Every figure is the
-median of --iters timed runs (after one untimed warm-up run, which also compiles), in new tokens per second.
+Past the context (500 new tokens) every tinylm variant uses the rolling KV cache, like llama.cpp here (the
+oldest entry is dropped, positions keep growing); tinylm's default rule, re-encoding the last block_size tokens
+per step, is timed as "tinylm eager re-encode" once (--reencode-iters) on models with a context of at most
+--reencode-max-context tokens (64: `cpu-llama`), since on the 10.6M model one such run takes minutes. Hugging Face's static cache is sized to prompt + new tokens. A variant whose API or package is
+missing prints "skipped: <reason>" and the rest runs. Every figure is the median of --iters timed runs (after
+one untimed warm-up run, which also compiles), in new tokens per second.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -21,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -59,15 +63,17 @@ def cpu_kind() -> str:
 def tinylm_variants(
     model: Transformer, prompt: torch.Tensor, n_new: int
 ) -> dict[str, Callable[[int], object]]:
-    """name -> run(n_new) for every tinylm variant; each raises Skip when its API is missing."""
-    params = inspect.signature(generate_tokens).parameters
+    """name -> run(n_new) for every tinylm variant; each raises Skip when its API is missing.
 
-    def run(m: Transformer, **kw) -> Callable[[int], object]:
+    Past the context every variant decodes with the rolling KV cache (one token per step, as llama.cpp);
+    the re-encoding rule has its own entry, "tinylm eager re-encode"."""
+    past = n_new + prompt.size(1) > model.cfg.block_size
+    rolling = {"rolling_cache": True} if past else {}
+
+    def run(m: Transformer, compile: bool = False, rolling_cache: bool = False) -> Callable[[int], object]:
         def go(n: int) -> object:
-            for key in kw:
-                if key not in params:
-                    raise Skip(f"generate_tokens has no {key}= (not on this branch yet)")
-            return list(generate_tokens(m, prompt, SampleConfig(max_new_tokens=n, do_sample=False), **kw))
+            cfg = SampleConfig(max_new_tokens=n, do_sample=False, rolling_cache=rolling_cache)
+            return list(generate_tokens(m, prompt, cfg, compile=compile))
 
         return go
 
@@ -86,16 +92,16 @@ def tinylm_variants(
         return go
 
     bf16 = _clone(model).to(torch.bfloat16)
+    suffix = " rolling" if past else ""
     variants = {
-        "tinylm eager": run(model),
-        "tinylm compiled": run(model, compile=True),
-        "tinylm bf16": run(bf16),
-        "tinylm int8": int8(),
-        "tinylm int8 compiled": int8(compile=True),
+        f"tinylm eager{suffix}": run(model, **rolling),
+        f"tinylm compiled{suffix}": run(model, compile=True, **rolling),
+        f"tinylm bf16{suffix}": run(bf16, **rolling),
+        f"tinylm int8{suffix}": int8(**rolling),
+        f"tinylm int8 compiled{suffix}": int8(compile=True, **rolling),
     }
-    if n_new + prompt.size(1) > model.cfg.block_size:  # past the context: the rolling KV cache as well
-        variants["tinylm rolling"] = run(model, rolling_cache=True)
-        variants["tinylm rolling compiled"] = run(model, rolling_cache=True, compile=True)
+    if past:
+        variants["tinylm eager re-encode"] = run(model)
     return variants
 
 
@@ -153,7 +159,8 @@ _OPEN: list = []  # llama.cpp models, closed before the interpreter tears ctypes
 
 # ----- Hugging Face -------------------------------------------------------------------------
 def hf_static_variant(model: Transformer, prompt: torch.Tensor) -> Callable[[int], object]:
-    """transformers' generate with its static KV cache (positions past the context: RoPE extrapolates)."""
+    """transformers' generate with its static KV cache of prompt + n positions (past the context RoPE goes on:
+    max_position_embeddings is raised to that length, which changes no weights or frequencies)."""
     try:
         from tinylm.export import to_hf_model
 
@@ -162,6 +169,7 @@ def hf_static_variant(model: Transformer, prompt: torch.Tensor) -> Callable[[int
         raise Skip(f"transformers: {exc}") from None
 
     def go(n: int) -> object:
+        hf.config.max_position_embeddings = max(model.cfg.block_size, prompt.size(1) + n)
         with torch.no_grad():
             return hf.generate(
                 prompt,
@@ -177,22 +185,27 @@ def hf_static_variant(model: Transformer, prompt: torch.Tensor) -> Callable[[int
 
 # ----- timing -------------------------------------------------------------------------------
 def round_robin(
-    fns: dict[str, Callable[[int], object]], n_new: int, iters: int
+    fns: dict[str, Callable[[int], object]], n_new: int, iters: int, capped: dict[str, int] | None = None
 ) -> dict[str, list[float] | str]:
     """name -> tokens/s of each timed run, or the reason it was skipped.
 
     Each variant first runs once untimed (8 tokens: compiles the step, warms caches); the timed runs then
-    go round-robin (A B C A B C ...), so a slow phase of a shared host falls on every variant alike."""
+    go round-robin (A B C A B C ...), so a slow phase of a shared host falls on every variant alike.
+    `capped` gives some variants fewer timed runs (name -> runs; 0 skips it)."""
+    capped = capped or {}
     results: dict[str, list[float] | str] = {}
     for name, fn in fns.items():
+        if capped.get(name) == 0:
+            results[name] = "left out (--reencode-iters 0, or a context above --reencode-max-context)"
+            continue
         try:
             fn(min(n_new, 8))
             results[name] = []
         except Skip as exc:
             results[name] = str(exc)
-    for _ in range(iters):
+    for i in range(iters):
         for name, fn in fns.items():
-            if isinstance(results[name], list):
+            if isinstance(results[name], list) and i < capped.get(name, iters):
                 t0 = time.perf_counter()
                 fn(n_new)
                 results[name].append(n_new / (time.perf_counter() - t0))
@@ -217,7 +230,9 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[dict
         variants["hf static"] = lambda n: _lazy_hf(model, prompt)(n)
         if args.variants:
             variants = {k: v for k, v in variants.items() if any(w in k for w in args.variants)}
-        for variant, runs in round_robin(variants, n_new, args.iters).items():
+        reencode = args.reencode_iters if cfg.block_size <= args.reencode_max_context else 0
+        capped = {"tinylm eager re-encode": reencode}
+        for variant, runs in round_robin(variants, n_new, args.iters, capped).items():
             row = {"model": name, "params_m": round(n_params / 1e6, 2), "context": cfg.block_size}
             row.update(
                 {"scenario": scenario, "new_tokens": n_new, "variant": variant, "threads": args.threads}
@@ -253,8 +268,8 @@ def _lazy_hf(model, prompt) -> Callable[[int], object]:
 def markdown(rows: list[dict]) -> str:
     """One table: tokens/s per variant, and the ratios to llama.cpp f32 and q8_0 measured in the same run."""
     lines = [
-        "| model | scenario | variant | tok/s (median) | vs llama.cpp f32 | vs llama.cpp q8_0 |",
-        "|---|---|---|---|---|---|",
+        "| model | scenario | variant | tok/s (median) | runs | vs llama.cpp f32 | vs llama.cpp q8_0 |",
+        "|---|---|---|---|---|---|---|",
     ]
     ref = {(r["model"], r["scenario"], r["variant"]): r.get("tokens_per_s") for r in rows}
     for r in rows:
@@ -265,25 +280,46 @@ def markdown(rows: list[dict]) -> str:
         shown = "skipped" if not tps else f"{tps:,.0f}" if tps >= 100 else f"{tps:.1f}"
         where = f"{r['model']} ({r['params_m']}M, ctx {r['context']})"
         scenario = f"{r['new_tokens']} new" + (" (past the context)" if r["scenario"] == "500" else "")
-        lines.append(f"| {where} | {scenario} | {r['variant']} | {shown} | {ratio(f32)} | {ratio(q8)} |")
+        runs = ", ".join(f"{x:g}" for x in r.get("runs", []))
+        lines.append(
+            f"| {where} | {scenario} | {r['variant']} | {shown} | {runs} | {ratio(f32)} | {ratio(q8)} |"
+        )
     reasons = sorted({f"- {r['variant']}: skipped: {r['skipped']}" for r in rows if "skipped" in r})
     return "\n".join(lines + ([""] if reasons else []) + reasons)
 
 
 def profile(args: argparse.Namespace) -> None:
-    """torch.profiler over tinylm's eager decode of the larger model: where a token's time goes."""
+    """torch.profiler over tinylm's decode steps (eager and compiled) of each model: where a token's time goes."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    cfg, _ = build_configs("cpu-llama", {**MODELS["llama-6x384"], "dropout": 0.0}, vocab_size=65)
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
-    prompt = torch.randint(1, 65, (1, PROMPT_LEN))
-    run = lambda n: list(generate_tokens(model, prompt, SampleConfig(max_new_tokens=n, do_sample=False)))  # noqa: E731
-    run(8)
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        run(100)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    for name in args.models:
+        cfg, _ = build_configs("cpu-llama", {**MODELS[name], "dropout": 0.0}, vocab_size=65)
+        torch.manual_seed(0)
+        model = Transformer(cfg).eval()
+        prompt = torch.randint(1, 65, (1, PROMPT_LEN))
+        n = cfg.block_size - PROMPT_LEN
+        for compile in (False, True):
+            sample = SampleConfig(max_new_tokens=n, do_sample=False)
+            run = lambda k, c=compile: list(
+                generate_tokens(model, prompt, replace(sample, max_new_tokens=k), compile=c)
+            )  # noqa: E731
+            run(8)
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                run(n)
+                seconds = time.perf_counter() - t0
+            events = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in events)
+            mm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm"))
+            calls = sum(e.count for e in events if e.key.startswith("aten::"))
+            print(
+                f"\n## {name}, {'compiled' if compile else 'eager'}: {n} tokens in {seconds * 1e3:.0f} ms (profiled)"
+            )
+            print(
+                f"aten::mm {100 * mm / total:.0f}% of self CPU time; {calls / n:.0f} ATen calls per token (incl. views)"
+            )
+            print(events.table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
 
 
 def main() -> None:
@@ -294,8 +330,23 @@ def main() -> None:
     )
     p.add_argument("--iters", type=int, default=3, help="timed runs per variant (median reported)")
     p.add_argument("--variants", nargs="+", help="only variants whose name contains one of these words")
+    p.add_argument(
+        "--reencode-iters",
+        type=int,
+        default=1,
+        help="timed runs of tinylm's re-encoding rule past the context (minutes on the 10.6M model; 0 leaves it out)",
+    )
+    p.add_argument(
+        "--reencode-max-context",
+        type=int,
+        default=64,
+        help="time the re-encoding rule only for models with at most this context (default 64: cpu-llama)",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for tinylm, llama.cpp and HF")
-    p.add_argument("--profile", action="store_true", help="profile tinylm's eager decode step and exit")
+    p.add_argument(
+        "--profile", action="store_true", help="profile tinylm's eager and compiled decoding and exit"
+    )
+    p.add_argument("--profile-rows", type=int, default=12, help="rows of each profile table")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -304,6 +355,8 @@ def main() -> None:
     if args.profile:
         profile(args)
         return
+    print(f"# load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for name in args.models:
@@ -312,6 +365,9 @@ def main() -> None:
             rows += bench_model(name, args, workdir)
     for llm in _OPEN:
         llm.close()
+    print(
+        f"# load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {time.perf_counter() - t0:.0f} s"
+    )
     print()
     print(markdown(rows))
 

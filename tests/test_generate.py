@@ -225,3 +225,90 @@ def test_decode_compiles_once_across_calls_and_past_the_context():
     assert torch.equal(first[:40], again)
     eager = torch.stack(list(generate_tokens(model, idx, replace(cfg, max_new_tokens=40))))
     assert torch.equal(eager, again)
+
+
+def _logits_both_ways(model: Transformer, seq: torch.Tensor, prefix: int, rolling: bool) -> tuple:
+    """Logits of a prefix then one token at a time: int start positions (KVCache.write_at, the eager
+    path) and position tensors (KVCache.update, masks over the whole cache, the compiled step's path)."""
+    by_int = model.make_caches(seq.size(0), rolling=rolling)
+    by_tensor = model.make_caches(seq.size(0), rolling=rolling)
+    ours = [model(seq[:, :prefix], caches=by_int, pos=0)]
+    ref = [model(seq[:, :prefix], caches=by_tensor, pos=torch.arange(prefix))]
+    for t in range(prefix, seq.size(1)):
+        ours.append(model(seq[:, t : t + 1], caches=by_int, pos=t))
+        ref.append(model(seq[:, t : t + 1], caches=by_tensor, pos=torch.tensor([t])))
+    return torch.cat(ours, 1), torch.cat(ref, 1)
+
+
+@pytest.mark.parametrize("flavour", ["gpt", "llama", "llama-gqa", "llama-moe"])
+def test_eager_int_positions_match_the_masked_cache(flavour):
+    """The eager path attends to the filled prefix of the cache without masks; same logits as masking by position.
+
+    Both sides run the same float32 kernels on the same keys; only SDPA's reduction length differs (the
+    masked side adds exact zeros for empty slots), so they agree to a few ulps of the logits' size."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS[flavour])).eval()
+    with torch.no_grad():
+        ours, ref = _logits_both_ways(model, torch.randint(0, 65, (2, 32)), prefix=7, rolling=False)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_int_positions_past_the_context_with_a_rolling_cache():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS["llama-gqa"])).eval()
+    with torch.no_grad():  # 75 positions: the 32-slot rolling cache wraps twice
+        ours, ref = _logits_both_ways(model, torch.randint(0, 65, (1, 75)), prefix=10, rolling=True)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_int_positions_keep_the_cache_usable_by_the_masked_path():
+    """write_at records positions too, so a tensor-position step (the compiled one) can follow an int prefill,
+    and a later shorter sequence ignores the stale slots of a longer one."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS["llama"])).eval()
+    seq = torch.randint(0, 65, (1, 20))
+    caches = model.make_caches(1)
+    with torch.no_grad():
+        model(torch.randint(0, 65, (1, 30)), caches=caches, pos=0)  # a longer, earlier sequence
+        model(seq[:, :12], caches=caches, pos=0)
+        mixed = [model(seq[:, t : t + 1], caches=caches, pos=torch.tensor([t])) for t in range(12, 20)]
+        full = model(seq)[:, 12:]
+    torch.testing.assert_close(torch.cat(mixed, 1), full, atol=1e-5, rtol=1e-5)
+    assert caches[0].pos[0, :20].tolist() == list(range(20))
+
+
+def test_int_positions_after_a_prefix_of_several_tokens_are_causal():
+    """A chunk of T > 1 tokens at start > 0 (chunked prefill) attends causally within itself."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS["gpt"])).eval()
+    seq = torch.randint(0, 65, (2, 24))
+    caches = model.make_caches(2)
+    with torch.no_grad():
+        chunks = [model(seq[:, a:b], caches=caches, pos=a) for a, b in ((0, 9), (9, 16), (16, 24))]
+        full = model(seq)
+    torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TinyLMError, match="past the learned positions"):
+        model(seq[:, :4], caches=caches, pos=30)
+
+
+def test_eager_decode_step_builds_no_mask_and_scatters_nothing():
+    """Issue 14: the per-token eager step writes the cache with slice copies and reads its filled prefix."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS["llama-gqa"])).eval()
+    caches = model.make_caches(1)
+    with torch.no_grad():
+        model(torch.randint(0, 65, (1, 6)), caches=caches, pos=0)
+        with Ops() as ops:
+            model(torch.randint(0, 65, (1, 1)), caches=caches, pos=6)
+    assert not [n for n in ops.names if "scatter" in n or n in ("aten.le", "aten.where", "aten.masked_fill")]

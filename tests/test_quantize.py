@@ -32,7 +32,22 @@ def test_int8_linear_matches_the_dequantized_matmul():
     x = torch.randn(2, 5, 64)
     expected = x @ (q.float() * scale[:, None]).T + linear.bias
     # float32 sums of 64 products of size ~1: rounding far below 1e-4
-    torch.testing.assert_close(Int8Linear(linear)(x), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(Int8Linear(linear, torch.float32)(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_linear_in_bf16_rounds_only_its_input_and_output():
+    """The default on CPU: bf16 activations inside the kernel (float32 accumulation), float32 outside."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    layer = Int8Linear(linear, torch.bfloat16)
+    assert layer(torch.randn(1, 64)).dtype == torch.float32
+    q, scale = quantize_per_channel(linear.weight)
+    x = torch.randn(2, 5, 64)
+    # the input and the scales rounded to bf16 exactly, then float32 sums of 64 products
+    expected = (x.bfloat16().float() @ q.float().T) * scale.bfloat16().float()
+    # the kernel returns bf16: rounding to nearest is within half a step, 2^-8 of the value
+    got = layer(x) - linear.bias.detach()
+    torch.testing.assert_close(got, expected, rtol=2**-8, atol=1e-5)
 
 
 @pytest.mark.parametrize("flavour", ["llama", "llama-moe"])

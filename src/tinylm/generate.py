@@ -92,12 +92,16 @@ def decode_one_token(
 
 
 def compiled_decode(model: nn.Module) -> object:
-    """decode_one_token compiled (CUDA graphs on GPU); the model is an argument, so one per mode serves all models."""
-    return _compiled_step("reduce-overhead" if next(model.parameters()).is_cuda else "default")
+    """decode_one_token compiled (CUDA graphs on GPU, a C++ wrapper on CPU); the model is an argument, so one
+    per device kind serves all models."""
+    device = next(model.parameters()).device.type
+    return _compiled_step({"cuda": "reduce-overhead", "cpu": "cpp-wrapper"}.get(device, "default"))
 
 
 @functools.cache
 def _compiled_step(mode: str) -> object:
+    if mode == "cpp-wrapper":  # kernels launched from C++, not Python: 1.1-1.3x per CPU step (RESULTS.md)
+        return torch.compile(decode_one_token, fullgraph=True, options={"cpp_wrapper": True})
     return torch.compile(decode_one_token, mode=mode, fullgraph=True)
 
 
@@ -140,10 +144,11 @@ def generate_tokens(
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             yield nxt
         return
-    step_fn = compiled_decode(model) if compile else decode_one_token
     caches = model.decode_caches(idx.size(0), rolling=cfg.rolling_cache)
     seq, prompt = idx, idx[:, -block:]
-    logits = model(prompt, caches=caches, pos=torch.arange(prompt.size(1), device=idx.device))[:, -1]
+    # Eager forwards take int positions (KVCache.write_at: the filled prefix, no masks); the
+    # compiled step takes a position tensor, so one graph serves every position.
+    logits = model(prompt, caches=caches, pos=0)[:, -1]
     for step in range(cfg.max_new_tokens):
         nxt = select_next(logits, cfg, seq, generator)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
@@ -151,11 +156,12 @@ def generate_tokens(
         if step + 1 == cfg.max_new_tokens:
             break
         if seq.size(1) > block and not cfg.rolling_cache:  # re-encode the last block_size tokens
-            window = seq[:, -block:]
-            logits = model(window, caches=caches, pos=torch.arange(block, device=idx.device))[:, -1]
-        else:
+            logits = model(seq[:, -block:], caches=caches, pos=0)[:, -1]
+        elif compile:
             position = torch.full((1,), seq.size(1) - 1, dtype=torch.long, device=idx.device)
-            logits = step_fn(model, nxt[:, None].contiguous(), position, caches)
+            logits = compiled_decode(model)(model, nxt[:, None].contiguous(), position, caches)
+        else:
+            logits = model(nxt[:, None], caches=caches, pos=seq.size(1) - 1)[:, -1]
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:

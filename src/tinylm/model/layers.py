@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinylm.config import ModelConfig
+from tinylm.errors import TinyLMError
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (T, head_dim)
 
@@ -48,6 +49,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no casts: decoding pays per op
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
@@ -134,14 +137,49 @@ class KVCache(nn.Module):
         (B, 1, T, max_len): True where a slot holds a key at a position <= the query's.
         """
         B, H, T, D = k.shape
-        positions = positions.expand(B, T)
         slots = positions % self.max_len if self.rolling else positions
-        index = slots[:, None, :, None].expand(B, H, T, D)
-        self.k.scatter_(2, index, k.to(self.k.dtype))
-        self.v.scatter_(2, index, v.to(self.v.dtype))
-        self.pos.scatter_(1, slots, positions)
+        if positions.dim() == 1:  # shared by every row: an index_put that inductor does in place
+            self.k[:, :, slots] = k.to(self.k.dtype)
+            self.v[:, :, slots] = v.to(self.v.dtype)
+            self.pos[:, slots] = positions
+        else:
+            index = slots[:, None, :, None].expand(B, H, T, D)
+            self.k.scatter_(2, index, k.to(self.k.dtype))
+            self.v.scatter_(2, index, v.to(self.v.dtype))
+            self.pos.scatter_(1, slots, positions)
+        positions = positions.expand(B, T)
         mask = self.pos[:, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, max_len)
         return self.k, self.v, mask
+
+    def write_at(
+        self, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Write k, v (B, Hkv, T, hd) at the shared positions start..start+T-1.
+
+        The eager decoding path: slots 0..start-1 must already hold this sequence's positions
+        0..start-1 (prefill from 0, then one token at a time). Returns only the filled prefix of the
+        keys and values, (B, Hkv, S, hd), and a mask only where SDPA's is_causal cannot express it
+        (T > 1 after position 0); a rolling cache past max_len returns all slots, unmasked.
+        """
+        T, end = k.size(2), start + k.size(2)
+        if self.rolling and T == 1:
+            slot, end = start % self.max_len, min(end, self.max_len)
+        elif start == 0 or not self.rolling:
+            slot = start
+            if end > self.max_len:
+                raise TinyLMError(f"Positions up to {end - 1} do not fit a KV cache of {self.max_len}.")
+        else:  # a rolling cache given several tokens after position 0: the general path
+            return self.update(torch.arange(start, end, device=k.device), k, v)
+        self.k[:, :, slot : slot + T] = k
+        self.v[:, :, slot : slot + T] = v
+        if T == 1:
+            self.pos[:, slot : slot + 1].fill_(start)
+        else:
+            self.pos[:, slot : slot + T] = torch.arange(start, end, device=k.device)
+        mask = None
+        if T > 1 and start > 0:
+            mask = torch.ones(T, end, dtype=torch.bool, device=k.device).tril(diagonal=start)
+        return self.k[:, :, :end], self.v[:, :, :end], mask
 
     def rows(self, start: int, stop: int) -> KVCache:
         """A cache over rows start..stop-1 that shares this cache's storage (e.g. to prefill one row)."""
@@ -189,25 +227,30 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: Rope | None = None,
         cache: KVCache | None = None,
-        pos: torch.Tensor | None = None,
+        pos: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C) at positions `pos` ((T,) or (B, T); None = 0..T-1 without a cache) -> (B, T, C).
+        """x (B, T, C) at positions `pos` -> (B, T, C).
 
-        With a cache the new keys are written at their positions and each query attends to every
-        cached key at a position <= its own; without one, the T tokens attend causally to each other.
+        pos: (T,) or (B, T) positions, or an int start for the shared positions start..start+T-1
+        (None = 0). With a cache the new keys are written at their positions and each query attends
+        to every cached key at a position <= its own (an int start: the filled prefix of the cache,
+        KVCache.write_at); without one, the T tokens attend causally to each other.
         """
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            # queries and keys rotate together: one set of elementwise ops per layer, not two
+            q, k = apply_rope(torch.cat([q, k], dim=1), *rope).split([self.n_head, self.n_kv_head], dim=1)
         mask = None  # None: plain causal attention over these T tokens (SDPA's is_causal)
-        if cache is not None:
-            if pos is None:
-                pos = torch.arange(T, device=x.device)
+        if pos is None:
+            pos = 0
+        if cache is not None and isinstance(pos, int):
+            k, v, mask = cache.write_at(pos, k, v)
+        elif cache is not None:
             k, v, mask = cache.update(pos, k, v)  # (B, Hkv, S, hd), mask (B, 1, T, S)
-        elif pos is not None:
+        elif not isinstance(pos, int):
             mask = position_mask(pos)
         if self.record_weights:
             groups = self.n_head // self.n_kv_head
@@ -223,8 +266,8 @@ class CausalSelfAttention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_head != self.n_head,
             )
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_drop(self.wo(y))
+        y = self.wo(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        return self.resid_drop(y) if self.training else y  # no module call per layer when decoding
 
     def _attend_explicitly(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
@@ -239,7 +282,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU (GPT) or SwiGLU (LLaMA). Returns (output, zero aux loss)."""
+    """Position-wise feed-forward: GELU (GPT) or SwiGLU (LLaMA). Returns (output, None): no aux loss."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -254,12 +297,12 @@ class MLP(nn.Module):
             self.proj = mark(nn.Linear(hidden, cfg.n_embd, bias=cfg.bias), HIDDEN_MATRIX, RESIDUAL_OUT)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         if self.swiglu:
             y = self.w2(F.silu(self.w1(x)) * self.w3(x))
         else:
             y = self.proj(F.gelu(self.fc(x), approximate="tanh"))
-        return self.drop(y), x.new_zeros((), dtype=torch.float32)
+        return (self.drop(y) if self.training else y), None
 
 
 class MoE(nn.Module):

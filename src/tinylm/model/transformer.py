@@ -40,8 +40,9 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: Rope | None = None,
         cache: KVCache | None = None,
-        pos: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pos: torch.Tensor | int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x, the MoE load-balancing loss, or None for a dense MLP)."""
         x = x + self.attn(self.norm1(x), rope, cache, pos)
         h, aux = self.ff(self.norm2(x))
         return x + h, aux
@@ -51,7 +52,9 @@ class Transformer(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab_size).
 
     Positions are one type everywhere: a LongTensor `pos`, (T,) shared by every row or (B, T) per
-    row (rows of one batch may stand at different positions). Decoding keeps keys and values in
+    row (rows of one batch may stand at different positions); eager decoding may pass an int start
+    instead (positions start..start+T-1, attending to the filled prefix of the cache, no masks; a
+    compiled step passes a tensor, which does not recompile per position). Decoding keeps keys and values in
     `make_caches(batch)` (one KVCache per layer); each forward writes its tokens' keys at their
     positions and attends to cached keys at positions <= each query's own, so a cache can be reused
     for a new sequence without clearing it. `cache_rows(caches, i, j)` gives row views sharing
@@ -92,35 +95,42 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         *,
         caches: list[KVCache] | None = None,
-        pos: torch.Tensor | None = None,
+        pos: torch.Tensor | int | None = None,
         return_aux: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) for tokens idx (B, T) at positions `pos`; with return_aux, also the MoE loss.
 
-        pos: LongTensor (T,) or (B, T); None means 0..T-1. With `caches` (from make_caches) the new
-        keys and values are written into them at those positions and each token attends to every
-        cached key at a position <= its own; without caches the T tokens attend causally to each
-        other. Learned position embeddings need positions < block_size (RoPE has no such limit,
-        which rolling caches use).
+        pos: LongTensor (T,) or (B, T), or an int start meaning start..start+T-1 shared by every row
+        (with caches: positions 0..start-1 must already be in them); None means 0..T-1. With
+        `caches` (from make_caches) the new keys and values are written into them at those positions
+        and each token attends to every cached key at a position <= its own; without caches the T
+        tokens attend causally to each other. Learned position embeddings need positions <
+        block_size (RoPE has no such limit, which rolling caches use).
         """
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise TinyLMError(
                 f"Sequence of {T} tokens is longer than the model's context ({self.cfg.block_size}); crop it."
             )
-        positions = torch.arange(T, device=idx.device) if pos is None else pos
+        pos = 0 if pos is None else pos
+        positions = torch.arange(pos, pos + T, device=idx.device) if isinstance(pos, int) else pos
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
+            if isinstance(pos, int) and pos + T > self.cfg.block_size:
+                raise TinyLMError(
+                    f"Position {pos + T - 1} is past the learned positions ({self.cfg.block_size})."
+                )
             x = x + self.pos_emb(positions)  # (T, C) or (B, T, C)
         rope = self.rope(positions) if self.pos_emb is None else None
-        x = self.drop(x)
-        aux = torch.zeros((), device=idx.device)
+        x = self.drop(x) if self.training else x
+        aux = torch.zeros((), device=idx.device) if return_aux else None
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
                 x, block_aux = checkpoint(block, x, rope, None, pos, use_reentrant=False)
             else:
                 x, block_aux = block(x, rope, caches[i] if caches else None, pos)
-            aux = aux + block_aux
+            if aux is not None and block_aux is not None:  # summed only when asked (not when decoding)
+                aux = aux + block_aux
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         return (logits, aux) if return_aux else logits
 
