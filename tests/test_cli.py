@@ -140,18 +140,33 @@ def test_output_to_a_file_gets_plain_progress_lines(char_data, tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run(
-        [sys.executable, "-m", "tinylm", "train", "--data", str(char_data), "--out", str(tmp_path / "r")]
-        + ["--max-steps", "20", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    def tinylm(*args: str) -> tuple[str, str]:
+        proc = subprocess.run(  # bytes, not text=True: universal newlines would turn "\r" into "\n"
+            [sys.executable, "-m", "tinylm", *args],
+            capture_output=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        out, err = proc.stdout.decode(), proc.stderr.decode()
+        assert proc.returncode == 0, err
+        assert "\r" not in out + err  # no carriage-return redraws off a terminal
+        return out, err
+
+    _, err = tinylm(
+        "train",
+        "--data",
+        str(char_data),
+        "--out",
+        str(tmp_path / "r"),
+        "--max-steps",
+        "20",
+        "--device",
+        "cpu",
     )
-    assert out.returncode == 0, out.stderr
-    assert "\r" not in out.stderr + out.stdout
-    lines = [line for line in out.stderr.splitlines() if line.startswith("Training: ")]
+    lines = [line for line in err.splitlines() if line.startswith("Training: ")]
     assert 2 <= len(lines) <= 11 and lines[-1].startswith("Training: 20/20 (100%)")
+    out, _ = tinylm("generate", str(tmp_path / "r"), "--max-new-tokens", "40")
+    assert out.strip()
 
 
 def test_device_has_one_default_on_every_command():

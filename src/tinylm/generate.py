@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from tinylm.config import SampleConfig, sample_config
 from tinylm.errors import TinyLMError
+from tinylm.progress import progress_bar
 from tinylm.tokenizer import Tokenizer
 
 
@@ -341,7 +341,7 @@ def generate(
         groups.setdefault(len(ids), []).append(i)
     results: list[Generation | None] = [None] * len(rows)
     device = next(model.parameters()).device
-    bar = tqdm(total=cfg.max_new_tokens * len(groups), desc="Generating", disable=not progress, leave=False)
+    bar = progress_bar(cfg.max_new_tokens * len(groups), desc="Generating", enabled=progress, delay=1.0)
     for members in groups.values():
         idx = torch.tensor([rows[i][1] for i in members], device=device)
         if compile and use_cache:
