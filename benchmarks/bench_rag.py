@@ -73,14 +73,20 @@ def gold(q: dict[str, Any]) -> Passage:
 
 
 def finetune_pairs(
-    index: Index, qa: list[dict[str, Any]], tokenizer: Any, block_size: int, k: int, seed: int
+    index: Index,
+    qa: list[dict[str, Any]],
+    tokenizer: Any,
+    block_size: int,
+    k: int,
+    seed: int,
+    held_out: frozenset[str] = frozenset(),
 ) -> list[dict[str, str]]:
     """Each training question with its gold passage, and twice with k retrieved passages (gold ensured):
-    in retrieval order and shuffled."""
+    in retrieval order and shuffled. Passages in `held_out` (the test people's) never enter a prompt."""
     rng = random.Random(seed)
     pairs = []
     for q in qa:
-        hits = index.search(q["question"], k)
+        hits = [h for h in index.search(q["question"], k + 3) if h.text not in held_out][:k]
         if not any(h.text == q["passage"] for h in hits):
             hits = [*hits[: k - 1], gold(q)]
         for passages in ([gold(q)], hits, rng.sample(hits, len(hits))):
@@ -134,13 +140,13 @@ def measure(run_dir: Path, index: Index, qa: list[dict[str, Any]]) -> dict[str, 
 
 
 def pipeline(
-    work: Path, people: int, base_steps: int, ft_steps: int, vocab: int, seed: int
+    work: Path, people: int, test_people: int, base_steps: int, ft_steps: int, vocab: int, seed: int
 ) -> dict[str, Any]:
     """Run every step into `work` and return the figures with the time each step took."""
     times: dict[str, float] = {}
     start = time.perf_counter()
     set_dir = work / "set"
-    make_set(set_dir, people=people, seed=seed)
+    make_set(set_dir, people=people, test_fraction=test_people / people, per_file=50, seed=seed)
     base_corpus(set_dir, work / "base.txt", seed)
     tinylm(
         "prepare",
@@ -187,9 +193,9 @@ def pipeline(
 
     tokenizer = load_tokenizer(work / "base" / "tokenizer.json")
     index = Index.load(work / "index", tokenizer)
-    pairs = finetune_pairs(
-        index, read_jsonl(set_dir / "qa_train.jsonl"), tokenizer, MODEL["block_size"], 3, seed
-    )
+    held_out = frozenset(q["passage"] for q in read_jsonl(set_dir / "qa_test.jsonl"))
+    train_qa = read_jsonl(set_dir / "qa_train.jsonl")
+    pairs = finetune_pairs(index, train_qa, tokenizer, MODEL["block_size"], 3, seed, held_out)
     with open(work / "pairs.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs)
     times["index"] = time.perf_counter() - t
@@ -248,7 +254,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", help="working directory to create (default: a temporary one)")
     parser.add_argument(
-        "--people", type=int, default=300, help="invented people, 3 questions each (default 300)"
+        "--people", type=int, default=1500, help="invented people, 3 facts each (default 1500)"
+    )
+    parser.add_argument(
+        "--test-people", type=int, default=60, help="people held out for testing (default 60: 180 questions)"
     )
     parser.add_argument("--base-steps", type=int, default=400, help="tinylm train steps (default 400)")
     parser.add_argument("--ft-steps", type=int, default=900, help="tinylm finetune steps (default 900)")
@@ -268,7 +277,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp) / "rag"
-        result = pipeline(work, args.people, args.base_steps, args.ft_steps, args.vocab_size, args.seed)
+        result = pipeline(
+            work, args.people, args.test_people, args.base_steps, args.ft_steps, args.vocab_size, args.seed
+        )
     print(table(result))
     print(json.dumps(result))
 
