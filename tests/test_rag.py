@@ -43,7 +43,7 @@ CHARS = CharTokenizer("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 def rag_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The generated reading-comprehension set, small: 60 people, 12 held out."""
     out = tmp_path_factory.mktemp("ragset") / "set"
-    make_set(out, people=60, seed=0)
+    make_set(out, people=60, test_people=12, per_file=10, seed=0)
     return out
 
 
