@@ -86,15 +86,16 @@ def finetune_pairs(
     seed: int,
     held_out: frozenset[str] = frozenset(),
 ) -> list[dict[str, str]]:
-    """Each training question with its gold passage, and twice with k retrieved passages (gold ensured):
-    in retrieval order and shuffled. Passages in `held_out` (the test people's) never enter a prompt."""
+    """Each training question with its gold passage, with the first 2..k retrieved passages (gold
+    ensured) in retrieval order, and with the k shuffled. Passages in `held_out` (the test people's)
+    never enter a prompt."""
     rng = random.Random(seed)
     pairs = []
     for q in qa:
         hits = [h for h in index.search(q["question"], k + 3) if h.text not in held_out][:k]
         if not any(h.text == q["passage"] for h in hits):
             hits = [*hits[: k - 1], gold(q)]
-        for passages in ([gold(q)], hits, rng.sample(hits, len(hits))):
+        for passages in ([gold(q)], *(hits[:n] for n in range(2, k + 1)), rng.sample(hits, len(hits))):
             prompt = build_prompt(q["question"], passages, tokenizer, block_size, MAX_NEW_TOKENS)
             pairs.append({"prompt": prompt, "response": f" {q['answer']}"})
     rng.shuffle(pairs)
@@ -112,13 +113,14 @@ def exact_match(model: Any, tokenizer: Any, qa: list[dict[str, Any]], contexts: 
 
 
 def measure(run_dir: Path, base_dir: Path, index: Index, qa: list[dict[str, Any]]) -> dict[str, float]:
-    """Recall@1/@3 and exact match with k=1, k=3, no retrieval and the gold passage; and the k=3
-    passages re-ranked by the base run (the fine-tune, trained on answers only, no longer models
-    questions), best one kept."""
+    """Recall@1/@3 and exact match with k=1, 2, 3, no retrieval and the gold passage; with the k=3
+    passages in reverse order (does the model find the answer, or copy from the first passage?); and
+    with the k=3 passages re-ranked by the base run (the fine-tune, trained on answers only, no longer
+    models questions), best one kept."""
     from tinylm.checkpoint import load_run
 
     run, base = load_run(run_dir), load_run(base_dir)
-    hits = {k: [index.search(q["question"], k) for q in qa] for k in (1, 3)}
+    hits = {k: [index.search(q["question"], k) for q in qa] for k in (1, 2, 3)}
     recall = {
         k: sum(any(h.text == q["passage"] for h in hs) for q, hs in zip(qa, hits[k])) / len(qa)
         for k in (1, 3)
@@ -126,7 +128,9 @@ def measure(run_dir: Path, base_dir: Path, index: Index, qa: list[dict[str, Any]
     ranked = [rerank_passages(base.model, base.tokenizer, q["question"], hs) for q, hs in zip(qa, hits[3])]
     em = {
         "k=1": exact_match(run.model, run.tokenizer, qa, hits[1]),
+        "k=2": exact_match(run.model, run.tokenizer, qa, hits[2]),
         "k=3": exact_match(run.model, run.tokenizer, qa, hits[3]),
+        "k=3 best last": exact_match(run.model, run.tokenizer, qa, [h[::-1] for h in hits[3]]),
         "k=3 rerank keep 1": exact_match(run.model, run.tokenizer, qa, [r[:1] for r in ranked]),
         "none": exact_match(run.model, run.tokenizer, qa, [[] for _ in qa]),
         "gold": exact_match(run.model, run.tokenizer, qa, [[gold(q)] for q in qa]),
@@ -255,6 +259,8 @@ def table(r: dict[str, Any]) -> str:
         f"| exact match, retrieval k=1 | {r['em k=1']:.3f} ({r['em k=1'] / gold_em:.0%} of gold) |",
         f"| exact match, retrieval k=3 | {r['em k=3']:.3f} ({r['em k=3'] / gold_em:.0%} of gold) |",
         f"| exact match, no retrieval | {r['em none']:.3f} |",
+        f"| exact match, retrieval k=2 | {r['em k=2']:.3f} ({r['em k=2'] / gold_em:.0%} of gold) |",
+        f"| exact match, k=3 in reverse order (best passage last) | {r['em k=3 best last']:.3f} |",
         f"| exact match, k=3 re-ranked by the base run, best 1 kept | {r['em k=3 rerank keep 1']:.3f} |",
         f"| re-ranked top passage is the gold one | {r['rerank@1']:.3f} |",
         f"| exact match, gold passage (ceiling) | {r['em gold']:.3f} |",

@@ -373,7 +373,7 @@ def test_retrieval_puts_held_out_answers_in_the_prompt(rag_set: Path, set_run: P
     assert reach([[] for _ in qa]) == 0.0
     train_qa = read_jsonl(rag_set / "qa_train.jsonl")
     pairs = bench_rag.finetune_pairs(index, train_qa, tok, 256, 3, seed=0)
-    assert len(pairs) == 3 * len(train_qa)
+    assert len(pairs) == 4 * len(train_qa)  # gold alone; k=2 and k=3 in retrieval order; k=3 shuffled
     assert all(p["response"].strip() in p["prompt"] and p["prompt"].endswith("\nA:") for p in pairs)
     held_out = frozenset(q["passage"] for q in qa)
     kept_out = bench_rag.finetune_pairs(index, train_qa, tok, 256, 3, seed=0, held_out=held_out)
