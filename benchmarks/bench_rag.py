@@ -257,13 +257,13 @@ def table(r: dict[str, Any]) -> str:
         f"| retrieval recall@1 | {r['recall@1']:.3f} |",
         f"| retrieval recall@3 | {r['recall@3']:.3f} |",
         f"| exact match, retrieval k=1 | {r['em k=1']:.3f} ({r['em k=1'] / gold_em:.0%} of gold) |",
+        f"| exact match, retrieval k=2 | {r['em k=2']:.3f} ({r['em k=2'] / gold_em:.0%} of gold) |",
         f"| exact match, retrieval k=3 | {r['em k=3']:.3f} ({r['em k=3'] / gold_em:.0%} of gold) |",
         f"| exact match, no retrieval | {r['em none']:.3f} |",
-        f"| exact match, retrieval k=2 | {r['em k=2']:.3f} ({r['em k=2'] / gold_em:.0%} of gold) |",
+        f"| exact match, gold passage (ceiling) | {r['em gold']:.3f} |",
         f"| exact match, k=3 in reverse order (best passage last) | {r['em k=3 best last']:.3f} |",
         f"| exact match, k=3 re-ranked by the base run, best 1 kept | {r['em k=3 rerank keep 1']:.3f} |",
         f"| re-ranked top passage is the gold one | {r['rerank@1']:.3f} |",
-        f"| exact match, gold passage (ceiling) | {r['em gold']:.3f} |",
     ]
     return "\n".join(lines)
 
