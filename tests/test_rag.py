@@ -338,6 +338,7 @@ def _bad_inputs(tmp: Path, rag_set: Path, run: Path, index: Path) -> list[tuple[
         ("broken index", ["ask", str(run), q, "--index", str(broken)], "incomplete or corrupt"),
         ("bad k", ["ask", str(run), q, "--index", idx, "--k", "0"], "k (0) must be at least 1"),
         ("keep alone", ["ask", str(run), q, "--index", idx, "--keep", "1"], "add --rerank"),
+        ("rerank without index", ["ask", str(run), q, "--rerank"], "add --index"),
         ("bad keep", ["ask", str(run), q, "--index", idx, "--rerank", "--keep", "0"], "keep (0) must be"),
     ]
 

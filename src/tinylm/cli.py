@@ -259,6 +259,10 @@ def cmd_plot(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_app(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "ask" and args.index:  # retrieval-augmented: tinylm.rag
         return cmd_ask_rag(args)
+    if args.command == "ask" and (args.rerank or args.keep is not None or args.rerank_run):
+        raise TinyLMError(
+            "--rerank, --keep and --rerank-run re-rank retrieved passages; add --index INDEX_DIR."
+        )
     from tinylm import apps
     from tinylm.checkpoint import load_run
     from tinylm.runtime import resolve_device
