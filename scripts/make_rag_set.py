@@ -11,13 +11,15 @@ Each person gets three one-sentence paragraphs (facts) in a "registry" document:
 and three questions whose answers appear only there ("In which town was Velmora Dask born?" ->
 "Quillbrook"); each question shares a key word with its fact (town, pet, company).
 First names and surnames are shared between people (so retrieval must match both); every answer is
-a fresh invented word. A seeded fraction of the people is held out for testing: their paragraphs are
-in the documents (to index) but not in the training text or the training questions.
+a fresh invented word. A seeded sample of the people is held out for testing: their paragraphs are
+in the documents (to index) but not in the training text or the training questions. Many people
+(1500 by default), so that a model trained on the rest learns to read the answer from the passage
+rather than to memorise the training facts.
 
 Writes to OUT: docs/registry_NN.txt (all people), train_docs.txt (the training people's paragraphs),
 qa_train.jsonl and qa_test.jsonl ({"question", "answer", "person", "file", "passage"} per line).
 
-    python scripts/make_rag_set.py --out /tmp/ragset [--people 300] [--seed 0]
+    python scripts/make_rag_set.py --out /tmp/ragset [--people 1500] [--test-people 60] [--seed 0]
 """
 
 from __future__ import annotations
@@ -111,15 +113,15 @@ def questions(person: dict[str, str], file: str) -> list[dict[str, str]]:
     ]
 
 
-def make_set(
-    out: Path, people: int = 300, test_fraction: float = 0.2, per_file: int = 10, seed: int = 0
-) -> dict:
+def make_set(out: Path, people: int = 1500, test_people: int = 60, per_file: int = 50, seed: int = 0) -> dict:
     """Write the documents and question files into `out` (must not exist); returns counts."""
     if out.exists():
         raise SystemExit(f"{out} already exists; choose a new --out.")
+    if not 0 < test_people < people:
+        raise SystemExit(f"--test-people ({test_people}) must be between 1 and --people ({people}) - 1.")
     rng = random.Random(seed)
     everyone = make_people(rng, people)
-    test_names = {p["name"] for p in rng.sample(everyone, round(people * test_fraction))}
+    test_names = {p["name"] for p in rng.sample(everyone, test_people)}
     (out / "docs").mkdir(parents=True)
     train_paragraphs: list[str] = []
     rows: dict[str, list[dict[str, str]]] = {"train": [], "test": []}
@@ -146,12 +148,16 @@ def make_set(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory to create")
-    parser.add_argument("--people", type=int, default=300, help="invented people (3 facts each; default 300)")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="people held out for testing")
-    parser.add_argument("--per-file", type=int, default=10, help="paragraphs per document (default 10)")
+    parser.add_argument(
+        "--people", type=int, default=1500, help="invented people (3 facts each; default 1500)"
+    )
+    parser.add_argument(
+        "--test-people", type=int, default=60, help="people held out for testing (default 60)"
+    )
+    parser.add_argument("--per-file", type=int, default=50, help="people per document (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args()
-    print(json.dumps(make_set(Path(args.out), args.people, args.test_fraction, args.per_file, args.seed)))
+    print(json.dumps(make_set(Path(args.out), args.people, args.test_people, args.per_file, args.seed)))
 
 
 if __name__ == "__main__":

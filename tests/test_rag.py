@@ -23,6 +23,8 @@ from tinylm.rag import (
     build_prompt,
     cap_passage,
     default_passage_tokens,
+    question_likelihood,
+    rerank_passages,
     split_paragraphs,
     split_passages,
     tokenizer_hash,
@@ -41,7 +43,7 @@ CHARS = CharTokenizer("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 def rag_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The generated reading-comprehension set, small: 60 people, 12 held out."""
     out = tmp_path_factory.mktemp("ragset") / "set"
-    make_set(out, people=60, seed=0)
+    make_set(out, people=60, test_people=12, per_file=10, seed=0)
     return out
 
 
@@ -244,6 +246,62 @@ def test_answer_api_uses_the_same_prompt(rag_set: Path, set_run: Path, set_index
     assert result.sources == hits and q["passage"] in result.prompt
 
 
+# ----- re-ranking by the model's likelihood of the question ---------------------------------------
+@pytest.mark.numerics
+def test_question_likelihood_matches_a_token_by_token_reference(rag_set: Path, set_run: Path) -> None:
+    """The mean log-probability of the question's tokens, against one forward pass per token (fp32:
+    the same dot products over fewer positions, so they agree to rounding)."""
+    import torch
+
+    from tinylm.checkpoint import load_run
+
+    run = load_run(set_run)
+    q = read_jsonl(rag_set / "qa_test.jsonl")[0]
+    prefix = f"Context:\n{q['passage']}\n\nQ:"
+    p, qs = run.tokenizer.encode(prefix), run.tokenizer.encode(f" {q['question']}")
+    ids = p + qs
+    with torch.no_grad():
+        ref = [
+            torch.log_softmax(run.model(torch.tensor([ids[:j]]))[0, -1], -1)[ids[j]].item()
+            for j in range(len(p), len(ids))
+        ]
+    got = question_likelihood(run.model, run.tokenizer, q["question"], q["passage"])
+    assert got == pytest.approx(sum(ref) / len(ref), abs=1e-4)
+
+
+def test_rerank_orders_by_likelihood_and_keep_trims(rag_set: Path, set_run: Path, set_index: Path) -> None:
+    from tinylm.checkpoint import load_run
+    from tinylm.rag import answer
+
+    run = load_run(set_run)
+    index = Index.load(set_index, run.tokenizer)
+    q = read_jsonl(rag_set / "qa_test.jsonl")[2]
+    hits = index.search(q["question"], 3)
+    ranked = rerank_passages(run.model, run.tokenizer, q["question"], hits)
+    assert sorted(p.passage_no for p in ranked) == sorted(h.passage_no for h in hits)
+    scores = [p.likelihood for p in ranked]
+    assert all(s is not None and s < 0 for s in scores) and scores == sorted(scores, reverse=True)
+    for p in ranked:  # each score is that passage's own
+        assert p.likelihood == question_likelihood(run.model, run.tokenizer, q["question"], p.text)
+    result = answer(
+        run.model, run.tokenizer, index, q["question"], k=3, max_new_tokens=8, rerank=True, keep=1
+    )
+    assert result.sources == ranked[:1]
+    assert result.prompt == build_prompt(q["question"], ranked[:1], run.tokenizer, 256, 8)
+
+
+def test_ask_rerank_prints_the_kept_passages_with_their_likelihood(
+    rag_set: Path, set_run: Path, set_index: Path, capsys
+) -> None:
+    q = read_jsonl(rag_set / "qa_test.jsonl")[0]
+    argv = ["ask", str(set_run), q["question"], "--index", str(set_index), "--rerank", "--keep", "2"]
+    code, out, err = run_cli([*argv, "--rerank-run", str(set_run), "--max-new-tokens", "4", "--json"], capsys)
+    assert code == 0, err
+    sources = json.loads(out.strip().splitlines()[-1])["sources"]
+    assert len(sources) == 2 and sources[0]["likelihood"] >= sources[1]["likelihood"]
+    assert "question log-likelihood" in out
+
+
 # ----- bad input: one clear sentence each, exit 2 ----------------------------------------------
 def _bad_inputs(tmp: Path, rag_set: Path, run: Path, index: Path) -> list[tuple[str, list[str], str]]:
     (tmp / "empty_dir").mkdir()
@@ -279,6 +337,9 @@ def _bad_inputs(tmp: Path, rag_set: Path, run: Path, index: Path) -> list[tuple[
         ("missing index", ["ask", str(run), q, "--index", str(tmp / "nope")], "No tinylm index"),
         ("broken index", ["ask", str(run), q, "--index", str(broken)], "incomplete or corrupt"),
         ("bad k", ["ask", str(run), q, "--index", idx, "--k", "0"], "k (0) must be at least 1"),
+        ("keep alone", ["ask", str(run), q, "--index", idx, "--keep", "1"], "add --rerank"),
+        ("rerank without index", ["ask", str(run), q, "--rerank"], "add --index"),
+        ("bad keep", ["ask", str(run), q, "--index", idx, "--rerank", "--keep", "0"], "keep (0) must be"),
     ]
 
 
@@ -313,8 +374,12 @@ def test_retrieval_puts_held_out_answers_in_the_prompt(rag_set: Path, set_run: P
     assert reach([[] for _ in qa]) == 0.0
     train_qa = read_jsonl(rag_set / "qa_train.jsonl")
     pairs = bench_rag.finetune_pairs(index, train_qa, tok, 256, 3, seed=0)
-    assert len(pairs) == 3 * len(train_qa)
+    assert len(pairs) == 4 * len(train_qa)  # gold alone; k=2 and k=3 in retrieval order; k=3 shuffled
     assert all(p["response"].strip() in p["prompt"] and p["prompt"].endswith("\nA:") for p in pairs)
+    held_out = frozenset(q["passage"] for q in qa)
+    kept_out = bench_rag.finetune_pairs(index, train_qa, tok, 256, 3, seed=0, held_out=held_out)
+    assert not any(passage in p["prompt"] for p in kept_out for passage in held_out)
+    assert all(p["response"].strip() in p["prompt"] for p in kept_out)
 
 
 def test_serve_retriever_puts_the_gold_passage_before_the_prompt_within_budget(

@@ -259,6 +259,10 @@ def cmd_plot(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_app(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "ask" and args.index:  # retrieval-augmented: tinylm.rag
         return cmd_ask_rag(args)
+    if args.command == "ask" and (args.rerank or args.keep is not None or args.rerank_run):
+        raise TinyLMError(
+            "--rerank, --keep and --rerank-run re-rank retrieved passages; add --index INDEX_DIR."
+        )
     from tinylm import apps
     from tinylm.checkpoint import load_run
     from tinylm.runtime import resolve_device
@@ -319,21 +323,43 @@ def cmd_ask_rag(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.checkpoint import load_run
     from tinylm.rag import Index, answer
     from tinylm.runtime import resolve_device
+    from tinylm.tokenizer import tokenizer_hash
 
     if not args.text.strip():
         raise TinyLMError("The question is empty; ask something.")
+    if (args.keep is not None or args.rerank_run) and not args.rerank:
+        raise TinyLMError("--keep and --rerank-run apply to re-ranking; add --rerank.")
     index = Index.load(args.index)
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
     index.check_tokenizer(run.tokenizer)
     options = _sampling_options(args)  # greedy unless the user asks for sampling
     if options.keys() & {"temperature", "top_k", "top_p"}:
         options.setdefault("do_sample", True)
-    result = answer(run.model, run.tokenizer, index, args.text, k=args.k, **options)
+    reranker = None
+    if args.rerank_run:
+        reranker = load_run(args.rerank_run, "last", resolve_device(args.device))
+        if tokenizer_hash(reranker.tokenizer) != tokenizer_hash(run.tokenizer):
+            raise TinyLMError(
+                f"--rerank-run {args.rerank_run} has another tokenizer than {args.run_dir}; "
+                "re-rank with a run that shares it (e.g. the fine-tune's base run)."
+            )
+    result = answer(
+        run.model,
+        run.tokenizer,
+        index,
+        args.text,
+        k=args.k,
+        rerank=args.rerank,
+        keep=args.keep,
+        rerank_model=reranker.model if reranker else None,
+        **options,
+    )
     print(result.text)
     print("Sources:" if result.sources else "Sources: none (no passage shares a word with the question)")
     for i, p in enumerate(result.sources, start=1):
         excerpt = p.text if len(p.text) <= 80 else p.text[:77] + "..."
-        print(f"  [{i}] {p.file} passage {p.passage_no} (score {p.score:.2f}): {excerpt}")
+        rerank = "" if p.likelihood is None else f", question log-likelihood {p.likelihood:.2f}/token"
+        print(f"  [{i}] {p.file} passage {p.passage_no} (score {p.score:.2f}{rerank}): {excerpt}")
     return {"text": result.text, **result.summary()}
 
 
@@ -698,6 +724,16 @@ def _add_rag_flags(p: argparse.ArgumentParser) -> None:
     """`tinylm ask --index DIR --k N`: answer from retrieved passages (tinylm.rag)."""
     p.add_argument("--index", help="answer from passages retrieved from this index (built by tinylm index)")
     p.add_argument("--k", type=int, default=3, help="passages to retrieve with --index (default 3)")
+    p.add_argument(
+        "--rerank",
+        action="store_true",
+        help="order the retrieved passages by the model's likelihood of the question given each",
+    )
+    p.add_argument("--keep", type=int, help="with --rerank: keep only the best N passages (default all k)")
+    p.add_argument(
+        "--rerank-run",
+        help="with --rerank: score with this run (same tokenizer, e.g. the base of a fine-tune)",
+    )
 
 
 def _parser_index(sub: argparse._SubParsersAction) -> None:

@@ -15,6 +15,13 @@ Truncation rule (`build_prompt`): the answer keeps min(max_new_tokens, block_siz
 the context free; the template and question must fit in the rest (else an error); passages are
 added best first while they fit whole; the first passage that does not fit is cut to the tokens
 left (its beginning kept, when at least `MIN_PIECE` tokens are left) and the rest are dropped.
+
+Optional re-rank (`answer(..., rerank=True, keep=N)`, `tinylm ask --rerank --keep N`): the retrieved
+passages are ordered by a model's mean log-likelihood of the question given each passage alone (the
+prompt up to "Q:" with that passage, then the question), and the best `keep` are kept. The scoring
+model is the answering one, or another run with the same tokenizer (`rerank_model=`, `--rerank-run`):
+a model fine-tuned with the loss on answers only forgets how questions follow passages, its base
+run does not.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class Passage:
     passage_no: int
     text: str
     score: float = 0.0
+    likelihood: float | None = None  # with re-ranking: mean log-probability of the question's tokens
 
 
 def default_passage_tokens(block_size: int, k: int = 3) -> int:
@@ -352,6 +360,37 @@ class Answer:
         }
 
 
+def question_likelihood(model: Any, tokenizer: Tokenizer, question: str, text: str) -> float:
+    """Mean log-probability (nats per token) of the question's tokens after the prompt with `text` alone."""
+    import torch
+
+    question = " ".join(question.split())
+    prefix = _render(question, [text])[: -len(f" {question}\nA:")]  # "Context:\n...\n\nQ:"
+    p, q = tokenizer.encode(prefix), tokenizer.encode(f" {question}")
+    ids = (p + q)[-model.cfg.block_size :]  # a prefix too long for the context loses its beginning
+    n = len(q)
+    if n < 1 or len(ids) <= n:
+        raise TinyLMError("The question is too long to re-rank passages within this model's context.")
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x)[0, :-1].float(), dim=-1)  # (T-1, V)
+    targets = x[0, 1:]
+    return logp[-n:].gather(1, targets[-n:, None]).mean().item()
+
+
+def rerank_passages(
+    model: Any, tokenizer: Tokenizer, question: str, passages: Sequence[Passage]
+) -> list[Passage]:
+    """The passages ordered by the model's likelihood of the question given each (best first; ties keep order)."""
+    scored = [
+        Passage(
+            p.file, p.passage_no, p.text, p.score, question_likelihood(model, tokenizer, question, p.text)
+        )
+        for p in passages
+    ]
+    return sorted(scored, key=lambda p: -(p.likelihood or 0.0))
+
+
 def answer(
     model: Any,
     tokenizer: Tokenizer,
@@ -360,15 +399,25 @@ def answer(
     k: int = 3,
     max_new_tokens: int = 32,
     passages: Sequence[Passage] | None = None,
+    rerank: bool = False,
+    keep: int | None = None,
+    rerank_model: Any | None = None,
     **sampling: Any,
 ) -> Answer:
-    """Retrieve k passages (or use `passages`), build the prompt and generate the answer line (greedy by default)."""
+    """Retrieve k passages (or use `passages`), optionally re-rank them (by `rerank_model`, a model with the
+    same tokenizer, else `model`) and keep the best `keep`, build the prompt and generate the answer line
+    (greedy by default)."""
     from tinylm.generate import generate
 
     if not question.strip():
         raise TinyLMError("The question is empty; ask something.")
+    if keep is not None and keep < 1:
+        raise TinyLMError(f"keep ({keep}) must be at least 1.")
     if passages is None:
         passages = index.search(question, k) if index is not None else []
+    if rerank:
+        passages = rerank_passages(rerank_model or model, tokenizer, question, passages)
+    passages = list(passages)[:keep]
     block_size = model.cfg.block_size
     prompt = build_prompt(question, passages, tokenizer, block_size, max_new_tokens)
     sampling.setdefault("do_sample", False)
