@@ -228,7 +228,7 @@ def test_decode_compiles_once_across_calls_and_past_the_context():
 
 
 def _logits_both_ways(model: Transformer, seq: torch.Tensor, prefix: int, rolling: bool) -> tuple:
-    """Logits of a prefix then one token at a time: int start positions (KVCache.write_at, the eager
+    """Logits of a prefix then one token at a time: int start positions (KVCache.update with an int start, the eager
     path) and position tensors (KVCache.update, masks over the whole cache, the compiled step's path)."""
     by_int = model.make_caches(seq.size(0), rolling=rolling)
     by_tensor = model.make_caches(seq.size(0), rolling=rolling)
@@ -262,7 +262,7 @@ def test_eager_int_positions_past_the_context_with_a_rolling_cache():
 
 
 def test_int_positions_keep_the_cache_usable_by_the_masked_path():
-    """write_at records positions too, so a tensor-position step (the compiled one) can follow an int prefill,
+    """An int-start update records positions too, so a tensor-position step (the compiled one) can follow an int prefill,
     and a later shorter sequence ignores the stale slots of a longer one."""
     torch.manual_seed(0)
     model = Transformer(tiny_config(**FLAVOURS["llama"])).eval()

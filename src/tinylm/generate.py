@@ -146,7 +146,7 @@ def generate_tokens(
         return
     caches = model.decode_caches(idx.size(0), rolling=cfg.rolling_cache)
     seq, prompt = idx, idx[:, -block:]
-    # Eager forwards take int positions (KVCache.write_at: the filled prefix, no masks); the
+    # Eager forwards take int positions (KVCache.update: the filled prefix, no masks); the
     # compiled step takes a position tensor, so one graph serves every position.
     logits = model(prompt, caches=caches, pos=0)[:, -1]
     for step in range(cfg.max_new_tokens):

@@ -129,13 +129,17 @@ class KVCache(nn.Module):
         return self.k.size(2)
 
     def update(
-        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, hd) at `positions` (T,) or (B, T), per row.
+        self, positions: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Write k, v (B, Hkv, T, hd) at `positions` (T,) or (B, T), per row; an int is the shared
+        positions start..start+T-1 (eager decoding: the same meaning, known on the host).
 
-        Returns all keys and values (B, Hkv, max_len, hd) and the boolean attention mask
-        (B, 1, T, max_len): True where a slot holds a key at a position <= the query's.
+        Returns the keys and values to attend to (B, Hkv, S, hd) and the boolean attention mask
+        (B, 1, T, S), True where a slot holds a key at a position <= the query's: for a tensor all
+        max_len slots; for an int the filled prefix, with None where causal attention is the mask.
         """
+        if isinstance(positions, int):
+            return self._write_prefix(positions, k, v)
         B, H, T, D = k.shape
         slots = positions % self.max_len if self.rolling else positions
         if positions.dim() == 1:  # shared by every row: an index_put that inductor does in place
@@ -151,10 +155,10 @@ class KVCache(nn.Module):
         mask = self.pos[:, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, max_len)
         return self.k, self.v, mask
 
-    def write_at(
+    def _write_prefix(
         self, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Write k, v (B, Hkv, T, hd) at the shared positions start..start+T-1.
+        """update() for the shared positions start..start+T-1, without scatter or mask.
 
         The eager decoding path: slots 0..start-1 must already hold this sequence's positions
         0..start-1 (prefill from 0, then one token at a time). Returns only the filled prefix of the
@@ -234,7 +238,7 @@ class CausalSelfAttention(nn.Module):
         pos: (T,) or (B, T) positions, or an int start for the shared positions start..start+T-1
         (None = 0). With a cache the new keys are written at their positions and each query attends
         to every cached key at a position <= its own (an int start: the filled prefix of the cache,
-        KVCache.write_at); without one, the T tokens attend causally to each other.
+        KVCache.update); without one, the T tokens attend causally to each other.
         """
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -246,10 +250,8 @@ class CausalSelfAttention(nn.Module):
         mask = None  # None: plain causal attention over these T tokens (SDPA's is_causal)
         if pos is None:
             pos = 0
-        if cache is not None and isinstance(pos, int):
-            k, v, mask = cache.write_at(pos, k, v)
-        elif cache is not None:
-            k, v, mask = cache.update(pos, k, v)  # (B, Hkv, S, hd), mask (B, 1, T, S)
+        if cache is not None:
+            k, v, mask = cache.update(pos, k, v)  # (B, Hkv, S, hd), mask (B, 1, T, S) or None
         elif not isinstance(pos, int):
             mask = position_mask(pos)
         if self.record_weights:
