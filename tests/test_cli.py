@@ -167,6 +167,9 @@ def test_output_to_a_file_gets_plain_progress_lines(char_data, tmp_path):
     assert 2 <= len(lines) <= 11 and lines[-1].startswith("Training: 20/20 (100%)")
     out, _ = tinylm("generate", str(tmp_path / "r"), "--max-new-tokens", "40")
     assert out.strip()
+    tinylm(
+        "export", str(tmp_path / "r"), "--format", "hf", "--out", str(tmp_path / "hf")
+    )  # transformers' bars
 
 
 def test_device_has_one_default_on_every_command():

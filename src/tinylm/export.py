@@ -3,6 +3,7 @@ directories, and import local transformers GPT-2 / LLaMA / Mixtral checkpoints a
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ def _transformers():
         raise TinyLMError(
             "Hugging Face export/import needs transformers: pip install 'tinylm[hf]'."
         ) from None
+    if not sys.stderr.isatty():  # its loading/saving bars would redraw with carriage returns in a log
+        transformers.utils.logging.disable_progress_bar()
     return transformers
 
 
