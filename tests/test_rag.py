@@ -244,6 +244,18 @@ def test_answer_api_uses_the_same_prompt(rag_set: Path, set_run: Path, set_index
     hits = index.search(q["question"], 3)
     assert result.prompt == build_prompt(q["question"], hits, run.tokenizer, 256, 8)
     assert result.sources == hits and q["passage"] in result.prompt
+    assert result.retrieved == 3 and result.summary()["retrieved"] == 3
+
+
+def test_sources_line_says_why_there_are_none() -> None:
+    """A 64-character context can hold the question but no passage: say so, not "no passage shares a word"."""
+    from tinylm.rag import Answer
+
+    hit = Passage("f.txt", 3, "Duke of Milan", 5.4)
+    assert Answer("q", "a", "p", [hit], retrieved=1).sources_line(64) == "Sources:"
+    line = Answer("q", "a", "p", [], retrieved=3).sources_line(64)
+    assert "3 passage(s) retrieved" in line and "64-token context" in line
+    assert "shares a word" in Answer("q", "a", "p", [], retrieved=0).sources_line(64)
 
 
 # ----- re-ranking by the model's likelihood of the question ---------------------------------------

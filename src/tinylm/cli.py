@@ -355,7 +355,7 @@ def cmd_ask_rag(args: argparse.Namespace) -> dict[str, Any]:
         **options,
     )
     print(result.text)
-    print("Sources:" if result.sources else "Sources: none (no passage shares a word with the question)")
+    print(result.sources_line(run.model.cfg.block_size))
     for i, p in enumerate(result.sources, start=1):
         excerpt = p.text if len(p.text) <= 80 else p.text[:77] + "..."
         rerank = "" if p.likelihood is None else f", question log-likelihood {p.likelihood:.2f}/token"

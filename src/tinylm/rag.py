@@ -351,13 +351,26 @@ class Answer:
     text: str
     prompt: str
     sources: list[Passage]
+    retrieved: int = 0  # passages retrieved (after re-ranking and keep) before packing into the context
 
     def summary(self) -> dict[str, Any]:
         return {
             "question": self.question,
             "answer": self.text,
             "sources": [asdict(p) for p in self.sources],
+            "retrieved": self.retrieved,
         }
+
+    def sources_line(self, block_size: int) -> str:
+        """What to say above the sources, or why there are none."""
+        if self.sources:
+            return "Sources:"
+        if self.retrieved:
+            return (
+                f"Sources: none: {self.retrieved} passage(s) retrieved, but none fits the model's "
+                f"{block_size}-token context beside the question and the answer's room."
+            )
+        return "Sources: none (no passage shares a word with the question)"
 
 
 def question_likelihood(model: Any, tokenizer: Tokenizer, question: str, text: str) -> float:
@@ -424,7 +437,7 @@ def answer(
     sampling.setdefault("stop", ("\n",))
     text = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, **sampling)[0].text
     used = sum(1 for _ in _kept_passages(prompt))
-    return Answer(question, text.strip(), prompt, list(passages)[:used])
+    return Answer(question, text.strip(), prompt, list(passages)[:used], retrieved=len(passages))
 
 
 def _kept_passages(prompt: str) -> list[str]:
