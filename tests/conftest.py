@@ -75,3 +75,23 @@ FLAVOURS = {
     "llama-moe": {**LLAMA, "n_expert": 4, "n_expert_active": 2},
     "llama-gqa": {**LLAMA, "n_kv_head": 2},
 }
+
+
+def start_server(app):
+    """Run an ASGI `app` with uvicorn on a free 127.0.0.1 port in a thread; (server, thread, url)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -87,7 +87,8 @@ def reference(char_data, tmp_path_factory):
     return get
 
 
-def _child(char_data, out, optimizer, mode, point, at, sig):
+def _train_argv(char_data, out, optimizer, mode):
+    """`tinylm train` on the tiny preset with the reference run's optimizer and mode."""
     argv = [
         "train",
         "--data",
@@ -100,7 +101,11 @@ def _child(char_data, out, optimizer, mode, point, at, sig):
         "--preset",
         "tiny",
     ]
-    argv += _sets(_overrides(optimizer, mode))
+    return argv + _sets(_overrides(optimizer, mode))
+
+
+def _child(char_data, out, optimizer, mode, point, at, sig):
+    argv = _train_argv(char_data, out, optimizer, mode)
     cmd = [sys.executable, "-c", CHILD, point, str(at), sig, str(torch.get_num_threads()), *map(str, argv)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
@@ -133,19 +138,7 @@ def test_interrupt_then_resume_is_bitwise_exact(
 def test_sigterm_from_outside_when_the_metrics_show_progress(char_data, tmp_path, reference):
     """As a scheduler would: the signal comes from another process, whenever the run has got going."""
     out = tmp_path / "run"
-    argv = [
-        "train",
-        "--data",
-        char_data,
-        "--out",
-        out,
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--preset",
-        "tiny",
-    ]
-    argv += _sets(_overrides("adamw", "step"))
+    argv = _train_argv(char_data, out, "adamw", "step")
     cmd = [sys.executable, "-c", CHILD, "none", "0", "SIGTERM", str(torch.get_num_threads()), *map(str, argv)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics, deadline = out / "metrics.jsonl", time.monotonic() + 240

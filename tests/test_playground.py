@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from conftest import start_server  # noqa: E402
 from tinylm.checkpoint import load_run  # noqa: E402
 from tinylm.generate import generate  # noqa: E402
 from tinylm.serve import create_app  # noqa: E402
@@ -33,16 +31,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 @pytest.fixture(scope="module")
 def playground(tiny_run: Path) -> Iterator[tuple[str, object]]:
     run = load_run(tiny_run)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(run, name="tiny"), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", run
+    server, thread, url = start_server(create_app(run, name="tiny"))
+    yield url, run
     server.should_exit = True
     thread.join(timeout=30)
 

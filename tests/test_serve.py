@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from conftest import start_server  # noqa: E402
 from tinylm.chat import CHAT_STOP, render_chat  # noqa: E402
 from tinylm.checkpoint import LoadedRun, load_run  # noqa: E402
 from tinylm.generate import generate  # noqa: E402
@@ -40,20 +40,6 @@ class Running:
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def start_server(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-    """Run `app` with uvicorn on a free 127.0.0.1 port in a thread; (server, thread, url)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture(scope="module")
