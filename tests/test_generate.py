@@ -312,3 +312,16 @@ def test_eager_decode_step_builds_no_mask_and_scatters_nothing():
         with Ops() as ops:
             model(torch.randint(0, 65, (1, 1)), caches=caches, pos=6)
     assert not [n for n in ops.names if "scatter" in n or n in ("aten.le", "aten.where", "aten.masked_fill")]
+
+
+def test_a_rolling_chunk_that_would_overwrite_its_own_keys_is_refused():
+    """Positions 10..39 in one step of a 32-slot rolling cache: the query at 10 would lose keys 0-7."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(position="rope", block_size=32)).eval()
+    caches = model.make_caches(1, rolling=True)
+    x = torch.randint(0, model.cfg.vocab_size, (1, 40))
+    with torch.no_grad():
+        model(x[:, :10], caches=caches, pos=0)
+        model(x[:, 10:20], caches=caches, pos=10)  # still inside the cache: fine
+        with pytest.raises(TinyLMError, match="does not fit a rolling KV cache of 32"):
+            model(x[:, 20:40], caches=caches, pos=20)

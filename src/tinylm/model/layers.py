@@ -172,7 +172,12 @@ class KVCache(nn.Module):
             slot = start
             if end > self.max_len:
                 raise TinyLMError(f"Positions up to {end - 1} do not fit a KV cache of {self.max_len}.")
-        else:  # a rolling cache given several tokens after position 0: the general path
+        elif end > self.max_len:  # later tokens of the chunk would overwrite keys its earlier ones attend to
+            raise TinyLMError(
+                f"A chunk of {T} tokens at positions {start}..{end - 1} does not fit a rolling KV cache of "
+                f"{self.max_len} in one step; feed the tokens past position {self.max_len - 1} one at a time."
+            )
+        else:  # a rolling cache given several tokens after position 0, still inside it: the general path
             return self.update(torch.arange(start, end, device=k.device), k, v)
         self.k[:, :, slot : slot + T] = k
         self.v[:, :, slot : slot + T] = v
