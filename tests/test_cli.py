@@ -194,7 +194,6 @@ def test_exit_code_comes_from_the_exception_type(capsys, monkeypatch):
     def interrupted(args):
         raise TrainingInterrupted("Interrupted at step 3.", 15)
 
-    monkeypatch.setattr(cli, "cmd_info", interrupted)
     parser = cli.build_parser
     monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), interrupted))
     code, _, err = run(capsys, "info")

@@ -31,13 +31,12 @@ from tinylm.data import (
     pad_batch,
     prepare,
     token_batches,
-    tokenizer_hash,
 )
 from tinylm.errors import TinyLMError
 from tinylm.lora import LoRAConfig, apply_lora
 from tinylm.model import Transformer
 from tinylm.runtime import Runtime, main_process_first, teardown
-from tinylm.tokenizer import Tokenizer, load_tokenizer
+from tinylm.tokenizer import Tokenizer, load_tokenizer, tokenizer_hash
 from tinylm.train import TrainResult, run_training
 
 SHORT_TEXT = "give `tinylm finetune` a longer text (its last 10% is held out for validation) or JSONL pairs"

@@ -1,0 +1,252 @@
+"""Generation and the applications: generate, complete, story, ask, chat, attention."""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from typing import Any
+
+from tinylm.cli import serving
+from tinylm.cli.common import add_common, add_sampling, sample_config, sampling_options
+from tinylm.errors import TinyLMError
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    """`tinylm generate`."""
+    p = sub.add_parser("generate", help="continue a prompt with a trained model")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument(
+        "--prompt", default="", help="text to continue (empty starts from the end-of-text/newline token)"
+    )
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw (default 1)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="cast the weights for decoding; auto: bf16 on GPUs and on CPUs with bf16 units "
+        "(AVX512-BF16/AMX), else fp32",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="int8 weight-only quantization of the linear layers (per-channel scales) for CPU decoding",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the one-token decode step once, before timing (CUDA graphs on a GPU)",
+    )
+    p.add_argument(
+        "--rolling-cache",
+        action="store_true",
+        help="past the context keep the last block_size keys at their positions instead of re-encoding "
+        "the window each token (RoPE models only)",
+    )
+    add_sampling(p)
+    add_common(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.checkpoint import load_run
+    from tinylm.generate import generate, stream
+    from tinylm.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    run = load_run(args.run_dir, args.checkpoint, device)
+    if args.dtype:  # e.g. bf16 weights: half the memory traffic per decoded token
+        from tinylm.generate import decode_dtype
+
+        run.model.to(decode_dtype(args.dtype, device))
+    if args.quantize == "int8":  # int8 weights with per-channel scales; activations stay float
+        from tinylm.quantize import quantize_int8
+
+        quantize_int8(run.model)
+    cfg = sample_config(args)
+    if args.stream:
+        start, pieces = time.perf_counter(), []
+        print(args.prompt, end="", flush=True)
+        for piece in stream(run.model, run.tokenizer, args.prompt, cfg, compile=args.compile):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        text = "".join(pieces)
+        return {
+            "text": text,
+            "tokens": len(run.tokenizer.encode(text)) if text else 0,
+            "seconds": time.perf_counter() - start,
+        }
+    results = generate(
+        run.model,
+        run.tokenizer,
+        args.prompt,
+        cfg,
+        num_samples=args.num_samples,
+        progress=not args.no_progress,
+        compile=args.compile,
+    )
+    for i, r in enumerate(results):
+        if len(results) > 1:
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt + r.text)
+    first = results[0]
+    if first.ids and not run.tokenizer.decode(first.ids):  # an empty text cut by a stop string is fine
+        raise TinyLMError(
+            f"The model generated {first.tokens} tokens that the run's tokenizer decodes to no text; "
+            "the tokenizer is missing or does not belong to this model."
+        )
+    summary = {
+        "text": first.text,
+        "tokens": first.tokens,
+        "tokens_per_second": round(first.tokens_per_second, 1),
+    }
+    if len(results) > 1:
+        summary["samples"] = [r.text for r in results]
+    return summary
+
+
+def add_apps(sub: argparse._SubParsersAction) -> None:
+    """`tinylm complete, story and ask`."""
+    for name, help_text, arg in (
+        ("complete", "continue a text", "text to complete"),
+        ("story", "write a short story about a theme", "theme"),
+        ("ask", "answer a question (Q: ... A: format)", "question"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("run_dir", help="run directory")
+        p.add_argument("text", help=arg)
+        if name == "ask":
+            serving.add_rag_flags(p)
+        add_sampling(p, app=name)
+        add_common(p)
+        p.set_defaults(func=cmd_app)
+
+
+def cmd_app(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command == "ask" and args.index:  # retrieval-augmented: tinylm.rag
+        return serving.cmd_ask_rag(args)
+    if args.command == "ask" and (args.rerank or args.keep is not None or args.rerank_run):
+        raise TinyLMError(
+            "--rerank, --keep and --rerank-run re-rank retrieved passages; add --index INDEX_DIR."
+        )
+    from tinylm import apps
+    from tinylm.checkpoint import load_run
+    from tinylm.runtime import resolve_device
+
+    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    # only the flags the user gave: each app keeps its own defaults (e.g. ask's temperature 0.7)
+    text = apps.APPS[args.command](run.model, run.tokenizer, args.text, **sampling_options(args))
+    print(text)
+    return {"text": text}
+
+
+def add_chat(sub: argparse._SubParsersAction) -> None:
+    """`tinylm chat`."""
+    p = sub.add_parser("chat", help="interactive prompt loop with streamed replies")
+    p.add_argument("run_dir", help="run directory")
+    add_sampling(p)
+    add_common(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from tinylm.chat import CHAT_STOP, render_chat
+    from tinylm.checkpoint import load_run
+    from tinylm.generate import stream
+    from tinylm.runtime import resolve_device
+
+    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    cfg = sample_config(args)
+    cfg = replace(cfg, stop=CHAT_STOP + cfg.stop)  # a reply ends where the model starts the next user turn
+    settings = {
+        "/temp": ("temperature", float),
+        "/top_k": ("top_k", int),
+        "/top_p": ("top_p", float),
+        "/max": ("max_new_tokens", int),
+    }
+    print(
+        "tinylm chat: type a message; /temp 0.8, /top_k 50, /top_p 0.9, /max 200 change settings; "
+        "/reset forgets the conversation; /quit leaves."
+    )
+    messages: list[dict[str, str]] = []
+    turns = 0
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        word, _, value = line.strip().partition(" ")
+        if word in ("/quit", "/exit"):
+            break
+        if word == "/reset":
+            messages.clear()
+            print("(conversation cleared)")
+            continue
+        if word in settings:
+            name, kind = settings[word]
+            try:
+                cfg = replace(cfg, **{name: kind(value)})
+                print(f"{name} = {getattr(cfg, name)}")
+            except (ValueError, TinyLMError) as exc:
+                print(f"error: {exc}")
+            continue
+        if not line.strip():
+            continue
+        reply = _chat_turn(run, messages + [{"role": "user", "content": line}], cfg, render_chat, stream)
+        if reply is not None:
+            messages += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
+            turns += 1
+    print()
+    return {"turns": turns}
+
+
+def _chat_turn(run: Any, messages: list[dict[str, str]], cfg: Any, render: Any, stream: Any) -> str | None:
+    """Stream the assistant's reply to `messages`; None (after printing the error) when it fails."""
+    pieces: list[str] = []
+    try:
+        with warnings.catch_warnings():  # a long conversation keeps its most recent context, silently
+            warnings.simplefilter("ignore")
+            for piece in stream(run.model, run.tokenizer, render(messages), cfg):
+                piece = piece if pieces else piece.lstrip()
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+    except TinyLMError as exc:
+        print(f"error: {exc}")
+        return None
+    print()
+    return "".join(pieces).strip()
+
+
+def add_attention(sub: argparse._SubParsersAction) -> None:
+    """`tinylm attention`."""
+    p = sub.add_parser("attention", help="heatmaps of attention while generating")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--prompt", required=True, help="prompt to continue")
+    p.add_argument("--tokens", type=int, default=5, help="generated tokens to show (default 5)")
+    p.add_argument("--out", default="attention.png", help="PNG path (default attention.png)")
+    p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
+    add_common(p)
+    p.set_defaults(func=cmd_attention)
+
+
+def cmd_attention(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.checkpoint import load_run
+    from tinylm.viz import visualize_generation_attention
+
+    if args.tokens < 1:
+        raise TinyLMError(f"--tokens must be at least 1, not {args.tokens}.")
+    run = load_run(args.run_dir, args.checkpoint)
+    path = visualize_generation_attention(run.model, run.tokenizer, args.prompt, args.tokens, args.out)
+    print(f"Saved {path}")
+    return {"out": str(path)}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add this family's commands."""
+    add_generate(sub)
+    add_apps(sub)
+    add_chat(sub)
+    add_attention(sub)

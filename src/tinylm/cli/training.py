@@ -1,0 +1,341 @@
+"""Data and training commands: prepare, train, eval, info, plot, finetune, merge."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from tinylm.cli.common import add_common, add_device, overrides_from, report
+from tinylm.errors import TinyLMError
+
+
+def add_prepare(sub: argparse._SubParsersAction) -> None:
+    """`tinylm prepare`."""
+    p = sub.add_parser("prepare", help="tokenize text into train/val shards")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="text file, directory of .txt, built-in name (shakespeare) or hf:NAME[:CONFIG]",
+    )
+    p.add_argument(
+        "--tokenizer", choices=("char", "bpe", "gpt2"), default="char", help="tokenizer kind (default char)"
+    )
+    p.add_argument("--vocab-size", type=int, default=0, help="BPE vocabulary size (default 4096)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="last fraction of the text held out for validation (default 0.1)",
+    )
+    p.add_argument("--out", required=True, help="output data directory")
+    add_common(p)
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.data import prepare
+
+    meta = prepare(args.inputs, args.out, args.tokenizer, args.vocab_size, args.val_fraction)
+    print(
+        f"Wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+        f"({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}"
+    )
+    return {"out": args.out, **meta}
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    """`tinylm train`."""
+    from tinylm.config import PRESETS
+
+    p = sub.add_parser("train", help="train a model (or --resume a run)")
+    p.add_argument("--data", help="prepared data directory")
+    p.add_argument(
+        "--preset", default="tiny", help=f"model/training preset: {', '.join(PRESETS)} (default tiny)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set n_layer=4 (repeatable)",
+    )
+    p.add_argument("--max-steps", type=int, help="optimizer steps over random windows")
+    p.add_argument(
+        "--epochs", type=int, help="passes over the sliding-window dataset (instead of --max-steps)"
+    )
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument(
+        "--optimizer",
+        help="adamw, or muon (Muon on the blocks' matrices, AdamW on the rest; lr for Muon: --set muon_lr=)",
+    )
+    p.add_argument("--eval-interval", type=int, help="steps between validation estimates")
+    add_device(p)
+    p.add_argument("--dtype", help="auto, fp32, bf16 or fp16 (default auto: bf16/fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument(
+        "--fsdp", action="store_true", help="with torchrun: shard the model with FSDP2 instead of DDP"
+    )
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (RUN_DIR/tensorboard)")
+    p.add_argument(
+        "--wandb", action="store_true", help="also log to Weights & Biases (needs wandb installed)"
+    )
+    p.add_argument("--out", default="runs/run", help="run directory (default runs/run)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument(
+        "--checkpoint", default="last", help="with --resume: the checkpoint to continue from (default last)"
+    )
+    p.add_argument("--stop-after", type=int, help="stop (resumably) after this many steps in this session")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_common(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.train import train
+
+    overrides = overrides_from(
+        args,
+        (
+            "max_steps",
+            "epochs",
+            "batch_size",
+            "lr",
+            "device",
+            "seed",
+            "dtype",
+            "grad_accum",
+            "eval_interval",
+            "optimizer",
+        ),
+    )
+    if args.epochs:
+        overrides.setdefault("max_steps", 0)
+    if args.max_steps:
+        overrides.setdefault("epochs", 0)
+    for flag in ("compile", "grad_checkpointing", "fsdp", "tensorboard", "wandb"):
+        if getattr(args, flag):
+            overrides[flag] = True
+    result = train(
+        args.data,
+        args.resume or args.out,
+        args.preset,
+        overrides,
+        resume=bool(args.resume),
+        checkpoint=args.checkpoint,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
+    )
+    return report(args, result, "Trained")
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    """`tinylm eval`."""
+    p = sub.add_parser("eval", help="loss, perplexity and bits per char/byte on held-out text")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--data", help="prepared data directory (default: the one the run trained on)")
+    p.add_argument("--split", default="val", choices=("val", "train"), help="split of --data (default val)")
+    p.add_argument("--text", help="evaluate this text file instead")
+    p.add_argument("--stride", type=int, help="sliding-window stride (default: non-overlapping windows)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default 16)")
+    add_device(p)
+    p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from tinylm.checkpoint import load_run
+    from tinylm.data import TokenData, read_text_file
+    from tinylm.evaluate import evaluate_tokens
+    from tinylm.runtime import resolve_device
+    from tinylm.tokenizer import tokenizer_hash
+
+    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    if args.text:
+        text = read_text_file(Path(args.text))
+        if not text.strip():
+            raise TinyLMError(f"{args.text} is empty; there is no text to evaluate.")
+        tokens = np.asarray(run.tokenizer.encode(text), dtype=np.int64)
+        chars, n_bytes, source = len(text), len(text.encode("utf-8")), args.text
+    else:
+        if not (args.data or run.record.data):
+            raise TinyLMError(
+                f"{args.run_dir} records no data directory (e.g. an imported model); pass --data DIR or --text FILE."
+            )
+        data = TokenData(args.data or run.record.data)
+        if args.data and data.tokenizer_hash != tokenizer_hash(run.tokenizer):
+            raise TinyLMError(
+                f"{args.data} was prepared with another tokenizer than {args.run_dir}'s; prepare it with "
+                "the run's tokenizer, or pass --text FILE."
+            )
+        tokens, chars, n_bytes, source = (
+            data.split(args.split),
+            data.chars(args.split),
+            data.bytes(args.split),
+            f"{data.path}:{args.split}",
+        )
+    result = evaluate_tokens(
+        run.model,
+        tokens,
+        block_size=run.model_cfg.block_size,
+        batch_size=args.batch_size,
+        stride=args.stride,
+        chars=chars,
+        n_bytes=n_bytes,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{source}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
+        f"bits/char {result.bits_per_char:.4f}, bits/byte {result.bits_per_byte:.4f} over {result.tokens:,} tokens"
+    )
+    return result.summary()
+
+
+def add_info(sub: argparse._SubParsersAction) -> None:
+    """`tinylm info`."""
+    p = sub.add_parser("info", help="count trainable tensors and parameters")
+    p.add_argument("run_dir", nargs="?", help="run directory (else describe --preset)")
+    p.add_argument("--preset", default="tiny", help="preset to describe")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override config fields")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="vocabulary size for a preset (default: the one it is meant for, 50,257 for mini-gpt and "
+        "gpt2-small, 65 characters otherwise; --set vocab_size=N works too)",
+    )
+    add_common(p)
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from tinylm.config import build_configs, parse_overrides, preset_vocab_size, to_dict
+    from tinylm.model import Transformer, parameter_summary
+
+    if args.run_dir:
+        from tinylm.checkpoint import load_run
+
+        run = load_run(args.run_dir)
+        model, model_cfg = run.model, run.model_cfg
+    else:
+        overrides = parse_overrides(args.set or [])
+        vocab = overrides.pop("vocab_size", None) or args.vocab_size or preset_vocab_size(args.preset)
+        model_cfg, _ = build_configs(args.preset, overrides, vocab_size=vocab)
+        with torch.device("meta"):  # shapes only: counting needs no memory and no initialisation
+            model = Transformer(model_cfg)
+    summary = parameter_summary(model)
+    print(
+        f"{summary['tensors']} trainable tensors, {summary['parameters']:,} parameters "
+        f"(vocabulary {model_cfg.vocab_size:,})"
+    )
+    for name, part in summary["modules"].items():
+        print(f"  {name:<18} {part['tensors']:>4} tensors {part['parameters']:>14,} parameters")
+    return {**summary, "config": to_dict(model_cfg)}
+
+
+def add_plot(sub: argparse._SubParsersAction) -> None:
+    """`tinylm plot`."""
+    p = sub.add_parser("plot", help="plot training and validation loss and the learning rate")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
+    add_common(p)
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.viz import plot_training_progress
+
+    path = plot_training_progress(args.run_dir, args.out)
+    print(f"Saved {path}")
+    return {"out": str(path)}
+
+
+def add_finetune(sub: argparse._SubParsersAction) -> None:
+    """`tinylm finetune`."""
+    p = sub.add_parser("finetune", help="continue training a run on new text or prompt/response pairs")
+    p.add_argument("run_dir", nargs="?", help="base run directory")
+    p.add_argument(
+        "--data", help="JSONL of {prompt, response} (loss on responses only), a prepared data dir, or text"
+    )
+    p.add_argument("--out", default="runs/finetune", help="new run directory (default runs/finetune)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped fine-tuning run")
+    p.add_argument("--checkpoint", default="last", help="base checkpoint to start from (default last)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters only; base weights stay frozen")
+    p.add_argument("--lora-rank", type=int, default=8, help="adapter rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale numerator (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on adapter inputs (default 0)")
+    p.add_argument(
+        "--lora-targets", help="comma-separated layer names (default wq,wk,wv,wo,fc,proj,w1,w2,w3)"
+    )
+    p.add_argument("--lora-experts", action="store_true", help="also adapt Mixture-of-Experts expert weights")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override training fields")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default 200)")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    p.add_argument(
+        "--lr", type=float, help="peak learning rate (default: a third of the base run's; muon_lr follows)"
+    )
+    add_device(p)
+    p.add_argument("--dtype", help="auto, fp32, bf16 or fp16")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_common(p)
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.finetune import finetune
+    from tinylm.lora import LoRAConfig
+
+    overrides = overrides_from(args, ("max_steps", "batch_size", "lr", "device", "seed", "dtype"))
+    lora = None
+    if args.lora:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else ()
+        lora = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, targets, args.lora_experts)
+    result = finetune(
+        args.run_dir,
+        args.data,
+        args.resume or args.out,
+        lora=lora,
+        overrides=overrides,
+        checkpoint=args.checkpoint,
+        resume=bool(args.resume),
+        progress=not args.no_progress,
+    )
+    return report(args, result, "Fine-tuned")
+
+
+def add_merge(sub: argparse._SubParsersAction) -> None:
+    """`tinylm merge`."""
+    p = sub.add_parser("merge", help="fold a LoRA run's adapters into its weights")
+    p.add_argument("run_dir", help="LoRA fine-tuning run")
+    p.add_argument("--out", help="merged run directory (default RUN_DIR-merged)")
+    add_common(p)
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.finetune import merge_run
+
+    out = merge_run(args.run_dir, args.out)
+    print(f"Merged adapters into {out}")
+    return {"out": str(out)}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add this family's commands."""
+    add_prepare(sub)
+    add_train(sub)
+    add_eval(sub)
+    add_info(sub)
+    add_plot(sub)
+    add_finetune(sub)
+    add_merge(sub)
