@@ -40,12 +40,23 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+# issue 22's speedrun options (model and ramps; NorMuon / Polar Express where Muon runs, i.e. not under FSDP)
+SPEEDRUN = (
+    "mlp=relu2 qk_norm=true zero_init=true value_embeds=1 embed_skip=true unet_skips=true logit_softcap=15"
+)
+SPEEDRUN += " tie_embeddings=false batch_size_start=2 block_size_start=8 ramp_steps=5"
+MUON = "optimizer=muon orthogonalizer=polar-express normuon=true"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-speedrun", "fsdp-speedrun"])
 def test_multi_process_resume_is_bitwise_and_ranks_draw_their_own_dropout(char_data, tmp_path, mode):
     # dropout > 0 and gradient accumulation: exact only if each rank resumes its own RNG stream
     train = ["train", "--data", char_data, "--preset", "tiny", "--max-steps", 6, "--eval-interval", 3]
     train += ["--set", "eval_batches=2", "--set", "dropout=0.2", "--batch-size", 4, "--grad-accum", 2]
-    train += ["--device", "cpu", "--no-progress", *(["--fsdp"] if mode == "fsdp" else [])]
+    train += ["--device", "cpu", "--no-progress", *(["--fsdp"] if mode.startswith("fsdp") else [])]
+    if mode.endswith("speedrun"):
+        extra = SPEEDRUN if mode.startswith("fsdp") else f"{SPEEDRUN} {MUON}"
+        train += [arg for pair in extra.split() for arg in ("--set", pair)]
     _torchrun(*train, "--out", tmp_path / "straight")
     _torchrun(*train, "--out", tmp_path / "split", "--stop-after", 4)  # stops between evaluations
     state = torch.load(tmp_path / "split" / "checkpoints" / "last" / "state.pt", weights_only=True)

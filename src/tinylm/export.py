@@ -32,6 +32,11 @@ def _transformers():
 
 def hf_architecture(cfg: ModelConfig) -> str:
     """ "gpt2", "llama" or "mixtral": the transformers architecture that represents this model exactly."""
+    if cfg.extras():
+        raise TinyLMError(
+            f"This model uses {', '.join(cfg.extras())}, which GPT-2, LLaMA and Mixtral do not compute, so it "
+            "is not exportable; train without those options to export."
+        )
     gpt = (cfg.position, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
     llama = (cfg.position, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
     if gpt and not cfg.n_expert and cfg.kv_heads == cfg.n_head:

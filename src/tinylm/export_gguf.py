@@ -38,6 +38,11 @@ def _gguf() -> Any:
 
 def gguf_architecture(cfg: ModelConfig) -> str:
     """ "llama" or "gpt2": the llama.cpp architecture that computes exactly this model, else a TinyLMError."""
+    if cfg.extras():
+        raise TinyLMError(
+            f"llama.cpp's llama and gpt2 architectures do not compute {', '.join(cfg.extras())}, so this model "
+            "cannot be written to GGUF; train without those options to export."
+        )
     flavour = (cfg.position, cfg.norm, cfg.mlp)
     if flavour == ("rope", "rmsnorm", "swiglu"):
         return "llama"

@@ -35,7 +35,7 @@ from tinylm.errors import TinyLMError
 from tinylm.evaluate import mean_loss
 from tinylm.history import LossHistory
 from tinylm.model import Transformer
-from tinylm.optim import build_optimizer, lr_at
+from tinylm.optim import batch_shape_at, build_optimizer, lr_at
 from tinylm.progress import progress_bar, show_step, write
 from tinylm.tokenizer import Tokenizer
 
@@ -219,8 +219,13 @@ class Trainer:
         return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
 
     def micro_batches(self, step: int) -> list[Batch]:
-        """The grad_accum micro-batches of optimizer step `step` (a pure function of the seed)."""
-        return [self.source.batch(step, m) for m in range(self.cfg.grad_accum)]
+        """The grad_accum micro-batches of optimizer step `step` (a pure function of the seed), cropped
+        to the batch-size / sequence-length ramps' shape at this step when those are on."""
+        batches = [self.source.batch(step, m) for m in range(self.cfg.grad_accum)]
+        if self.cfg.batch_size_start or self.cfg.block_size_start:
+            rows, length = batch_shape_at(step, self.cfg, self.cfg.batch_size, self.record.model.block_size)
+            batches = [(x[:rows, :length], y[:rows, :length]) for x, y in batches]
+        return batches
 
     def evaluate(self) -> float:
         """Mean validation loss over the fixed validation batches (averaged over ranks); recorded."""

@@ -28,12 +28,14 @@ from tinylm.model.layers import (
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ff(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, value_embed: bool = False) -> None:
         super().__init__()
         self.norm1 = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, value_embed)
         self.norm2 = make_norm(cfg)
         self.ff = MoE(cfg) if cfg.n_expert else MLP(cfg)
+        # embed_skip (modded-nanogpt): x <- x0_mix[0] * x + x0_mix[1] * x0 first, learned from (1, 0)
+        self.x0_mix = nn.Parameter(torch.tensor([1.0, 0.0])) if cfg.embed_skip else None
 
     def forward(
         self,
@@ -41,9 +43,14 @@ class Block(nn.Module):
         rope: Rope | None = None,
         cache: KVCache | None = None,
         pos: torch.Tensor | int | None = None,
+        x0: torch.Tensor | None = None,
+        ve: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x, the MoE load-balancing loss, or None for a dense MLP)."""
-        x = x + self.attn(self.norm1(x), rope, cache, pos)
+        """(x, the MoE load-balancing loss, or None for a dense MLP); x0 (B, T, C) is the token
+        embedding (embed_skip), ve (B, T, kv_dim) this layer's value embedding (value_embeds)."""
+        if self.x0_mix is not None and x0 is not None:
+            x = self.x0_mix[0] * x + self.x0_mix[1] * x0
+        x = x + self.attn(self.norm1(x), rope, cache, pos, ve)
         h, aux = self.ff(self.norm2(x))
         return x + h, aux
 
@@ -69,7 +76,14 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        kv_dim = cfg.kv_heads * cfg.head_dim
+        self.value_embeds = nn.ModuleList(
+            nn.Embedding(cfg.vocab_size, kv_dim) for _ in range(cfg.value_embeds)
+        )
+        tables = [value_table(i, cfg) for i in range(cfg.n_layer)]
+        self.blocks = nn.ModuleList(Block(cfg, table is not None) for table in tables)
+        # U-net skips: block i's output is added, times skip_weights[half-1-i], to block n_layer-1-i's input
+        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.unet_skips else None
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -89,6 +103,10 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
             elif p.dim() >= 2:
                 nn.init.normal_(p, mean=0.0, std=residual_std if id(p) in residual else 0.02)
+        if self.cfg.zero_init:  # zero_init: every block starts as the identity, an untied head at uniform
+            head = [] if self.cfg.tie_embeddings else [self.lm_head.weight]
+            for p in [*parameters_with_role(self, RESIDUAL_OUT), *head]:
+                nn.init.zeros_(p)
 
     def forward(
         self,
@@ -124,15 +142,34 @@ class Transformer(nn.Module):
         rope = self.rope(positions) if self.pos_emb is None else None
         x = self.drop(x) if self.training else x
         aux = torch.zeros((), device=idx.device) if return_aux else None
+        x0 = x if self.cfg.embed_skip else None
+        values = [table(idx) for table in self.value_embeds]  # (B, T, kv_dim) each
+        skips: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
+            x = self._unet(i, x, skips)
+            table = value_table(i, self.cfg)
+            ve = values[table] if table is not None else None
             if self.grad_checkpointing and self.training:
-                x, block_aux = checkpoint(block, x, rope, None, pos, use_reentrant=False)
+                x, block_aux = checkpoint(block, x, rope, None, pos, x0, ve, use_reentrant=False)
             else:
-                x, block_aux = block(x, rope, caches[i] if caches else None, pos)
+                x, block_aux = block(x, rope, caches[i] if caches else None, pos, x0, ve)
             if aux is not None and block_aux is not None:  # summed only when asked (not when decoding)
                 aux = aux + block_aux
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        if self.cfg.logit_softcap:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return (logits, aux) if return_aux else logits
+
+    def _unet(self, i: int, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """Block i's input with U-net skips: the first half pushes its inputs' successors, the last half pops."""
+        if self.skip_weights is None:
+            return x
+        half, n = self.skip_weights.numel(), self.cfg.n_layer
+        if 0 < i <= half:  # x is block i-1's output
+            skips.append(x)
+        if i >= n - half:
+            x = x + self.skip_weights[i - (n - half)] * skips.pop()
+        return x
 
     def rope(self, positions: torch.Tensor) -> Rope:
         """RoPE cos and sin for positions (T,) or (B, T) -> (..., T, head_dim)."""
@@ -173,6 +210,17 @@ class Transformer(nn.Module):
             held = (key, self.make_caches(batch, rolling=rolling))
             self.__dict__["_decode_caches"] = held  # a plain attribute: not part of the module tree
         return held[1]
+
+
+def value_table(layer: int, cfg: ModelConfig) -> int | None:
+    """Which value-embedding table layer `layer` mixes in: table i for layer i and for layer
+    n_layer - value_embeds + i (the first and the last value_embeds layers); None for the others."""
+    k, n = cfg.value_embeds, cfg.n_layer
+    if layer < k:
+        return layer
+    if layer >= n - k:
+        return layer - (n - k)
+    return None
 
 
 def parameter_summary(model: nn.Module) -> dict:
