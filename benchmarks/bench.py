@@ -526,13 +526,16 @@ def tokens_trained(cfg, block_size: int, steps: int) -> int:
 def bench_options(args: argparse.Namespace) -> None:
     """Speedrun options one at a time on --preset: full-split validation loss after --steps steps over
     --seeds, and the thread CPU time of training (1 thread, so the figure barely moves with the load)."""
+    from tinylm.config import parse_overrides
+
     torch.set_num_threads(1)
-    data = char_data(args.workdir)
+    data = Path(args.data) if args.data else char_data(args.workdir)
+    base = parse_overrides(args.set)  # applied to every variant (e.g. block_size=96 for the BPE quickstart)
     variants = [parse_variant(v) for v in (args.variants or list(OPTION_VARIANTS))]
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         for name, overrides in variants:  # round robin, so a slow phase of the host hits every variant
-            values = {**overrides, "seed": seed, "eval_batches": 1}
+            values = {**base, **overrides, "seed": seed, "eval_batches": 1}
             if args.steps:
                 values.update(max_steps=args.steps, eval_interval=args.steps)
             row = train_and_score(data, args.preset, values, args.workdir)
@@ -541,6 +544,8 @@ def bench_options(args: argparse.Namespace) -> None:
                 "preset": args.preset,
                 "variant": name,
                 "overrides": overrides,
+                "base": base,
+                "data": str(data),
                 "seed": seed,
                 **row,
             }
@@ -602,6 +607,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="options: training seeds")
     p.add_argument("--steps", type=int, default=0, help="options: optimizer steps (default: the preset's)")
     p.add_argument("--variants", nargs="+", help="options: names from OPTION_VARIANTS or name:key=value,...")
+    p.add_argument("--data", help="options: a prepared data directory (default: Tiny Shakespeare characters)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workdir", default="/tmp/tinylm-bench")
     p.add_argument("--log", default=str(Path(__file__).with_name("results.jsonl")))
