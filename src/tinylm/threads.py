@@ -47,7 +47,7 @@ def usable_cpus() -> int:
     """Cores this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+    return max(1, os.cpu_count() or 1)  # macOS has no affinity masks
 
 
 def threads_for(cores: int, others: float | None) -> int:
@@ -67,23 +67,19 @@ class CpuSample:
     own: float
 
 
-def cpu_sample() -> CpuSample | None:
-    """Busy time of all CPUs from /proc/stat (user+nice+system+irq+softirq+steal) and this process's CPU
-    time; None where there is no /proc/stat (macOS, Windows)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    busy = sum(ticks) - ticks[3] - ticks[4]
-    return CpuSample(time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time())
+def cpu_sample() -> CpuSample:
+    """Busy time of all CPUs (everything but idle and I/O wait, so other virtual machines' steal counts as
+    busy) and this process's own CPU time, from psutil (Linux, macOS, Windows)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    busy = sum(times) - times.idle - getattr(times, "iowait", 0.0) - getattr(times, "guest", 0.0)
+    busy -= getattr(times, "guest_nice", 0.0)  # guest time is already counted in user time on Linux
+    return CpuSample(time.monotonic(), busy, time.process_time())
 
 
-def others_busy(before: CpuSample | None, after: CpuSample | None) -> float | None:
-    """Cores kept busy by other processes between two samples; the 1-minute load average without /proc/stat."""
-    if before is None or after is None:
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+def others_busy(before: CpuSample, after: CpuSample) -> float | None:
+    """Cores kept busy by other processes between two samples (None when no time passed)."""
     elapsed = after.wall - before.wall
     if elapsed <= 0:
         return None
