@@ -551,21 +551,70 @@ def bench_options(args: argparse.Namespace) -> None:
             }
             record(args, {**row, "load": os.getloadavg()[0]})
             results.setdefault(name, []).append(row)
-    print_option_table(results)
+    from tinylm.data import TokenData
+
+    vocab = TokenData(data).tokenizer.vocab_size
+    costs = step_costs(
+        args.preset, variants, {**base, **({"max_steps": args.steps} if args.steps else {})}, vocab
+    )
+    for name, ms in costs.items():
+        record(args, {"bench": "options-step-cost", "preset": args.preset, "variant": name, "step_ms": ms})
+    print_option_table(results, costs)
 
 
-def print_option_table(results: dict[str, list[dict]]) -> None:
-    """Mean and spread of the full-split loss per variant, its difference to the first, and CPU seconds."""
-    base = statistics.mean(r["val_loss_full_split"] for r in next(iter(results.values())))
-    print("| variant | seeds | val loss (mean) | min..max | vs first | train CPU s (median) |")
-    print("|---|---|---|---|---|---|")
+def step_costs(
+    preset: str, variants: list[tuple[str, dict]], base: dict, rounds: int = 5
+) -> dict[str, float]:
+    """Median thread CPU milliseconds of one training step (forward, backward, clip, optimizer) per variant,
+    measured side by side: the variants take turns for `rounds` rounds of 10 steps at shapes spread over
+    the run (so a ramp's cheap early steps count as often as they occur), 1 thread, random tokens."""
+    from tinylm.config import build_configs
+    from tinylm.model import Transformer
+    from tinylm.optim import batch_shape_at, build_optimizer
+
+    setups = {}
+    for name, overrides in variants:
+        model_cfg, cfg = build_configs(preset, {**base, **overrides}, vocab_size=vocab)
+        torch.manual_seed(0)
+        model = Transformer(model_cfg)
+        shapes = [
+            batch_shape_at(cfg.max_steps * i // 10, cfg, cfg.batch_size, model_cfg.block_size)
+            for i in range(10)
+        ]
+        setups[name] = (model, build_optimizer(model, cfg), shapes)
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(rounds + 1):  # the first round warms up (allocator, kernels) and is dropped
+        for name, (model, opt, shapes) in setups.items():
+            t0 = time.thread_time()
+            for rows, length in shapes:
+                x = torch.randint(0, vocab, (rows, length + 1))
+                loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            times[name].append((time.thread_time() - t0) / len(shapes))
+    return {name: round(1000 * statistics.median(t[1:]), 1) for name, t in times.items()}
+
+
+def print_option_table(results: dict[str, list[dict]], costs: dict[str, float]) -> None:
+    """Per variant: mean full-split loss, its difference to the first variant seed by seed (same seed: same
+    initial weights and batches), whether every seed improved, tokens, the step cost measured side by side
+    and the median CPU seconds of the whole training call."""
+    first = {r["seed"]: r["val_loss_full_split"] for r in next(iter(results.values()))}
+    print(
+        "| variant | seeds | val loss (mean) | vs first, seed by seed | all seeds better | tokens | "
+        "step ms (side by side) | train CPU s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name, rows in results.items():
-        losses = [r["val_loss_full_split"] for r in rows]
-        cpu = statistics.median(r["train_cpu_s"] for r in rows)
-        mean = statistics.mean(losses)
+        deltas = [r["val_loss_full_split"] - first[r["seed"]] for r in rows if r["seed"] in first]
+        mean = statistics.mean(r["val_loss_full_split"] for r in rows)
+        better = "yes" if deltas and all(d < 0 for d in deltas) else "no"
         print(
-            f"| {name} | {len(rows)} | {mean:.4f} | {min(losses):.4f}..{max(losses):.4f} | "
-            f"{mean - base:+.4f} | {cpu:.1f} |"
+            f"| {name} | {len(rows)} | {mean:.4f} | {' / '.join(f'{d:+.3f}' for d in deltas)} "
+            f"(mean {statistics.mean(deltas):+.3f}) | {better} | {rows[0]['tokens']:,} | {costs.get(name, 0):.0f} | "
+            f"{statistics.median(r['train_cpu_s'] for r in rows):.1f} |"
         )
 
 
