@@ -563,7 +563,7 @@ def bench_options(args: argparse.Namespace) -> None:
 
 
 def step_costs(
-    preset: str, variants: list[tuple[str, dict]], base: dict, rounds: int = 5
+    preset: str, variants: list[tuple[str, dict]], base: dict, vocab: int = 65, rounds: int = 5
 ) -> dict[str, float]:
     """Median thread CPU milliseconds of one training step (forward, backward, clip, optimizer) per variant,
     measured side by side: the variants take turns for `rounds` rounds of 10 steps at shapes spread over
