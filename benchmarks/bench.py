@@ -1,10 +1,12 @@
-"""Side-by-side benchmarks: tinylm against Hugging Face transformers, in one process, same work.
+"""Side-by-side benchmarks: tinylm against Hugging Face transformers, in one process, same work; time to
+quality against nanoGPT's CPU recipe; the speedrun options (issue 22) one at a time.
 
     python benchmarks/bench.py --quick                 # < 2 minutes on a 2-core CPU
     python benchmarks/bench.py train --preset gpt2-small --batch-size 16 --compile   # on a GPU
     python benchmarks/bench.py generate --preset shakespeare-char
     python benchmarks/bench.py moe
-    python benchmarks/bench.py quality --preset cpu-char --target 1.88
+    python benchmarks/bench.py quality --presets cpu-llama --nanogpt PATH/TO/nanoGPT   # the record table
+    python benchmarks/bench.py options --seeds 1 2 3     # each speedrun option on cpu-llama, several seeds
 
 Every figure printed is also appended as a JSON line to --log (default benchmarks/results.jsonl).
 """
@@ -646,7 +648,12 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5, help="timed iterations")
     p.add_argument("--warmup", type=int, default=2, help="warmup iterations")
     p.add_argument("--target", type=float, default=1.88, help="quality: validation loss to reach")
-    p.add_argument("--set", action="append", default=[], help="quality: extra --set for tinylm train")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="quality, options: a config override for every run (key=value)",
+    )
     p.add_argument("--presets", nargs="+", default=None, help="quality: tinylm recipes (default: --preset)")
     p.add_argument("--nanogpt", help="quality: a nanoGPT checkout; its CPU recipe runs side by side")
     p.add_argument("--reps", type=int, default=3, help="quality: rounds (the recipes take turns in each)")

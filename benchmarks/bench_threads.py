@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -135,6 +136,7 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/tinylm-bench-threads")
     p.add_argument("--log", default=str(Path(__file__).with_name("results.jsonl")))
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # so the load processes are stopped on kill too
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     paths = setup(workdir, args.models)
