@@ -112,17 +112,22 @@ def load(kind: str):
             p.wait()
 
 
-def timed(argv: list[str], threads: str | None, scratch: Path) -> tuple[float, str]:
-    """Wall seconds of one command from process start to exit, and the thread choice it printed."""
+def timed(argv: list[str], threads: str | None, scratch: Path) -> tuple[float, float, str]:
+    """Wall seconds of one command from process start to exit, its CPU seconds (user + system, all its
+    threads: spinning counts), and the thread choice it printed."""
+    import resource
     import shutil
 
     shutil.rmtree(scratch / "train", ignore_errors=True)
     env = {"OMP_NUM_THREADS": threads} if threads else {}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     out = checked(tinylm(*argv, env=env))
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     said = [line for line in out.stderr.splitlines() if line.startswith("threads: ")]
-    return wall, said[0] if said else ""
+    return wall, cpu, said[0] if said else ""
 
 
 def main() -> None:
@@ -154,13 +159,15 @@ def main() -> None:
                         names = list(args.variants)
                         names = names[rep % len(names) :] + names[: rep % len(names)]  # rotate the order
                         for variant in names:
-                            wall, said = timed(argv, VARIANTS[variant], scratch)
+                            wall, cpu, said = timed(argv, VARIANTS[variant], scratch)
                             times.setdefault((scenario, model, what, variant), []).append(wall)
-                            log_row(args.log, scenario, model, what, variant, wall, said)
+                            log_row(args.log, scenario, model, what, variant, wall, cpu, said)
     print_table(times, args)
 
 
-def log_row(log: str, scenario: str, model: str, what: str, variant: str, wall: float, said: str) -> None:
+def log_row(
+    log: str, scenario: str, model: str, what: str, variant: str, wall: float, cpu: float, said: str
+) -> None:
     row = {
         "date": str(date.today()),
         "bench": "threads",
@@ -170,6 +177,7 @@ def log_row(log: str, scenario: str, model: str, what: str, variant: str, wall: 
         "command": what,
         "variant": variant,
         "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
         "choice": said,
         "load_1min": round(os.getloadavg()[0], 2),
     }
