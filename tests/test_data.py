@@ -89,21 +89,27 @@ def test_corpus_shorter_than_context_is_a_clear_error():
 
 def test_hf_source_uses_official_splits(tmp_path, monkeypatch, shakespeare_text):
     datasets = pytest.importorskip("datasets")
-    local = datasets.DatasetDict(
+    local = datasets.IterableDatasetDict(
         {
             "train": datasets.Dataset.from_dict(
                 {"text": [shakespeare_text[:30_000], shakespeare_text[30_000:60_000]]}
-            ),
-            "validation": datasets.Dataset.from_dict({"text": [shakespeare_text[60_000:70_000]]}),
+            ).to_iterable_dataset(),
+            "validation": datasets.Dataset.from_dict(
+                {"text": [shakespeare_text[60_000:70_000]]}
+            ).to_iterable_dataset(),
         }
     )
     calls = []
     monkeypatch.setattr(
-        datasets, "load_dataset", lambda name, config=None: calls.append((name, config)) or local
+        datasets, "load_dataset", lambda name, config=None, **kw: calls.append((name, config, kw)) or local
     )
     meta = prepare(["hf:wikitext:wikitext-2-raw-v1"], tmp_path, "char")
-    assert calls == [("wikitext", "wikitext-2-raw-v1")]
-    assert meta["split"] == "official" and meta["train_tokens"] == 60_000 and meta["val_tokens"] == 10_000
+    assert calls == [
+        ("wikitext", "wikitext-2-raw-v1", {"streaming": True})
+    ]  # streamed, never downloaded whole
+    # two training documents with a blank line between them (they used to be glued together)
+    assert meta["split"] == "official" and meta["train_tokens"] == 60_002 and meta["val_tokens"] == 10_000
+    assert meta["train_documents"] == 2 and meta["val_documents"] == 1
     with pytest.raises(TinyLMError, match="hf:NAME or hf:NAME:CONFIG"):
         prepare(["hf:"], tmp_path, "char")
 

@@ -1,0 +1,212 @@
+"""Text to token shards in parallel: documents re-cut into pieces at points where cutting cannot change
+the tokens, encoded in batches on every core while the next batch is read, written with the tokenizer's
+end-of-text token between documents."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tinylm.data.shards import ShardWriter
+from tinylm.data.sources import Chunk
+from tinylm.data.splits import Part
+from tinylm.tokenizer import Tokenizer, document_separator, encode_arrays
+
+PIECE_CHARS = 1 << 16  # characters per piece for a context-dependent tokenizer (BPE): many pieces per batch
+CHAR_PIECE_CHARS = 1 << 20  # characters per piece for the character lookup
+HARD_CUT = 16  # a piece with no safe cut point is cut anyway after this many PIECE_CHARS (a huge line)
+BATCH_CHARS = 16 << 20  # at most this many characters per encoding batch (bounds memory)
+IN_FLIGHT = 2  # batches encoding or queued while the next one is read
+
+
+def _safe(text: str, pos: int) -> bool:
+    """Whether the newline at `pos` lies between two non-space characters."""
+    return 0 < pos < len(text) - 1 and not text[pos - 1].isspace() and not text[pos + 1].isspace()
+
+
+def safe_cut(text: str, lo: int, hi: int) -> int | None:
+    """The last position in (lo, hi] where `text` can be cut without changing its byte-level BPE tokens:
+    just after a newline that follows a non-space character and precedes one. GPT-2's pre-tokenizer
+    always splits there (a newline between two non-spaces is a word of its own), and it reads no text
+    behind a split, so pieces cut there encode to exactly the tokens of the whole."""
+    pos = text.rfind("\n", lo, hi)
+    while pos >= lo and pos != -1:
+        if _safe(text, pos):
+            return pos + 1
+        pos = text.rfind("\n", lo, pos)
+    return None
+
+
+def first_safe_cut(text: str, lo: int) -> int | None:
+    """The first safe cut (see safe_cut) after position `lo`."""
+    pos = text.find("\n", lo)
+    while pos != -1:
+        if _safe(text, pos):
+            return pos + 1
+        pos = text.find("\n", pos + 1)
+    return None
+
+
+def _cut_point(text: str, start: int, size: int, context_free: bool) -> int | None:
+    """Where to end a piece of about `size` characters that starts at `start`, or None to wait for more."""
+    if context_free:
+        return start + size
+    cut = safe_cut(text, start + size // 2, start + size) or first_safe_cut(text, start + size)
+    if cut is None and len(text) - start >= HARD_CUT * size:
+        return start + size  # one line longer than HARD_CUT pieces: the only place a cut may change tokens
+    return cut
+
+
+def pieces(parts: Iterable[Part], context_free: bool, size: int) -> Iterator[Part]:
+    """The parts' documents re-cut into pieces of about `size` characters, at safe points only."""
+    split, first, buf, start = "", False, "", 0
+    for part in parts:
+        if part.first or part.split != split:  # a new document: the last one ends whole
+            if start < len(buf):
+                yield Part(split, buf[start:], first)
+            split, first, buf, start = part.split, part.first, part.text, 0
+        else:
+            buf, start = buf[start:] + part.text, 0
+        while len(buf) - start > size:
+            cut = _cut_point(buf, start, size, context_free)
+            if cut is None:
+                break
+            yield Part(split, buf[start:cut], first)
+            start, first = cut, False
+    if start < len(buf):
+        yield Part(split, buf[start:], first)
+
+
+def utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+MAX_STARTS = 10_001  # document starts remembered per split: enough to hold out documents afterwards
+
+
+@dataclass
+class SplitStats:
+    """What one split received: documents, characters and UTF-8 bytes of text (separators included)."""
+
+    documents: int = 0
+    chars: int = 0
+    bytes: int = 0
+    # (tokens, chars, bytes) before each of the first MAX_STARTS documents, and its separator's tokens
+    starts: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
+@dataclass
+class Progress:
+    """Counters the progress bar shows."""
+
+    documents: int = 0
+    tokens: int = 0
+    text_bytes: int = 0
+
+
+class ShardSink:
+    """Writes encoded pieces into one ShardWriter per split, a separator between documents."""
+
+    def __init__(self, tok: Tokenizer, writers: dict[str, ShardWriter]) -> None:
+        self.writers = writers
+        self.sep_text, self.sep_ids = document_separator(tok)
+        self.stats = {split: SplitStats() for split in writers}
+        self.progress = Progress()
+
+    def add(self, part: Part, ids: np.ndarray) -> None:
+        writer, stats = self.writers[part.split], self.stats[part.split]
+        if part.first:
+            sep = len(self.sep_ids) if writer.tokens else 0
+            if len(stats.starts) < MAX_STARTS:
+                stats.starts.append((writer.tokens, stats.chars, stats.bytes, sep))
+            if sep:
+                writer.write(self.sep_ids)
+                stats.chars += len(self.sep_text)
+                stats.bytes += len(self.sep_text)
+            stats.documents += 1
+            self.progress.documents += 1
+        n_bytes = utf8_len(part.text)
+        stats.chars += len(part.text)
+        stats.bytes += n_bytes
+        writer.write(ids)
+        self.progress.tokens += len(ids)
+        self.progress.text_bytes += n_bytes
+
+    def hold_out_last(self, fraction: float) -> int:
+        """Move the last training documents to validation, as few as hold `fraction` of the characters
+        (at least one, never all); for corpora with too few documents to hold out 1 in every k."""
+        train, val = self.stats["train"], self.stats["val"]
+        total = train.chars + val.chars
+        k = 1
+        while k < len(train.starts) - 1 and train.chars - train.starts[-k][1] < fraction * total:
+            k += 1
+        tokens, chars, n_bytes, sep = train.starts[-k]
+        writer = self.writers["train"]
+        ids = writer.read(tokens + sep, writer.tokens)
+        sep_chars = len(self.sep_text) if sep else 0
+        moved_chars, moved_bytes = train.chars - chars - sep_chars, train.bytes - n_bytes - sep_chars
+        writer.truncate(tokens)
+        del train.starts[-k:]
+        train.chars, train.bytes, train.documents = chars, n_bytes, train.documents - k
+        self.writers["val"].write(ids)
+        val.chars, val.bytes, val.documents = moved_chars, moved_bytes, k
+        return k
+
+
+def hashed(chunks: Iterable[Chunk], digest: hashlib._Hash) -> Iterator[Chunk]:
+    """The chunks unchanged, their text added to `digest`: the corpus in reading order, documents joined
+    by a blank line (so one text file hashes to the sha256 of its content)."""
+    started = False
+    for chunk in chunks:
+        if chunk.first and started:
+            digest.update(b"\n\n")
+        digest.update(chunk.text.encode("utf-8"))
+        started = True
+        yield chunk
+
+
+def batches(parts: Iterable[Part], max_pieces: int, max_chars: int = BATCH_CHARS) -> Iterator[list[Part]]:
+    """Consecutive pieces grouped for one encoding call."""
+    batch: list[Part] = []
+    chars = 0
+    for part in parts:
+        batch.append(part)
+        chars += len(part.text)
+        if len(batch) >= max_pieces or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def encode_into(
+    tok: Tokenizer, parts: Iterable[Part], sink: ShardSink, on_batch: Callable[[], None] = lambda: None
+) -> None:
+    """Encode the parts into the sink: one background thread drives the tokenizer (whose own threads, or
+    a thread pool for characters, use every core) while this thread reads and writes."""
+    cores = os.cpu_count() or 1
+    context_free = getattr(tok, "context_free", False)
+    size = CHAR_PIECE_CHARS if context_free else PIECE_CHARS
+    per_batch = 2 * cores if context_free else max(16, 4 * cores)
+    pending: deque[tuple[list[Part], Future]] = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="tinylm-prepare") as pool:
+        for batch in batches(pieces(parts, context_free, size), per_batch):
+            pending.append((batch, pool.submit(encode_arrays, tok, [p.text for p in batch])))
+            while len(pending) > IN_FLIGHT:
+                _drain(pending.popleft(), sink)
+                on_batch()
+        while pending:
+            _drain(pending.popleft(), sink)
+            on_batch()
+
+
+def _drain(item: tuple[list[Part], Future], sink: ShardSink) -> None:
+    batch, future = item
+    for part, ids in zip(batch, future.result()):
+        sink.add(part, ids)
