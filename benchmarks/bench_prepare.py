@@ -92,29 +92,51 @@ def make_corpus(
     return out
 
 
+# A child's ru_maxrss starts at its parent's RSS at the fork (Linux keeps the old address space's peak
+# across exec), so prepare runs under a small launcher whose RUSAGE_CHILDREN is the child's own peak.
+LAUNCH = """
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+sys.exit(code)
+"""
+
 CHILD = """
 import json, resource, sys, time
 from tinylm.data import prepare
+from tinylm.tokenizer import load_tokenizer
 args = json.loads(sys.argv[1])
-start = time.perf_counter()
-meta = prepare(args.pop("inputs"), args.pop("out"), args.pop("tokenizer"), **args)
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "tokens": meta["train_tokens"] + meta["val_tokens"], "documents": meta["documents"],
-                  "shards": len(meta["shards"]["train"]) + len(meta["shards"]["val"]),
+tokenizer = args.pop("tokenizer")
+tokenizer = load_tokenizer(tokenizer) if tokenizer.endswith(".json") else tokenizer
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+start, start_cpu = time.perf_counter(), cpu()
+meta = prepare(args.pop("inputs"), args.pop("out"), tokenizer, **args)
+print(json.dumps({"seconds": time.perf_counter() - start, "cpu_s": cpu() - start_cpu,
+                  "tokens": meta["train_tokens"] + meta["val_tokens"],
+                  "documents": meta["documents"], "shards": len(meta["shards"]["train"]) + len(meta["shards"]["val"]),
                   "sample_chars": meta.get("tokenizer_sample", {}).get("chars")}))
 """
 
 
 def prepare_child(inputs: list[str], out: Path, tokenizer: str, **kwargs: Any) -> dict[str, Any]:
-    """Run prepare in a fresh process; its wall time, peak RSS and counts."""
+    """Run prepare in a fresh process (`tokenizer`: a kind, or a tokenizer.json to use); its time inside
+    prepare (imports excluded), peak RSS and counts."""
     args = {"inputs": inputs, "out": str(out), "tokenizer": tokenizer, **kwargs}
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, env=env
-    )
+    cmd = [sys.executable, "-c", LAUNCH, sys.executable, "-c", CHILD, json.dumps(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    *_, result, rss = proc.stdout.strip().splitlines()
+    return {**json.loads(result), "peak_rss_mb": round(float(rss), 1)}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (every thread)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def machine() -> dict[str, Any]:
@@ -161,11 +183,13 @@ def scale(work: Path, size: int, files: int, tokenizer: str, vocab: int, sample:
     return row
 
 
-def throughput(work: Path, size: int, tokenizer: str, vocab: int, repeats: int, files: int) -> dict:
-    """Side by side in this process: prepare (given the tokenizer) against the tokenizer's own batch
-    encoding of the same pieces held in memory."""
+def throughput(
+    work: Path, size: int, tokenizer: str, vocab: int, repeats: int, files: int, baselines: list[str]
+) -> dict:
+    """Side by side, alternating: prepare with an already trained tokenizer (in a child process: its
+    time inside prepare and its peak RSS) against the tokenizer's own batch encoding of the same
+    pieces, held in memory in this process."""
     sys.path.insert(0, str(ROOT / "src"))
-    from tinylm.data import prepare
     from tinylm.data.encoding import CHAR_PIECE_CHARS, PIECE_CHARS, pieces
     from tinylm.data.splits import Part
     from tinylm.tokenizer import CharTokenizer, HFTokenizer, encode_arrays
@@ -174,38 +198,45 @@ def throughput(work: Path, size: int, tokenizer: str, vocab: int, repeats: int, 
     paths = sorted(corpus.rglob("*.txt")) if corpus.is_dir() else [corpus]
     texts = [p.read_text(encoding="utf-8") for p in paths]
     if tokenizer == "char":
-        tok = CharTokenizer(set("".join(set(t) for t in texts)) | {"\n"})
+        tok = CharTokenizer(set().union(*(set(t) for t in texts)) | {"\n"})
         piece_size = CHAR_PIECE_CHARS
     else:
         tok = HFTokenizer.train_bpe([texts[0][:10_000_000]], vocab)  # trained once, outside the timings
         piece_size = PIECE_CHARS
+    tok.save(work / "tp-tokenizer.json")
     chunks = [
         p.text for t in texts for p in pieces([Part("train", t, True)], tokenizer == "char", piece_size)
     ]
-    batch = 2 * (os.cpu_count() or 1) if tokenizer == "char" else max(16, 4 * (os.cpu_count() or 1))
+    del texts
+    cores = os.cpu_count() or 1
+    batch = 2 * cores if tokenizer == "char" else max(16, 4 * cores)
     groups = [chunks[i : i + batch] for i in range(0, len(chunks), batch)]
+    calls = {
+        "encode_arrays": lambda g: encode_arrays(tok, g),
+        "encode_batch": lambda g: [e.ids for e in tok.tok.encode_batch(g)],
+        "encode_batch_fast": lambda g: [e.ids for e in tok.tok.encode_batch_fast(g)],
+    }
 
-    def own(fn) -> float:
-        start = time.perf_counter()
+    def own(name: str) -> tuple[float, float]:
+        start, start_cpu = time.perf_counter(), cpu_seconds()
         for group in groups:
-            fn(group)
-        return time.perf_counter() - start
+            calls[name](group)
+        return time.perf_counter() - start, cpu_seconds() - start_cpu
 
-    baselines = {"encode_arrays": lambda g: encode_arrays(tok, g)}
-    if tokenizer != "char":
-        baselines = {
-            "encode_batch": lambda g: [e.ids for e in tok.tok.encode_batch(g)],
-            "encode_batch_fast": lambda g: [e.ids for e in tok.tok.encode_batch_fast(g)],
-        }
-    times: dict[str, list[float]] = {"prepare": [], **{k: [] for k in baselines}}
+    times: dict[str, list[float]] = {"prepare": [], **{b: [] for b in baselines}}
+    cpu: dict[str, list[float]] = {k: [] for k in times}
+    rss = []
     for i in range(repeats):
         out = work / f"tp-out-{i}"
-        start = time.perf_counter()
-        prepare([str(corpus)], out, tok)
-        times["prepare"].append(time.perf_counter() - start)
+        r = prepare_child([str(corpus)], out, str(work / "tp-tokenizer.json"))
+        times["prepare"].append(r["seconds"])
+        cpu["prepare"].append(r["cpu_s"])
+        rss.append(r["peak_rss_mb"])
         shutil.rmtree(out)
-        for name, fn in baselines.items():
-            times[name].append(own(fn))
+        for name in baselines:
+            wall, used = own(name)
+            times[name].append(wall)
+            cpu[name].append(used)
         print(json.dumps({k: round(v[-1], 2) for k, v in times.items()}), flush=True)
     medians = {k: statistics.median(v) for k, v in times.items()}
     best = min(v for k, v in medians.items() if k != "prepare")
@@ -216,6 +247,8 @@ def throughput(work: Path, size: int, tokenizer: str, vocab: int, repeats: int, 
         "median_s": {k: round(v, 2) for k, v in medians.items()},
         "mb_per_s": {k: round(size / 1e6 / v, 2) for k, v in medians.items()},
         "ratio_vs_fastest_own": round(medians["prepare"] / best, 3),
+        "median_cpu_s": {k: round(statistics.median(v), 2) for k, v in cpu.items()},
+        "prepare_peak_rss_mb": max(rss),
         "runs": times,
     }
     print(json.dumps(row), flush=True)
@@ -235,6 +268,12 @@ def main() -> None:
     parser.add_argument("--tokenizer-sample", type=int, default=None, help="BPE sample (default: prepare's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="corpus: where to write it")
+    parser.add_argument(
+        "--baselines",
+        default=None,
+        help="throughput: the tokenizer's own calls to compare with, comma-separated (default: "
+        "encode_arrays for char; encode_batch,encode_batch_fast for bpe)",
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -251,8 +290,17 @@ def main() -> None:
     elif args.what == "scale":
         result = scale(work, parse_size(args.size), args.files, args.tokenizer, args.vocab_size, sample)
     else:
+        own = args.baselines or (
+            "encode_arrays" if args.tokenizer == "char" else "encode_batch,encode_batch_fast"
+        )
         result = throughput(
-            work, parse_size(args.size), args.tokenizer, args.vocab_size, args.repeats, args.files
+            work,
+            parse_size(args.size),
+            args.tokenizer,
+            args.vocab_size,
+            args.repeats,
+            args.files,
+            own.split(","),
         )
     print(
         json.dumps(

@@ -134,3 +134,51 @@ def test_a_resumed_source_checks_it_reads_the_same_data():
     other = RandomWindows(np.arange(900, dtype=np.uint16), 16, 4, seed=0)
     with pytest.raises(TinyLMError, match="training data changed"):
         other.load_state_dict(source.state_dict())
+
+
+def test_window_order_is_a_seeded_bijection_computed_per_batch():
+    from tinylm.data import WindowOrder
+
+    for n in (1, 2, 3, 7, 64, 1000, 4097, 99_991):
+        order = WindowOrder(n, seed=3, epoch=1)(np.arange(n))
+        assert np.array_equal(np.sort(order), np.arange(n)), n
+    a = WindowOrder(10_000, seed=3, epoch=1)(np.arange(10_000))
+    assert np.array_equal(WindowOrder(10_000, seed=3, epoch=1)(np.arange(5_000, 5_100)), a[5_000:5_100])
+    assert not np.array_equal(
+        WindowOrder(10_000, seed=3, epoch=2)(np.arange(10_000)), a
+    )  # a new order per epoch
+    assert not np.array_equal(WindowOrder(10_000, seed=4, epoch=1)(np.arange(10_000)), a)
+    assert abs(np.corrcoef(np.arange(10_000), a)[0, 1]) < 0.05  # shuffled, not a shifted identity
+
+
+def test_epoch_checkpoints_name_their_order():
+    ds = SlidingWindowDataset(np.arange(200, dtype=np.uint16), block_size=8)
+    source = EpochWindows(ds, batch_size=8, seed=0)
+    state = source.state_dict()
+    assert state["order"] == "feistel"
+    source.load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "order"}  # written before the order was a bijection
+    with pytest.raises(TinyLMError, match="older tinylm, which ordered each epoch's windows differently"):
+        source.load_state_dict(old)
+
+
+def test_eval_tokens_sets_the_validation_budget(char_data, tmp_path):
+    from tinylm.config import TrainConfig
+    from tinylm.data import token_batches
+    from tinylm.train import train
+
+    data = TokenData(char_data)
+    _, val = token_batches(data, 32, TrainConfig(batch_size=4, eval_tokens=1000))
+    assert len(val) == 8 and sum(x.numel() for x, _ in val) == 1024  # whole batches: ceil(1000 / 128)
+    _, val = token_batches(data, 32, TrainConfig(batch_size=4, eval_batches=3))
+    assert len(val) == 3
+    train(
+        char_data,
+        tmp_path / "run",
+        "tiny",
+        {"max_steps": 2, "eval_tokens": 300, "batch_size": 4},
+        progress=False,
+    )
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["type"] == "eval"]
+    assert evals and all(r["val_tokens"] == 3 * 4 * 32 for r in evals)

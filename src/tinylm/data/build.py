@@ -19,7 +19,7 @@ import numpy as np
 from tinylm.config import PrepareConfig
 from tinylm.data.encoding import PIECE_CHARS, ShardSink, encode_into, hashed, pieces
 from tinylm.data.shards import FORMAT, ShardWriter, fsync_dir
-from tinylm.data.sources import Chunk, Input, read_chunks, resolve_inputs
+from tinylm.data.sources import Chunk, Input, count_chars, read_chunks, resolve_inputs
 from tinylm.data.splits import HeldOut, Part, contiguous_cut, route, single_document
 from tinylm.errors import TinyLMError
 from tinylm.progress import progress_bar
@@ -325,13 +325,14 @@ class Build:
             self.resumed = True
             return load_tokenizer(path)
         chars: set[str] = set()
-        if given is None and self.cfg.tokenizer == "char" or self.single:
-            n_chars, chars, nonblank = self.scan(collect=given is None and self.cfg.tokenizer == "char")
-            if not nonblank:
-                raise TinyLMError(
-                    f"The input ({', '.join(self.specs)}) is empty: there is no text to train on."
-                )
-            self.state["cut"] = contiguous_cut(n_chars, self.cfg.val_fraction) if self.single else None
+        n_chars, nonblank = 0, True
+        if given is None and self.cfg.tokenizer == "char":
+            n_chars, chars, nonblank = self.scan()
+        elif self.single:
+            n_chars, nonblank = count_chars(self.sources[0])
+        if not nonblank:
+            raise TinyLMError(f"The input ({', '.join(self.specs)}) is empty: there is no text to train on.")
+        self.state["cut"] = contiguous_cut(n_chars, self.cfg.val_fraction) if self.single else None
         if given is not None:
             tok = given
         elif self.cfg.tokenizer == "char":
@@ -345,18 +346,15 @@ class Build:
         write_json(self.staging / STATE, self.state)
         return tok
 
-    def scan(self, collect: bool) -> tuple[int, set[str], bool]:
-        """One pass over the text: its characters counted (and collected for a character tokenizer)."""
-        bar = Bar(
-            "Scanning characters" if collect else "Counting characters", self.total_bytes, self.progress
-        )
+    def scan(self) -> tuple[int, set[str], bool]:
+        """One pass over the text: its characters counted and collected (for a character tokenizer)."""
+        bar = Bar("Scanning characters", self.total_bytes, self.progress)
         seen, n_chars, n_bytes, docs, nonblank = _CharSet(), 0, 0, 0, _Nonblank()
         for chunk in nonblank.watch(self.chunks()):
             n_chars += len(chunk.text)
-            n_bytes += len(chunk.text) if chunk.text.isascii() else len(chunk.text.encode("utf-8"))
+            n_bytes += len(chunk.raw) if chunk.raw is not None else len(chunk.text)
             docs += chunk.first
-            if collect:
-                seen.add(chunk.text)
+            seen.add(chunk.text)
             bar.update(n_bytes, docs)
         bar.update(n_bytes, docs, final=True)
         bar.close()

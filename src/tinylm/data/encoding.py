@@ -19,7 +19,7 @@ from tinylm.data.splits import Part
 from tinylm.tokenizer import Tokenizer, document_separator, encode_arrays
 
 PIECE_CHARS = 1 << 16  # characters per piece for a context-dependent tokenizer (BPE): many pieces per batch
-CHAR_PIECE_CHARS = 1 << 20  # characters per piece for the character lookup
+CHAR_PIECE_CHARS = 1 << 20  # characters per piece for the character lookup: a whole read of a text file
 HARD_CUT = 16  # a piece with no safe cut point is cut anyway after this many PIECE_CHARS (a huge line)
 BATCH_CHARS = 16 << 20  # at most this many characters per encoding batch (bounds memory)
 IN_FLIGHT = 2  # batches encoding or queued while the next one is read
@@ -53,10 +53,8 @@ def first_safe_cut(text: str, lo: int) -> int | None:
     return None
 
 
-def _cut_point(text: str, start: int, size: int, context_free: bool) -> int | None:
+def _cut_point(text: str, start: int, size: int) -> int | None:
     """Where to end a piece of about `size` characters that starts at `start`, or None to wait for more."""
-    if context_free:
-        return start + size
     cut = safe_cut(text, start + size // 2, start + size) or first_safe_cut(text, start + size)
     if cut is None and len(text) - start >= HARD_CUT * size:
         return start + size  # one line longer than HARD_CUT pieces: the only place a cut may change tokens
@@ -65,6 +63,14 @@ def _cut_point(text: str, start: int, size: int, context_free: bool) -> int | No
 
 def pieces(parts: Iterable[Part], context_free: bool, size: int) -> Iterator[Part]:
     """The parts' documents re-cut into pieces of about `size` characters, at safe points only."""
+    if context_free:  # any cut is safe: no buffering, and a part that fits passes through whole
+        for part in parts:
+            if len(part.text) <= size:
+                yield part
+                continue
+            for i in range(0, len(part.text), size):
+                yield Part(part.split, part.text[i : i + size], part.first and i == 0)
+        return
     split, first, buf, start = "", False, "", 0
     for part in parts:
         if part.first or part.split != split:  # a new document: the last one ends whole
@@ -74,7 +80,7 @@ def pieces(parts: Iterable[Part], context_free: bool, size: int) -> Iterator[Par
         else:
             buf, start = buf[start:] + part.text, 0
         while len(buf) - start > size:
-            cut = _cut_point(buf, start, size, context_free)
+            cut = _cut_point(buf, start, size)
             if cut is None:
                 break
             yield Part(split, buf[start:cut], first)
@@ -131,7 +137,7 @@ class ShardSink:
                 stats.bytes += len(self.sep_text)
             stats.documents += 1
             self.progress.documents += 1
-        n_bytes = utf8_len(part.text)
+        n_bytes = part.nbytes if part.nbytes >= 0 else utf8_len(part.text)
         stats.chars += len(part.text)
         stats.bytes += n_bytes
         writer.write(ids)
@@ -166,7 +172,7 @@ def hashed(chunks: Iterable[Chunk], digest: hashlib._Hash) -> Iterator[Chunk]:
     for chunk in chunks:
         if chunk.first and started:
             digest.update(b"\n\n")
-        digest.update(chunk.text.encode("utf-8"))
+        digest.update(chunk.raw if chunk.raw is not None else chunk.text.encode("utf-8"))
         started = True
         yield chunk
 
@@ -188,25 +194,33 @@ def batches(parts: Iterable[Part], max_pieces: int, max_chars: int = BATCH_CHARS
 def encode_into(
     tok: Tokenizer, parts: Iterable[Part], sink: ShardSink, on_batch: Callable[[], None] = lambda: None
 ) -> None:
-    """Encode the parts into the sink: one background thread drives the tokenizer (whose own threads, or
-    a thread pool for characters, use every core) while this thread reads and writes."""
+    """Encode the parts into the sink in three overlapping stages: this thread reads and cuts, one
+    thread drives the tokenizer (whose own threads, or a thread pool for characters, use every core)
+    and one writes shards; at most IN_FLIGHT batches wait between them."""
     cores = os.cpu_count() or 1
     context_free = getattr(tok, "context_free", False)
     size = CHAR_PIECE_CHARS if context_free else PIECE_CHARS
     per_batch = 2 * cores if context_free else max(16, 4 * cores)
-    pending: deque[tuple[list[Part], Future]] = deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="tinylm-prepare") as pool:
-        for batch in batches(pieces(parts, context_free, size), per_batch):
-            pending.append((batch, pool.submit(encode_arrays, tok, [p.text for p in batch])))
-            while len(pending) > IN_FLIGHT:
-                _drain(pending.popleft(), sink)
+    pending: deque[Future] = deque()
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="tinylm-encode") as encoder,
+        ThreadPoolExecutor(1, thread_name_prefix="tinylm-write") as writer,
+    ):
+        try:
+            for batch in batches(pieces(parts, context_free, size), per_batch):
+                encoded = encoder.submit(encode_arrays, tok, [p.text for p in batch])
+                pending.append(writer.submit(_write, batch, encoded, sink))
+                while len(pending) > IN_FLIGHT:
+                    pending.popleft().result()
+                    on_batch()
+            while pending:
+                pending.popleft().result()
                 on_batch()
-        while pending:
-            _drain(pending.popleft(), sink)
-            on_batch()
+        finally:
+            for future in pending:  # on an error, stop what has not started
+                future.cancel()
 
 
-def _drain(item: tuple[list[Part], Future], sink: ShardSink) -> None:
-    batch, future = item
-    for part, ids in zip(batch, future.result()):
+def _write(batch: list[Part], encoded: Future, sink: ShardSink) -> None:
+    for part, ids in zip(batch, encoded.result()):
         sink.add(part, ids)

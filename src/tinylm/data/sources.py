@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
 
+import numpy as np
+
 from tinylm.errors import TinyLMError
 
 # Built-in corpora: looked up in $TINYLM_DATA_DIR first, else downloaded once into the cache.
@@ -29,7 +31,7 @@ BUILTINS = {
 }
 FORMATS = {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet"}  # what a folder's files may be
 COMPRESSIONS = (".gz", ".zst")
-READ_BYTES = 4 << 20  # bytes per read from a text file
+READ_BYTES = 1 << 20  # bytes per read from a text file (a character piece: no re-cutting)
 VAL_SPLITS = ("validation", "valid", "val")  # a Hugging Face dataset's held-out split, by these names
 
 
@@ -58,6 +60,7 @@ class Chunk(NamedTuple):
     text: str
     first: bool  # this chunk starts a new document
     split: str = ""  # "train" or "val" when the source has an official split, else ""
+    raw: bytes | None = None  # text's exact UTF-8 bytes when the reader has them (text files)
 
 
 def cache_dir() -> Path:
@@ -237,24 +240,44 @@ def _read_errors(inp: Input) -> tuple[type[BaseException], ...]:
 
 def _text_chunks(inp: Input) -> Iterator[Chunk]:
     decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, first = 0, True
+    offset, first, carry = 0, True, b""  # carry: the bytes of a character cut by the last read
     with _open_binary(inp) as f:
         while True:
             try:
                 raw = f.read(READ_BYTES)
             except _read_errors(inp) as exc:
                 raise TinyLMError(f"{inp.name} is not a valid {inp.compression} file ({exc}).") from None
-            pending = len(decoder.getstate()[0])
             try:
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as exc:
-                raise _not_utf8(inp.name, offset - pending + exc.start) from None
+                raise _not_utf8(inp.name, offset - len(carry) + exc.start) from None
             offset += len(raw)
+            data = carry + raw if carry else raw
+            carry = decoder.getstate()[0]
             if text:
-                yield Chunk(text, first)
+                yield Chunk(text, first, "", data[: len(data) - len(carry)] if carry else data)
                 first = False
             if not raw:
                 return
+
+
+def count_chars(inp: Input) -> tuple[int, bool]:
+    """A text file's characters, and whether any is not a space, counted on its UTF-8 bytes without
+    decoding them (the encoding pass checks that they are valid UTF-8)."""
+    chars, nonblank = 0, False
+    with _open_binary(inp) as f:
+        while True:
+            try:
+                raw = f.read(READ_BYTES)
+            except _read_errors(inp) as exc:
+                raise TinyLMError(f"{inp.name} is not a valid {inp.compression} file ({exc}).") from None
+            if not raw:
+                return chars, nonblank
+            continuation = (
+                0 if raw.isascii() else np.count_nonzero((np.frombuffer(raw, np.uint8) & 0xC0) == 0x80)
+            )
+            chars += len(raw) - int(continuation)
+            nonblank = nonblank or not raw.isspace()
 
 
 def _jsonl_chunks(inp: Input, text_field: str) -> Iterator[Chunk]:

@@ -16,6 +16,7 @@ class Part(NamedTuple):
     split: str  # "train" or "val"
     text: str
     first: bool  # starts a document in that split
+    nbytes: int = -1  # the text's UTF-8 length when known without encoding it, else -1
 
 
 def single_document(inputs: list[Input]) -> bool:
@@ -57,7 +58,11 @@ def route(chunks: Iterable[Chunk], val_fraction: float, cut: int | None = None) 
         if chunk.first:
             doc += 1
             split = chunk.split or ("val" if held_out.is_val(doc) else "train")
-        yield Part(split, chunk.text, chunk.first)
+        yield Part(split, chunk.text, chunk.first, _nbytes(chunk))
+
+
+def _nbytes(chunk: Chunk) -> int:
+    return len(chunk.raw) if chunk.raw is not None else -1
 
 
 def _cut(chunks: Iterable[Chunk], cut: int) -> Iterator[Part]:
@@ -66,9 +71,9 @@ def _cut(chunks: Iterable[Chunk], cut: int) -> Iterator[Part]:
         text, start = chunk.text, seen
         seen += len(text)
         if seen <= cut:
-            yield Part("train", text, chunk.first)
+            yield Part("train", text, chunk.first, _nbytes(chunk))
         elif start >= cut:
-            yield Part("val", text, start == cut)
+            yield Part("val", text, start == cut, _nbytes(chunk))
         else:  # this chunk holds the cut
             if cut > start:
                 yield Part("train", text[: cut - start], chunk.first)
