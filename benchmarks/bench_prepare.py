@@ -14,7 +14,8 @@ random runs of whole lines, with 3% of the letters replaced by random letters, s
 `throughput` rows time, in one process and alternating, (a) `tinylm.data.prepare` with an already
 trained tokenizer (reading, cutting, encoding on every core, writing shards) and (b) the tokenizer's
 own batch call on the same text already in memory, in the same pieces: `tokenizers`' encode_batch and
-encode_batch_fast for BPE, the NumPy lookup (encode_arrays) for characters. Big files go under
+encode_batch_fast for BPE, the NumPy lookup (encode_arrays) for characters, also from the UTF-8 bytes
+(decode_encode_arrays: decoding included, as prepare must). Big files go under
 --work (default /tmp/data-bench) and are deleted at the end.
 """
 
@@ -211,8 +212,12 @@ def throughput(
     cores = os.cpu_count() or 1
     batch = 2 * cores if tokenizer == "char" else max(16, 4 * cores)
     groups = [chunks[i : i + batch] for i in range(0, len(chunks), batch)]
+    raw_groups = (
+        {id(g): [c.encode("utf-8") for c in g] for g in groups} if "decode_encode_arrays" in baselines else {}
+    )
     calls = {
         "encode_arrays": lambda g: encode_arrays(tok, g),
+        "decode_encode_arrays": lambda g: encode_arrays(tok, [b.decode("utf-8") for b in raw_groups[id(g)]]),
         "encode_batch": lambda g: [e.ids for e in tok.tok.encode_batch(g)],
         "encode_batch_fast": lambda g: [e.ids for e in tok.tok.encode_batch_fast(g)],
     }
@@ -247,6 +252,7 @@ def throughput(
         "median_s": {k: round(v, 2) for k, v in medians.items()},
         "mb_per_s": {k: round(size / 1e6 / v, 2) for k, v in medians.items()},
         "ratio_vs_fastest_own": round(medians["prepare"] / best, 3),
+        "ratio_vs": {k: round(medians["prepare"] / v, 3) for k, v in medians.items() if k != "prepare"},
         "median_cpu_s": {k: round(statistics.median(v), 2) for k, v in cpu.items()},
         "prepare_peak_rss_mb": max(rss),
         "runs": times,
@@ -272,7 +278,7 @@ def main() -> None:
         "--baselines",
         default=None,
         help="throughput: the tokenizer's own calls to compare with, comma-separated (default: "
-        "encode_arrays for char; encode_batch,encode_batch_fast for bpe)",
+        "encode_arrays,decode_encode_arrays for char; encode_batch,encode_batch_fast for bpe)",
     )
     args = parser.parse_args()
     work = Path(args.work)
@@ -290,9 +296,8 @@ def main() -> None:
     elif args.what == "scale":
         result = scale(work, parse_size(args.size), args.files, args.tokenizer, args.vocab_size, sample)
     else:
-        own = args.baselines or (
-            "encode_arrays" if args.tokenizer == "char" else "encode_batch,encode_batch_fast"
-        )
+        char = "encode_arrays,decode_encode_arrays"
+        own = args.baselines or (char if args.tokenizer == "char" else "encode_batch,encode_batch_fast")
         result = throughput(
             work,
             parse_size(args.size),

@@ -289,3 +289,20 @@ def test_cli_prints_what_it_read_and_the_split(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"Read {folder}: 30 document(s)" in out and "1 in every 10 held out" in out
     assert "27 documents" in out and "3 documents" in out
+
+
+def test_characters_cut_by_a_read_are_whole(tmp_path, monkeypatch):
+    import hashlib
+
+    monkeypatch.setattr(sources, "READ_BYTES", 7)  # every read cuts 2-, 3- and 4-byte characters
+    text = "naïve café — 東京 🙂 façade\n" * 50
+    (tmp_path / "u.txt").write_text(text, encoding="utf-8")
+    meta = prepare([str(tmp_path / "u.txt")], tmp_path / "d", "char")
+    tok = TokenData(tmp_path / "d").tokenizer
+    cut = int(len(text) * 0.9)
+    assert tok.decode(tokens(tmp_path / "d", "train").tolist()) == text[:cut]
+    assert tok.decode(tokens(tmp_path / "d", "val").tolist()) == text[cut:]
+    assert meta["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    assert (
+        meta["train_bytes"] + meta["val_bytes"] == len(text.encode()) and meta["val_chars"] == len(text) - cut
+    )

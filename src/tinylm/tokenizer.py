@@ -72,12 +72,14 @@ class CharTokenizer:
         return self.stoi.get("\n")
 
     def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids by code point up to the largest one in the vocabulary, ids of ASCII byte pairs)."""
+        """(ids by code point up to the largest one in the vocabulary, ids of ASCII byte pairs); a
+        character outside the vocabulary maps to the table dtype's largest value, never an id."""
         if self._tables is None:
             codes = np.array([ord(c) for c in self.chars], dtype=np.int64)
-            by_code = np.full(int(codes[-1]) + 1, _UNKNOWN, dtype=np.uint32)
-            by_code[codes] = np.arange(len(codes), dtype=np.uint32)
-            # ASCII characters sort first, so their ids are below 128 and fit 16 bits with room for _UNKNOWN16
+            dtype = np.dtype(np.uint16 if len(codes) < 2**16 else np.uint32)  # room for the mark
+            by_code = np.full(int(codes[-1]) + 1, np.iinfo(dtype).max, dtype=dtype)
+            by_code[codes] = np.arange(len(codes))
+            # ASCII characters sort first, so their ids are below 128: two of them fit one uint32
             ascii_ids = np.full(256, _UNKNOWN16, dtype=np.uint32)
             low = codes[codes < 128]
             ascii_ids[low] = by_code[low]
@@ -94,17 +96,17 @@ class CharTokenizer:
             raw = text.encode("ascii")
             ids = np.empty(len(raw), dtype="<u2")
             even = len(raw) - len(raw) % 2
-            ids[:even] = np.take(pairs, np.frombuffer(raw, dtype="<u2", count=even // 2)).view("<u2")
+            np.take(pairs, np.frombuffer(raw, dtype="<u2", count=even // 2), out=ids[:even].view("<u4"))
             if even < len(raw):
                 ids[-1] = pairs[raw[-1]] & 0xFFFF
             if len(ids) and ids.max() >= 128:
                 self._unknown(text)
             return ids.astype(dtype, copy=False)
         codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
-        ids32 = np.take(by_code, codes, mode="clip")  # beyond the table: checked on the next line
-        if len(codes) and (codes.max() >= len(by_code) or ids32.max() == _UNKNOWN):
+        ids = np.take(by_code, codes, mode="clip")  # beyond the table: checked on the next line
+        if len(codes) and (codes.max() >= len(by_code) or ids.max() == np.iinfo(by_code.dtype).max):
             self._unknown(text)
-        return ids32.astype(dtype)
+        return ids.astype(dtype, copy=False)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
@@ -124,8 +126,7 @@ class CharTokenizer:
         Path(path).write_text(json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False))
 
 
-_UNKNOWN = np.uint32(0xFFFFFFFF)  # the lookup's mark for a character outside the vocabulary
-_UNKNOWN16 = 0xFFFF  # the same in the 16-bit ASCII table (ASCII ids are below 128)
+_UNKNOWN16 = 0xFFFF  # the ASCII pair table's mark for a character outside the vocabulary
 
 
 class HFTokenizer:

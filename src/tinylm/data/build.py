@@ -99,7 +99,8 @@ class Destination:
 
     def __init__(self, out: Path, force: bool) -> None:
         self.out, self.force = out, force
-        self.staging = out.parent / f".{out.name}.partial"
+        whole = out.absolute()  # "." and "data/" have names too
+        self.staging = whole.parent / f".{whole.name}.partial"
         for parent in (out, *out.parents):
             if parent.exists():
                 if not parent.is_dir():
@@ -154,7 +155,7 @@ class Destination:
         write_json(staging / "meta.json", meta)
         (staging / STATE).unlink()
         fsync_dir(staging)
-        old = self.out.parent / f".{self.out.name}.old"
+        old = self.staging.with_name(self.staging.name.replace(".partial", ".old"))
         if self.out.exists() and any(self.out.iterdir()):  # --force over finished data
             shutil.rmtree(old, ignore_errors=True)
             os.rename(self.out, old)

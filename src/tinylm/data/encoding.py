@@ -90,6 +90,7 @@ def pieces(parts: Iterable[Part], context_free: bool, size: int) -> Iterator[Par
 
 
 def utf8_len(text: str) -> int:
+    """Bytes of `text` in UTF-8."""
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 

@@ -3,6 +3,7 @@ directory's manifest; a split is the concatenation of its shards, read through m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -13,16 +14,16 @@ from tinylm.errors import TinyLMError
 from tinylm.tokenizer import Tokenizer, load_tokenizer, tokenizer_hash
 
 FORMAT = 2  # meta.json "format": 2 lists shards; without it, a directory holds train.bin and val.bin
-SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB of uint16), as modded-nanogpt's shards
 
 
 def shard_name(split: str, index: int) -> str:
+    """The file name of a split's index-th shard."""
     return f"{split}-{index:05d}.bin"
 
 
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in `path` durable (where the platform allows it)."""
-    with __import__("contextlib").suppress(OSError):
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -33,9 +34,7 @@ def fsync_dir(path: Path) -> None:
 class ShardWriter:
     """Appends one split's tokens to fixed-size shard files in a directory; each full shard is fsynced."""
 
-    def __init__(
-        self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int = SHARD_TOKENS
-    ) -> None:
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.directory, self.split, self.dtype, self.shard_tokens = (
             Path(directory),
             split,
@@ -47,6 +46,7 @@ class ShardWriter:
 
     @property
     def tokens(self) -> int:
+        """Tokens written so far."""
         return sum(self.counts)
 
     def write(self, ids: np.ndarray) -> None:
@@ -77,6 +77,7 @@ class ShardWriter:
         return np.asarray(self.view()[start:stop]).copy()
 
     def view(self) -> np.ndarray | ShardedTokens:
+        """The tokens written so far, read as one sequence."""
         return open_tokens(
             [self.directory / shard_name(self.split, i) for i in range(len(self.counts))],
             self.counts,
@@ -224,7 +225,9 @@ class TokenData:
         return open_tokens(files, counts, dtype)
 
     def chars(self, name: str) -> int:
+        """Characters of text the split holds (for bits per character)."""
         return int(self.meta.get(f"{name}_chars", 0))
 
     def bytes(self, name: str) -> int:
+        """UTF-8 bytes of text the split holds (for bits per byte)."""
         return int(self.meta.get(f"{name}_bytes", 0))
