@@ -246,39 +246,65 @@ def test_existing_output_is_reused_refused_or_replaced(tmp_path, shakespeare_sli
         prepare([str(shakespeare_slice)], tmp_path / "other", "char")
 
 
-def _prepare_cmd(text: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "tinylm", "prepare", str(text), "--tokenizer", "bpe", "--vocab-size", "300",
-            "--shard-tokens", "20000", "--out", str(out), "--no-progress", *extra]  # fmt: skip
+PREPARE_CLI = """
+import sys
+import tinylm.data.encoding as encoding
+encoding.CHECKPOINT_SECONDS = float(sys.argv[1])  # save the position after every batch
+from tinylm.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _prepare_cmd(text: Path, out: Path, *extra: str, every: float = 30.0) -> list[str]:
+    return [sys.executable, "-c", PREPARE_CLI, str(every), "prepare", str(text), "--tokenizer", "bpe",
+            "--vocab-size", "300", "--tokenizer-sample", "300000", "--shard-tokens", "20000", "--out", str(out),
+            "--no-progress", *extra]  # fmt: skip
 
 
 def test_a_killed_prepare_leaves_nothing_that_looks_complete_and_resumes(tmp_path, shakespeare_text):
-    """SIGKILL a real prepare mid-encoding: no output directory appears; running it again reuses the
-    trained tokenizer, starts the tokens clean and gives bit for bit what an uninterrupted run gives."""
+    """SIGKILL a real prepare mid-encoding: no output directory appears; running it again keeps the
+    trained tokenizer and the tokens written up to its last saved position, and gives bit for bit
+    what an uninterrupted run gives."""
     text = tmp_path / "big.txt"
-    text.write_text(shakespeare_text * 2, encoding="utf-8")
+    text.write_text(shakespeare_text, encoding="utf-8")
     out, staging = tmp_path / "d", tmp_path / ".d.partial"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_prepare_cmd(text, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _prepare_cmd(text, out, every=0.0), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+    def saved_tokens() -> int:
+        try:
+            state = json.loads((staging / "prepare-state.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        return sum(sum(v) for v in state.get("encoded", {}).get("shards", {}).values())
+
     deadline = time.time() + 120
-    while not (staging / "train-00001.bin").exists() and proc.poll() is None and time.time() < deadline:
+    while saved_tokens() < 30_000 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "prepare finished before it could be killed"
     assert not out.exists() and (staging / "tokenizer.json").is_file()
+    # bytes and a shard written after the last saved position, as a kill between two saves leaves them
+    last = sorted(staging.glob("train-*.bin"))[-1]
+    last.write_bytes(last.read_bytes() + b"\x07\x00" * 999)
+    (staging / "train-00099.bin").write_bytes(b"\x07\x00" * 999)
     done = subprocess.run(
         _prepare_cmd(text, out, "--json"), env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1])["resumed"] and not staging.exists()
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["resumed"] and summary["resumed_tokens"] >= 30_000 and not staging.exists()
     clean = subprocess.run(_prepare_cmd(text, tmp_path / "clean"), env=env, capture_output=True, timeout=300)
     assert clean.returncode == 0
     for name in [p.name for p in (tmp_path / "clean").iterdir() if p.suffix == ".bin"] + ["tokenizer.json"]:
         assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
-    assert (
-        json.loads((out / "meta.json").read_text())["shards"]
-        == json.loads((tmp_path / "clean" / "meta.json").read_text())["shards"]
-    )
+    ours, theirs = (json.loads((d / "meta.json").read_text()) for d in (out, tmp_path / "clean"))
+    assert {k: v for k, v in ours.items() if k != "seconds"} == {
+        k: v for k, v in theirs.items() if k != "seconds"
+    }
 
 
 def test_cli_prints_what_it_read_and_the_split(tmp_path, capsys):

@@ -80,7 +80,7 @@ def prepare(
         raise
     meta["fingerprint"] = fingerprint
     place.commit(staging, meta)
-    return {**meta, "resumed": build.resumed}
+    return {**meta, "resumed": build.resumed, "resumed_tokens": build.resumed_tokens}
 
 
 def _fingerprint(sources: list[Input], cfg: PrepareConfig, given: Tokenizer | None) -> str:
@@ -140,9 +140,10 @@ class Destination:
                 state = {}
             if not state and any(p.name != STATE for p in self.staging.iterdir()):
                 raise TinyLMError(f"{self.staging} exists and was not made by tinylm prepare; move it away.")
-            if state.get("fingerprint") == fingerprint:
-                for shard in self.staging.glob("*.bin"):  # tokens are written again; the tokenizer is kept
-                    shard.unlink()
+            if state.get("fingerprint") == fingerprint:  # the same work: continue it
+                if "encoded" not in state:
+                    for shard in self.staging.glob("*.bin"):
+                        shard.unlink()
                 return self.staging, state
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True)
@@ -232,6 +233,7 @@ class Build:
         self.official: set[str] = set()  # sources that came with their own validation split
         self.opened: dict = {}  # Hugging Face datasets, opened once for every pass
         self.resumed = False  # whether an interrupted prepare's tokenizer was reused
+        self.resumed_tokens = 0  # tokens an interrupted prepare had written, kept
 
     def chunks(self, counts: dict | None = None) -> Iterator[Chunk]:
         """Every input's chunks in order, counted per command-line input into `counts`."""
@@ -259,11 +261,16 @@ class Build:
         dtype = token_dtype(tok.vocab_size)
         writers = {s: ShardWriter(self.staging, s, dtype, self.cfg.shard_tokens) for s in ("train", "val")}
         sink, digest, counts = ShardSink(tok, writers), hashlib.sha256(), {}
+        if "encoded" in self.state:  # an interrupted run wrote this much: keep it, read on from there
+            sink.load_state_dict(self.state["encoded"])
+            self.resumed_tokens = sink.progress.tokens
         bar = Bar("Tokenizing", self.total_bytes, self.progress)
         nonblank = _Nonblank()
         parts = self.parts(nonblank.watch(hashed(self.chunks(counts), digest)))
         p = sink.progress
-        encode_into(tok, parts, sink, lambda: bar.update(p.text_bytes, p.documents, p.tokens))
+        encode_into(
+            tok, parts, sink, lambda: bar.update(p.text_bytes, p.documents, p.tokens), self.checkpoint
+        )
         bar.update(p.text_bytes, p.documents, p.tokens, final=True)
         bar.close()
         if not nonblank.seen:
@@ -293,6 +300,11 @@ class Build:
         meta["shards"] = shards
         meta["seconds"] = round(time.perf_counter() - start, 3)
         return meta
+
+    def checkpoint(self, encoded: dict) -> None:
+        """Save how far the shards are written (from the writer thread, the files already fsynced)."""
+        self.state["encoded"] = encoded
+        write_json(self.staging / STATE, self.state)
 
     def describe_split(self, sink: ShardSink) -> str:
         """How the split was made; when no whole document was held out, hold out the last one."""

@@ -5,11 +5,13 @@ end-of-text token between documents."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -23,6 +25,7 @@ CHAR_PIECE_CHARS = 1 << 20  # characters per piece for the character lookup: a w
 HARD_CUT = 16  # a piece with no safe cut point is cut anyway after this many PIECE_CHARS (a huge line)
 BATCH_CHARS = 16 << 20  # at most this many characters per encoding batch (bounds memory)
 IN_FLIGHT = 2  # batches encoding or queued while the next one is read
+CHECKPOINT_SECONDS = 30.0  # how often the written position is saved for a resume
 
 
 def _safe(text: str, pos: int) -> bool:
@@ -118,13 +121,35 @@ class Progress:
 
 
 class ShardSink:
-    """Writes encoded pieces into one ShardWriter per split, a separator between documents."""
+    """Writes encoded pieces into one ShardWriter per split, a separator between documents; its
+    state_dict (pieces written, shard sizes, counters) lets an interrupted prepare continue from there."""
 
     def __init__(self, tok: Tokenizer, writers: dict[str, ShardWriter]) -> None:
         self.writers = writers
         self.sep_text, self.sep_ids = document_separator(tok)
         self.stats = {split: SplitStats() for split in writers}
         self.progress = Progress()
+        self.pieces = 0  # pieces written, in stream order
+
+    def state_dict(self) -> dict:
+        """Where the output stands, after flushing every shard to disk."""
+        return {
+            "pieces": self.pieces,
+            "shards": {split: w.flush() for split, w in self.writers.items()},
+            "stats": {split: asdict(st) for split, st in self.stats.items()},
+            "progress": asdict(self.progress),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict: shards cut back to it, counters as they were."""
+        for split, writer in self.writers.items():
+            writer.restore(state["shards"][split])
+            st = state["stats"][split]
+            self.stats[split] = SplitStats(
+                st["documents"], st["chars"], st["bytes"], [tuple(x) for x in st["starts"]]
+            )
+        self.progress = Progress(**state["progress"])
+        self.pieces = state["pieces"]
 
     def add(self, part: Part, ids: np.ndarray) -> None:
         writer, stats = self.writers[part.split], self.stats[part.split]
@@ -144,6 +169,7 @@ class ShardSink:
         writer.write(ids)
         self.progress.tokens += len(ids)
         self.progress.text_bytes += n_bytes
+        self.pieces += 1
 
     def hold_out_last(self, fraction: float) -> int:
         """Move the last training documents to validation, as few as hold `fraction` of the characters
@@ -193,24 +219,32 @@ def batches(parts: Iterable[Part], max_pieces: int, max_chars: int = BATCH_CHARS
 
 
 def encode_into(
-    tok: Tokenizer, parts: Iterable[Part], sink: ShardSink, on_batch: Callable[[], None] = lambda: None
+    tok: Tokenizer,
+    parts: Iterable[Part],
+    sink: ShardSink,
+    on_batch: Callable[[], None] = lambda: None,
+    checkpoint: Callable[[dict], None] | None = None,
 ) -> None:
     """Encode the parts into the sink in three overlapping stages: this thread reads and cuts, one
     thread drives the tokenizer (whose own threads, or a thread pool for characters, use every core)
-    and one writes shards; at most IN_FLIGHT batches wait between them."""
+    and one writes shards; at most IN_FLIGHT batches wait between them. The sink's first `sink.pieces`
+    pieces are already written (a resume): they are read again but not encoded. Every
+    CHECKPOINT_SECONDS the writer hands `checkpoint` the sink's state."""
     cores = os.cpu_count() or 1
     context_free = getattr(tok, "context_free", False)
     size = CHAR_PIECE_CHARS if context_free else PIECE_CHARS
     per_batch = 2 * cores if context_free else max(16, 4 * cores)
+    todo = itertools.islice(pieces(parts, context_free, size), sink.pieces, None)
+    saver = _Checkpoints(sink, checkpoint)
     pending: deque[Future] = deque()
     with (
         ThreadPoolExecutor(1, thread_name_prefix="tinylm-encode") as encoder,
         ThreadPoolExecutor(1, thread_name_prefix="tinylm-write") as writer,
     ):
         try:
-            for batch in batches(pieces(parts, context_free, size), per_batch):
+            for batch in batches(todo, per_batch):
                 encoded = encoder.submit(encode_arrays, tok, [p.text for p in batch])
-                pending.append(writer.submit(_write, batch, encoded, sink))
+                pending.append(writer.submit(_write, batch, encoded, sink, saver))
                 while len(pending) > IN_FLIGHT:
                     pending.popleft().result()
                     on_batch()
@@ -222,6 +256,19 @@ def encode_into(
                 future.cancel()
 
 
-def _write(batch: list[Part], encoded: Future, sink: ShardSink) -> None:
+class _Checkpoints:
+    """Saves the sink's state now and then, from the writer thread, between two batches."""
+
+    def __init__(self, sink: ShardSink, save: Callable[[dict], None] | None) -> None:
+        self.sink, self.save, self.last = sink, save, time.monotonic()
+
+    def after_batch(self) -> None:
+        if self.save is not None and time.monotonic() - self.last >= CHECKPOINT_SECONDS:
+            self.save(self.sink.state_dict())
+            self.last = time.monotonic()
+
+
+def _write(batch: list[Part], encoded: Future, sink: ShardSink, saver: _Checkpoints) -> None:
     for part, ids in zip(batch, encoded.result()):
         sink.add(part, ids)
+    saver.after_batch()

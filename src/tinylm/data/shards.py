@@ -63,6 +63,26 @@ class ShardWriter:
             if self.counts[-1] == self.shard_tokens:
                 self._close_file()
 
+    def flush(self) -> list[int]:
+        """Make what was written durable (fsync); the token count of each shard."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return list(self.counts)
+
+    def restore(self, counts: list[int]) -> None:
+        """Continue after an interruption: the shards as `counts` says (later bytes and shards dropped)."""
+        self._close_file()
+        self.counts = [n for n in counts]
+        for stray in self.directory.glob(f"{self.split}-*.bin"):
+            if int(stray.stem.rsplit("-", 1)[1]) >= len(counts):
+                stray.unlink()
+        if self.counts:
+            last = self.directory / shard_name(self.split, len(self.counts) - 1)
+            os.truncate(last, self.counts[-1] * self.dtype.itemsize)
+            if self.counts[-1] < self.shard_tokens:
+                self._file = open(last, "ab")
+
     def _close_file(self) -> None:
         if self._file is not None:
             self._file.flush()
