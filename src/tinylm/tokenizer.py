@@ -139,8 +139,9 @@ class HFTokenizer:
         self.kind = kind
 
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> HFTokenizer:
-        """Train a GPT-2-style byte-level BPE on the corpus; `<|endoftext|>` is token 0."""
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, progress: bool = False) -> HFTokenizer:
+        """Train a GPT-2-style byte-level BPE on texts (any iterable: it is read once, in batches);
+        `<|endoftext|>` is token 0. `progress` shows the trainer's own bars."""
         from tokenizers import Tokenizer as _Tok
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -155,7 +156,7 @@ class HFTokenizer:
             vocab_size=vocab_size,
             special_tokens=[EOT],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
+            show_progress=progress,
         )
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok, "bpe")

@@ -395,7 +395,8 @@ class Build:
                 if sample["chars"] >= budget:
                     return
 
-        tok = HFTokenizer.train_bpe(texts(), self.cfg.vocab_size)
+        shown = self.progress and sys.stderr.isatty()  # its bars print blank lines into a file or pipe
+        tok = HFTokenizer.train_bpe(texts(), self.cfg.vocab_size, progress=shown)
         if not nonblank.seen:
             raise TinyLMError(f"The input ({', '.join(self.specs)}) is empty: there is no text to train on.")
         self.state["sample"] = sample
