@@ -18,7 +18,7 @@ import tinylm.data.encoding as encoding
 import tinylm.data.sources as sources
 from tinylm.cli import main
 from tinylm.data import ShardedTokens, TokenData, prepare, token_batches
-from tinylm.data.encoding import safe_cut
+from tinylm.data.encoding import next_safe_cut, safe_cut
 from tinylm.data.splits import HeldOut
 from tinylm.errors import TinyLMError
 from tinylm.tokenizer import EOT, HFTokenizer, tokenizer_hash
@@ -74,7 +74,15 @@ def test_safe_cuts_never_change_bpe_tokens(shakespeare_text):
     assert len(cuts) > 40
     for cut in cuts:
         assert tok.encode(text[:cut]) + tok.encode(text[cut:]) == tok.encode(text), cut
+    line = (
+        " ".join(shakespeare_text[:20_000].split()) + "  !x\t'll 12 34"
+    )  # one long line: cuts between words
+    cuts = [c for c in (safe_cut(line, lo, lo + 300) for lo in range(0, len(line), 300)) if c]
+    assert len(cuts) > 50 and all(line[c] == " " for c in cuts)
+    for cut in cuts:
+        assert tok.encode(line[:cut]) + tok.encode(line[cut:]) == tok.encode(line), cut
     assert safe_cut("a\n b\nc", 0, 6) == 5 and safe_cut("a \nb", 0, 4) is None  # spaces next to \n: no cut
+    assert safe_cut("a  b", 0, 4) is None and next_safe_cut("ab\n cd ef", 0) == 6
 
 
 # ----- documents: formats, separators, held-out documents ----------------------------------------

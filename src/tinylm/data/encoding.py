@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -22,45 +23,49 @@ from tinylm.tokenizer import Tokenizer, document_separator, encode_arrays
 
 PIECE_CHARS = 1 << 16  # characters per piece for a context-dependent tokenizer (BPE): many pieces per batch
 CHAR_PIECE_CHARS = 1 << 20  # characters per piece for the character lookup: a whole read of a text file
-HARD_CUT = 16  # a piece with no safe cut point is cut anyway after this many PIECE_CHARS (a huge line)
+HARD_CUT = 16  # a piece with no safe cut in its second half waits for this many PIECE_CHARS of text
 BATCH_CHARS = 16 << 20  # at most this many characters per encoding batch (bounds memory)
 IN_FLIGHT = 2  # batches encoding or queued while the next one is read
 CHECKPOINT_SECONDS = 30.0  # how often the written position is saved for a resume
 
 
 def _safe(text: str, pos: int) -> bool:
-    """Whether the newline at `pos` lies between two non-space characters."""
+    """Whether the newline or space at `pos` lies between two non-space characters."""
     return 0 < pos < len(text) - 1 and not text[pos - 1].isspace() and not text[pos + 1].isspace()
 
 
 def safe_cut(text: str, lo: int, hi: int) -> int | None:
     """The last position in (lo, hi] where `text` can be cut without changing its byte-level BPE tokens:
-    just after a newline that follows a non-space character and precedes one. GPT-2's pre-tokenizer
-    always splits there (a newline between two non-spaces is a word of its own), and it reads no text
-    behind a split, so pieces cut there encode to exactly the tokens of the whole."""
+    just after a newline, or just before a space, that lies between two non-space characters. GPT-2's
+    pre-tokenizer always splits there (such a newline is a word of its own; such a space starts the next
+    word), and it reads no text behind a split, so pieces cut there encode to the tokens of the whole."""
     pos = text.rfind("\n", lo, hi)
     while pos >= lo and pos != -1:
         if _safe(text, pos):
             return pos + 1
         pos = text.rfind("\n", lo, pos)
-    return None
-
-
-def first_safe_cut(text: str, lo: int) -> int | None:
-    """The first safe cut (see safe_cut) after position `lo`."""
-    pos = text.find("\n", lo)
-    while pos != -1:
+    pos = text.rfind(" ", lo, hi)  # a long line: cut between two words
+    while pos > lo and pos != -1:
         if _safe(text, pos):
-            return pos + 1
-        pos = text.find("\n", pos + 1)
+            return pos
+        pos = text.rfind(" ", lo, pos)
     return None
+
+
+_NEXT_SAFE = re.compile(r"(?<=\S)(?:\n(?=\S)|(?= \S))")  # ends where safe_cut may cut
+
+
+def next_safe_cut(text: str, lo: int) -> int | None:
+    """The first position after `lo` where safe_cut may cut."""
+    match = _NEXT_SAFE.search(text, lo + 1)
+    return match.end() if match else None
 
 
 def _cut_point(text: str, start: int, size: int) -> int | None:
     """Where to end a piece of about `size` characters that starts at `start`, or None to wait for more."""
-    cut = safe_cut(text, start + size // 2, start + size) or first_safe_cut(text, start + size)
+    cut = safe_cut(text, start + size // 2, start + size) or next_safe_cut(text, start + size)
     if cut is None and len(text) - start >= HARD_CUT * size:
-        return start + size  # one line longer than HARD_CUT pieces: the only place a cut may change tokens
+        return start + size  # no newline or space between words in HARD_CUT pieces: the one inexact cut
     return cut
 
 
