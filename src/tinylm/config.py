@@ -92,6 +92,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     eval_interval: int = 250  # steps between validation runs (step mode)
     eval_batches: int = 20  # batches per validation estimate during training
+    eval_tokens: int = 0  # > 0: validation token budget per estimate instead (rounded up to whole batches)
     log_interval: int = 10  # steps between metrics.jsonl rows
     save_interval: int = 0  # > 0: also keep a step_N checkpoint every this many steps
     keep_last: int = 0  # > 0: keep only this many step_N / epoch_N checkpoints
@@ -132,6 +133,30 @@ class TrainConfig:
             raise TinyLMError(f"min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1].")
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.save_interval < 0 or self.keep_last < 0:
             raise TinyLMError("warmup_steps, max_grad_norm, save_interval and keep_last cannot be negative.")
+        if self.eval_tokens < 0:
+            raise TinyLMError(f"eval_tokens ({self.eval_tokens}) cannot be negative (0 uses eval_batches).")
+
+
+@dataclass
+class PrepareConfig:
+    """How `tinylm prepare` reads, splits, tokenizes and shards a corpus."""
+
+    tokenizer: str = "char"  # "char" (the corpus's characters), "bpe" (byte-level, trained here) or "gpt2"
+    vocab_size: int = 4096  # BPE vocabulary size
+    val_fraction: float = 0.1  # held out: whole documents (every 10th), or the tail of a single document
+    text_field: str = "text"  # the field of JSONL, Parquet and Hugging Face rows that holds the text
+    tokenizer_sample: int = 100_000_000  # characters the BPE learns from: the first ones of the training text
+    shard_tokens: int = 100_000_000  # tokens per shard file (200 MB of uint16, as modded-nanogpt's shards)
+
+    def __post_init__(self) -> None:
+        _check_choice("tokenizer", self.tokenizer, ("char", "bpe", "gpt2"))
+        if not 0.0 < self.val_fraction < 1.0:
+            raise TinyLMError(f"--val-fraction ({self.val_fraction}) must be between 0 and 1.")
+        for name in ("vocab_size", "tokenizer_sample", "shard_tokens"):
+            if getattr(self, name) <= 0:
+                raise TinyLMError(f"{name} ({getattr(self, name)}) must be a positive integer.")
+        if not self.text_field:
+            raise TinyLMError("--text-field cannot be empty.")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from tinylm.checkpoint import (
 from tinylm.config import TrainConfig, build_configs
 from tinylm.data import Batch, BatchSource, TokenData, token_batches
 from tinylm.errors import TinyLMError
-from tinylm.evaluate import mean_loss
+from tinylm.evaluate import mean_loss, scored_tokens
 from tinylm.history import LossHistory
 from tinylm.model import Transformer
 from tinylm.optim import build_optimizer, lr_at
@@ -229,7 +229,10 @@ class Trainer:
             loss = rt.all_mean(torch.tensor(loss, device=self.rt.device)).item()
         epoch = self.source.epoch_of(self.step)
         self.history.add_val(self.step, epoch, loss)
-        self.run_log.write({"type": "eval", "step": self.step, "epoch": epoch, "val_loss": loss})
+        tokens = scored_tokens(self.val_batches) * self.rt.world_size  # eval_tokens, in whole batches
+        self.run_log.write(
+            {"type": "eval", "step": self.step, "epoch": epoch, "val_loss": loss, "val_tokens": tokens}
+        )
         return loss
 
     def checkpoint(self, val_loss: float, epoch: int | None) -> None:

@@ -12,24 +12,57 @@ from tinylm.errors import TinyLMError
 
 def add_prepare(sub: argparse._SubParsersAction) -> None:
     """`tinylm prepare`."""
-    p = sub.add_parser("prepare", help="tokenize text into train/val shards")
+    from tinylm.config import PrepareConfig
+
+    d = PrepareConfig()
+    p = sub.add_parser(
+        "prepare", help="tokenize text into train/val token shards (streamed: any corpus size)"
+    )
     p.add_argument(
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="text file, directory of .txt, built-in name (shakespeare) or hf:NAME[:CONFIG]",
+        help="text file, .jsonl or .parquet file (each may be .gz/.zst compressed), a folder of them, a glob "
+        "(quoted), a built-in name (shakespeare) or hf:NAME[:CONFIG] (a Hugging Face dataset, streamed)",
     )
     p.add_argument(
-        "--tokenizer", choices=("char", "bpe", "gpt2"), default="char", help="tokenizer kind (default char)"
+        "--tokenizer",
+        choices=("char", "bpe", "gpt2"),
+        default=d.tokenizer,
+        help=f"tokenizer kind (default {d.tokenizer})",
     )
-    p.add_argument("--vocab-size", type=int, default=0, help="BPE vocabulary size (default 4096)")
+    p.add_argument("--vocab-size", type=int, default=0, help=f"BPE vocabulary size (default {d.vocab_size})")
     p.add_argument(
         "--val-fraction",
         type=float,
-        default=0.1,
-        help="last fraction of the text held out for validation (default 0.1)",
+        default=d.val_fraction,
+        help=f"held out for validation (default {d.val_fraction}): whole documents (1 in every 10), the "
+        "last part of a single text file, or a Hugging Face dataset's own validation split",
     )
-    p.add_argument("--out", required=True, help="output data directory")
+    p.add_argument(
+        "--text-field",
+        default=d.text_field,
+        help=f"field of JSONL / Parquet / Hugging Face rows holding the text (default {d.text_field})",
+    )
+    p.add_argument(
+        "--tokenizer-sample",
+        type=int,
+        default=d.tokenizer_sample,
+        help=f"characters of training text the BPE learns from, the first ones (default {d.tokenizer_sample:,})",
+    )
+    p.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=d.shard_tokens,
+        help=f"tokens per shard file (default {d.shard_tokens:,})",
+    )
+    p.add_argument("--out", required=True, help="output data directory (created when complete)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace data already prepared in --out from other inputs or options",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_common(p)
     p.set_defaults(func=cmd_prepare)
 
@@ -37,10 +70,36 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
 def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.data import prepare
 
-    meta = prepare(args.inputs, args.out, args.tokenizer, args.vocab_size, args.val_fraction)
+    meta = prepare(
+        args.inputs,
+        args.out,
+        args.tokenizer,
+        args.vocab_size,
+        args.val_fraction,
+        text_field=args.text_field,
+        tokenizer_sample=args.tokenizer_sample,
+        shard_tokens=args.shard_tokens,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    if meta.get("reused"):
+        print(f"{args.out} already holds these inputs prepared with these options; nothing to do.")
+    for entry in meta.get("inputs", []):
+        files = f"{entry['files']:,} file(s), " if entry["files"] > 1 else ""
+        print(
+            f"Read {entry['input']}: {files}{entry['documents']:,} document(s), {entry['chars']:,} characters"
+        )
+    if "tokenizer_sample" in meta:
+        sample = meta["tokenizer_sample"]
+        print(
+            f"Trained the tokenizer on {sample['chars']:,} characters ({sample['what']}; budget {sample['budget_chars']:,})"
+        )
+    print(f"Split: {meta['split']}")
+    shards = {s: len(meta["shards"][s]) for s in ("train", "val")} if "shards" in meta else {}
     print(
-        f"Wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-        f"({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}"
+        f"Wrote {meta['train_tokens']:,} train tokens ({meta.get('train_documents', 0):,} documents, "
+        f"{shards.get('train', 1)} shard(s)) and {meta['val_tokens']:,} val tokens ({meta.get('val_documents', 0):,} "
+        f"documents) ({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}"
     )
     return {"out": args.out, **meta}
 
@@ -142,6 +201,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", help="evaluate this text file instead")
     p.add_argument("--stride", type=int, help="sliding-window stride (default: non-overlapping windows)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default 16)")
+    p.add_argument(
+        "--max-tokens", type=int, help="score at most this many tokens, the first ones (default: all of them)"
+    )
     add_device(p)
     p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -158,6 +220,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from tinylm.runtime import resolve_device
     from tinylm.tokenizer import tokenizer_hash
 
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise TinyLMError(f"--max-tokens must be at least 1, not {args.max_tokens}.")
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
     if args.text:
         text = read_text_file(Path(args.text))
@@ -190,11 +254,13 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         stride=args.stride,
         chars=chars,
         n_bytes=n_bytes,
+        max_tokens=args.max_tokens,
         progress=not args.no_progress,
     )
+    budget = f" (budget {args.max_tokens:,} of {len(tokens) - 1:,})" if args.max_tokens else ""
     print(
         f"{source}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
-        f"bits/char {result.bits_per_char:.4f}, bits/byte {result.bits_per_byte:.4f} over {result.tokens:,} tokens"
+        f"bits/char {result.bits_per_char:.4f}, bits/byte {result.bits_per_byte:.4f} over {result.tokens:,} tokens{budget}"
     )
     return result.summary()
 
