@@ -411,9 +411,10 @@ def test_serve_retriever_packs_passages_by_the_rule_of_ask(rag_set: Path, tmp_pa
         assert text == render(kept) and len(sources) == len(kept) >= 1
         assert len(CHARS.encode(text)) <= block - answer_reserve(block, new)  # the answer keeps its room
         assert text.startswith("Context:\n") and text.endswith("\n\n" + prompt)
-    assert " ".join(q["passage"].split()) in load_retriever(tmp_path / "index", CHARS, 256).augment(
-        q["question"], prompt, 16
-    )[0]
+    assert (
+        " ".join(q["passage"].split())
+        in load_retriever(tmp_path / "index", CHARS, 256).augment(q["question"], prompt, 16)[0]
+    )
     assert kept[-1] not in [h.text for h in hits]  # at 96 tokens the last passage kept was cut to fit
     assert set(sources[0]) == {"file", "passage", "score"}
     assert retriever.augment("zzzz qqqq", prompt, max_new_tokens=16) == (prompt, [])
