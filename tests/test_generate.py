@@ -477,3 +477,15 @@ def _cut_as_text_grows(text: str, stops: tuple[str, ...]) -> str:
         if cuts:
             return text[: min(cuts)]
     return text
+
+
+def test_top_p_keeps_the_most_likely_token_for_any_positive_p():
+    """A top_p of 5e-324 (found by the server's fuzz test) rounds to 0 in float32: every token was dropped and
+    the probabilities were NaN."""
+    logits = torch.tensor([[0.5, 2.0, -1.0]])
+    assert (filter_top_p(logits, 5e-324) > INF).tolist() == [[False, True, False]]
+    cfg = SampleConfig(top_p=5e-324, seed=0)
+    assert (
+        select_next(logits, cfg, torch.zeros(1, 0, dtype=torch.long), torch.Generator().manual_seed(0)).item()
+        == 1
+    )

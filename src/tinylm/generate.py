@@ -51,7 +51,8 @@ def filter_top_p(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # probability mass strictly before each token
-    drop_sorted = before >= p  # the first token always has before == 0 < p
+    drop_sorted = before >= p
+    drop_sorted[..., 0] = False  # the most likely token stays, even for a p that rounds to 0 in float32
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -310,8 +311,6 @@ def create_app(
     app = FastAPI(title="tinylm", lifespan=lifespan)
     app.state.server = server
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
-    app.add_middleware(AccessLog, metrics=server.metrics)  # outermost: sees every request, 413s included
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -387,7 +386,43 @@ def create_app(
         except EngineDead as exc:
             raise APIError(str(exc), 503, "server_error", code="engine_stopped") from None
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _with_limits(
+                get_openapi(title=app.title, version="1", routes=app.routes), limits
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    routes = frozenset(getattr(r, "path", "") for r in app.routes)
+    app.add_middleware(AccessLog, metrics=server.metrics, routes=routes)  # outermost: sees 413s too
     return app
+
+
+def _with_limits(schema: dict[str, Any], limits: ServeConfig) -> dict[str, Any]:
+    """The OpenAPI schema with this server's limits written into the request bodies (clients and fuzzers see
+    them; the server checks them anyway)."""
+    bounds = {
+        "n": {"maximum": limits.max_n},
+        "max_tokens": {"maximum": limits.max_tokens},
+        "logprobs": {"maximum": limits.max_logprobs},
+        "top_logprobs": {"maximum": limits.max_logprobs},
+        "stop": {"maxItems": limits.max_stop, "maxLength": limits.max_stop_chars},
+    }
+    for model in schema.get("components", {}).get("schemas", {}).values():
+        for name, extra in bounds.items():
+            prop = model.get("properties", {}).get(name)
+            for branch in [prop] if prop and "anyOf" not in prop else (prop or {}).get("anyOf", []):
+                kind = branch.get("type")
+                if kind == "integer":
+                    branch.update({k: v for k, v in extra.items() if k == "maximum"})
+                elif kind == "array":
+                    branch["maxItems"] = extra["maxItems"]
+                    branch.setdefault("items", {})["maxLength"] = extra["maxLength"]
+                elif kind == "string" and "maxLength" in extra:
+                    branch["maxLength"] = extra["maxLength"]
+    return schema
 
 
 async def _respond(

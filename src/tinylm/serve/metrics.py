@@ -72,13 +72,13 @@ class Metrics:
 class AccessLog:
     """ASGI middleware: one log line per HTTP request once its response ends, and the request counter."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Any, metrics: Metrics, routes: frozenset[str] = frozenset()) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes  # routes: paths counted by name
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status, sent = time.perf_counter(), [500], [0]
+        start, status, sent = time.perf_counter(), [499], [0]  # 499: the client left before any response
 
         async def sending(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -89,8 +89,12 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, sending)
+        except BaseException:
+            status[0] = 500 if status[0] == 499 else status[0]
+            raise
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = getattr(scope.get("route"), "path", None)  # set by the router (a 413 never gets there)
+            route = route or (scope["path"] if scope["path"] in self.routes else "unmatched")
             self.metrics.requests.labels(route, str(status[0])).inc()
             client = scope.get("client") or ("-", 0)
             ACCESS_LOG.info(

@@ -6,7 +6,7 @@ here, the limits an operator sets (`tinylm serve --max-tokens-limit`, ...) by th
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,7 +48,7 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] = Field(..., min_length=1)
+    prompt: str | Annotated[list[str], Field(min_length=1)]  # "" starts from the end-of-text token
     logprobs: int | None = Field(None, ge=0)  # alternatives reported per token
     echo: bool = False
 
