@@ -18,7 +18,9 @@ thread's CPU time (`time.thread_time`) inside the model's forward passes against
 gives the share spent outside the model: sampling, bookkeeping, detokenization, events (median of --repeat runs).
 
 With --compare SRC every measurement runs twice, back to back: "before" with PYTHONPATH=SRC (another
-checkout's `src`) and "after" with this checkout's `src`. Rows go to --log as JSON lines.
+checkout's `src`) and "after" with this checkout's `src`; --rounds N repeats the loads, alternating, and
+adds "summary" rows with medians. Each load row also has the server process's own CPU time per token
+(`/proc`), which a shared host's load changes least. Rows go to --log as JSON lines.
 """
 
 from __future__ import annotations
@@ -96,13 +98,13 @@ def variant_env(src: Path) -> dict[str, str]:
 def start_server(run: Path, port: int, max_batch: int, src: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tinylm", "serve", str(run), "--port", str(port)]
     cmd += ["--max-batch", str(max_batch), "--max-queue", "1024", "--model-name", "bench", "--device", "cpu"]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=variant_env(src)
-    )
+    err = tempfile.TemporaryFile("w+")  # the access log: a file, so a full pipe never blocks the server
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=variant_env(src))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
+            err.seek(0)
+            raise RuntimeError(f"server exited: {err.read()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -215,6 +217,15 @@ def count_mismatches(run: Path, records: list[Record], limit: int, rng: random.R
     return bad, len(sample)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
     run: Path, clients: int, max_batch: int, duration: float, prompts: list[str], src: Path, args
 ) -> dict:
@@ -223,9 +234,9 @@ def measure(
     try:
         rng = random.Random(clients * 1000 + max_batch)
         asyncio.run(drive(f"http://127.0.0.1:{port}", clients, min(5.0, duration), prompts, rng))  # warm up
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds(proc.pid)
         records = asyncio.run(drive(f"http://127.0.0.1:{port}", clients, duration, prompts, rng))
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, cpu_seconds(proc.pid) - cpu
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -236,6 +247,8 @@ def measure(
         "load_avg_1m": os.getloadavg()[0],
         **summarize(records, seconds),
     }
+    # the server's own CPU time per token: what the shared host's load changes least
+    row["server_cpu_ms_per_token"] = 1e3 * cpu / max(1, sum(r.tokens for r in records if r.error is None))
     if args.check:
         row["differ_from_alone"], row["checked"] = count_mismatches(run, records, args.check, rng)
     return row
@@ -334,6 +347,41 @@ def profile(src: Path, args) -> dict:
     }
 
 
+def summaries(loads: list[dict]) -> list[dict]:
+    """Per variant and load: medians over the rounds, and the speed-up over one request at a time."""
+    keys = (
+        "tokens_per_s",
+        "requests_per_s",
+        "ttft_p50_ms",
+        "token_latency_p50_ms",
+        "server_cpu_ms_per_token",
+    )
+    groups: dict[tuple, list[dict]] = {}
+    for row in loads:
+        groups.setdefault((row["variant"], row["clients"], row["max_batch"]), []).append(row)
+    out = []
+    for (variant, clients, max_batch), group in groups.items():
+        out.append(
+            {
+                "variant": variant,
+                "kind": "summary",
+                "clients": clients,
+                "max_batch": max_batch,
+                "rounds": len(group),
+                **{f"median_{k}": statistics.median(r[k] for r in group) for k in keys},
+                "tokens_per_s_runs": [round(r["tokens_per_s"], 1) for r in group],
+                "errors": sum(r["errors"] for r in group),
+                "differ_from_alone": sum(r.get("differ_from_alone", 0) for r in group),
+                "checked": sum(r.get("checked", 0) for r in group),
+            }
+        )
+    for row in out:
+        serial = next((s for s in out if s["variant"] == row["variant"] and s["max_batch"] == 1), None)
+        if serial and row["max_batch"] > 1:
+            row["speedup_vs_one_at_a_time"] = row["median_tokens_per_s"] / serial["median_tokens_per_s"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="run directory to serve (default: train cpu-llama briefly)")
@@ -360,6 +408,9 @@ def main() -> None:
     parser.add_argument("--profile-tokens", type=int, default=200, help="tokens per row in the profile")
     parser.add_argument("--repeat", type=int, default=3, help="profile runs per variant (median)")
     parser.add_argument("--no-load", action="store_true", help="only the scheduling profile")
+    parser.add_argument("--no-profile", action="store_true", help="only the load (no scheduling profile)")
+    parser.add_argument("--no-serial", action="store_true", help="skip the one-at-a-time run")
+    parser.add_argument("--rounds", type=int, default=1, help="load measurements per variant (medians)")
     parser.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--log", type=Path, default=ROOT / "benchmarks" / "results.jsonl", help="JSON lines log"
@@ -377,22 +428,19 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or prepare_run(Path(tmp), args.train_steps)
-        for name, src in variants:
+        for name, src in variants if not args.no_profile else []:
             rows.append({"variant": name, "kind": "profile", **profile(src, args)})
         if not args.no_load:
-            for clients in args.clients:
-                for name, src in variants:
-                    row = measure(run, clients, clients, args.duration, prompts, src, args)
-                    rows.append({"variant": name, "kind": "load", **row})
-            serial = {}
-            for name, src in variants:
-                duration = args.serial_duration or args.duration
-                row = measure(run, max(args.clients), 1, duration, prompts, src, args)
-                serial[name] = row["tokens_per_s"]
-                rows.append({"variant": name, "kind": "load", **row})
-            for row in rows:
-                if row["kind"] == "load" and row["max_batch"] > 1:
-                    row["speedup_vs_one_at_a_time"] = row["tokens_per_s"] / serial[row["variant"]]
+            loads = [(c, c) for c in args.clients] + ([] if args.no_serial else [(max(args.clients), 1)])
+            for round_no in range(args.rounds):  # variants alternate, so each sees the same host load
+                for clients, max_batch in loads:
+                    for name, src in variants:
+                        duration = (
+                            args.serial_duration if max_batch == 1 and args.serial_duration else args.duration
+                        )
+                        row = measure(run, clients, max_batch, duration, prompts, src, args)
+                        rows.append({"variant": name, "kind": "load", "round": round_no, **row})
+            rows += summaries([r for r in rows if r["kind"] == "load"])
     meta = {
         "bench": "serve",
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -377,8 +377,9 @@ def alone_model(model, tokenizer, prompt: str, n: int, seed: int, temperature: f
 class _ShoutRetriever:
     """A stand-in for tinylm.rag's retriever: prepends one fixed passage and names it."""
 
-    def augment(self, query: str, prompt: str, budget: int) -> tuple[str, list[dict]]:
-        return "ROMEO. " + prompt, [{"file": "play.txt", "passage": 3, "score": 1.5, "query": query}]
+    def augment(self, query: str, prompt: str, max_new_tokens: int) -> tuple[str, list[dict]]:
+        source = {"file": "play.txt", "passage": 3, "score": 1.5, "query": query, "room": max_new_tokens}
+        return "ROMEO. " + prompt, [source]
 
 
 def test_retrieval_hook_augments_prompts_and_returns_sources(tiny_run: Path) -> None:
@@ -388,14 +389,18 @@ def test_retrieval_hook_augments_prompts_and_returns_sources(tiny_run: Path) -> 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         out = client.completions.create(model="tiny", prompt="Who", max_tokens=6, seed=1)
         assert out.model_extra["sources"] == [
-            {"file": "play.txt", "passage": 3, "score": 1.5, "query": "Who"}
+            {"file": "play.txt", "passage": 3, "score": 1.5, "query": "Who", "room": 6}
         ]
         assert out.choices[0].text == alone(run, "ROMEO. Who", 6, seed=1)
         assert out.usage.prompt_tokens == len("ROMEO. Who")
         chat = client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True
         )
-        assert next(iter(chat)).model_extra["sources"][0]["query"] == "Hi"
+        first = next(iter(chat)).model_extra["sources"][0]
+        assert first["query"] == "Hi" and first["room"] == 4
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}])
+        # no max_tokens: the answer's room is SampleConfig's max_new_tokens, which rag's rule caps at a quarter
+        assert chat.model_extra["sources"][0]["room"] == SampleConfig.max_new_tokens
         plain = client.completions.create(
             model="tiny", prompt="Who", max_tokens=6, seed=1, extra_body={"retrieval": False}
         )
@@ -510,18 +515,23 @@ class _GatedTokenizer:
 
 
 def test_tokenizing_never_blocks_the_event_loop(tiny_run: Path) -> None:
-    """A 50 MB prompt was tokenized on the event loop (5 s with /health blocked); now on a worker thread."""
+    """A 50 MB prompt was tokenized on the event loop (5 s with /health blocked); long prompts now are
+    tokenized on a worker thread, and the prompt limit is checked there."""
+    from tinylm.serve.app import INLINE_CHARS
+
     run = load_run(tiny_run)
     gated = _GatedTokenizer(run.tokenizer)
     server, thread, url = start_server(create_app(replace(run, tokenizer=gated), name="tiny"))
     try:
         with ThreadPoolExecutor(1) as pool:
-            body = {"model": "tiny", "prompt": "SLOW", "max_tokens": 3, "seed": 1}
+            body = {"model": "tiny", "prompt": "SLOW" + "A" * INLINE_CHARS, "max_tokens": 3}
             slow = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=60)
-            assert gated.entered.wait(30), "the slow prompt was never tokenized"
+            assert gated.entered.wait(30), "the long prompt was never tokenized"
             assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"  # answered meanwhile
             gated.release.set()
-            assert slow.result().json()["choices"][0]["text"] == alone(run, "SLOW", 3, seed=1)
+            refused = slow.result()
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+            assert f"{INLINE_CHARS + 4} tokens" in refused.json()["error"]["message"]
     finally:
         gated.release.set()
         server.should_exit = True

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ from tinylm.serve.schemas import AttentionRequest, ChatRequest, CompletionReques
 
 STATIC = Path(__file__).parent / "static"
 POLL_SECONDS = 0.5  # how often a waiting request checks that its client and the engine are still there
+INLINE_CHARS = 2048  # prompts up to this many characters are tokenized on the event loop (microseconds)
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "max_tokens")
 
 
@@ -50,6 +53,59 @@ class Job:
     prompt_tokens: int
     logprobs: int | None = None
     sources: list[dict] = field(default_factory=list)
+
+
+class Inbox:
+    """One request's events on the event loop; awaited with a timeout but without a task per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.items, self.waiter = loop, deque(), None
+
+    def put(self, event: Event) -> None:
+        self.items.append(event)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self, timeout: float) -> Event | None:
+        """The next event, or None when `timeout` seconds pass without one."""
+        if not self.items:
+            self.waiter = waiter = self.loop.create_future()
+            handle = self.loop.call_later(timeout, lambda: waiter.done() or waiter.set_result(None))
+            try:
+                await waiter
+            finally:
+                handle.cancel()
+                self.waiter = None
+        return self.items.popleft() if self.items else None
+
+
+class Mailbox:
+    """Events from the engine thread to one event loop: a single wake-up of the loop per burst of events
+    (one decode step's), not one per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock = loop, threading.Lock()
+        self.pending: list[tuple[Inbox, Event]] = []
+        self.scheduled = False
+
+    def sink(self, inbox: Inbox) -> Callable[[Event], None]:
+        """What the engine calls with each event of the request that reads `inbox` (any thread)."""
+
+        def post(event: Event) -> None:
+            with self.lock:
+                self.pending.append((inbox, event))
+                if self.scheduled:
+                    return
+                self.scheduled = True
+            self.loop.call_soon_threadsafe(self._deliver)
+
+        return post
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for inbox, event in items:
+            inbox.put(event)
 
 
 def _limit(message: str, param: str | None) -> APIError:
@@ -73,6 +129,7 @@ class Server:
         self.created = int(time.time())
         self.cancelled = 0  # requests whose client went away before they finished
         self.metrics = Metrics(engine)
+        self.mailbox: Mailbox | None = None  # made on the event loop by the first request
 
     # ----- checks before any work (on the event loop: cheap) ----------------------------------
     def check_model(self, model: str) -> None:
@@ -178,12 +235,23 @@ class Server:
         prompts = [ids for ids in encoded for _ in range(req.n)]
         return Job(prompts, cfgs * len(encoded), sum(map(len, encoded)), sources=sources)
 
-    def submit(self, job: Job) -> tuple[Ticket, asyncio.Queue]:
-        """Queue the job's sequences; their events arrive on the returned asyncio queue."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731
+    async def prepare_off_loop(
+        self, req: SamplingRequest, texts: list[str], param: str, cfgs: list[SampleConfig], query: str | None
+    ) -> Job:
+        """prepare() on a worker thread, so the event loop keeps serving while long prompts are tokenized
+        or passages retrieved; short prompts without retrieval (microseconds of work) skip the hop."""
+        if self.retriever is None and sum(map(len, texts)) <= INLINE_CHARS:
+            return self.prepare(req, texts, param, cfgs, query)
+        return await asyncio.to_thread(self.prepare, req, texts, param, cfgs, query)
+
+    def submit(self, job: Job) -> tuple[Ticket, Inbox]:
+        """Queue the job's sequences; their events arrive in the returned inbox."""
+        loop = asyncio.get_running_loop()
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = Mailbox(loop)
+        inbox = Inbox(loop)
         try:
-            return self.engine.submit(job.prompts, job.cfgs, sink, job.logprobs), queue
+            return self.engine.submit(job.prompts, job.cfgs, self.mailbox.sink(inbox), job.logprobs), inbox
         except QueueFull as exc:
             raise APIError(str(exc), 429, "rate_limit_error", code="queue_full") from None
         except EngineDead as exc:
@@ -197,7 +265,7 @@ class Server:
 
 
 async def _events(
-    server: Server, ticket: Ticket, queue: asyncio.Queue, n: int, request: Request | None, started: float
+    server: Server, ticket: Ticket, inbox: Inbox, n: int, request: Request | None, started: float
 ) -> AsyncIterator[Event]:
     """Events of all n choices until each has finished; the client going away cancels the rest, and the
     engine stopping ends them with errors (nobody waits for a dead engine)."""
@@ -205,9 +273,8 @@ async def _events(
     metrics = server.metrics
     try:
         while unfinished:
-            try:
-                event = await asyncio.wait_for(queue.get(), timeout=POLL_SECONDS)
-            except asyncio.TimeoutError:  # on Python 3.10 not the builtin TimeoutError
+            event = await inbox.get(POLL_SECONDS)
+            if event is None:  # nothing for a while: is anyone still there?
                 if not server.engine.alive:
                     for i in sorted(unfinished):
                         yield Event(i, finish_reason="error", error=server.engine.dead_message())
@@ -354,7 +421,7 @@ def create_app(
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         server.check(req, len(texts), req.logprobs, "logprobs")
         cfgs = server.sample_configs(req, req.n, ())
-        job = await asyncio.to_thread(server.prepare, req, texts, "prompt", cfgs, None)
+        job = await server.prepare_off_loop(req, texts, "prompt", cfgs, None)
         job.logprobs = req.logprobs
         echo = texts if req.echo else None
         return await _respond(server, job, req, request, chat=False, echo=echo, started=started)
@@ -366,7 +433,7 @@ def create_app(
         cfgs = server.sample_configs(req, req.n, CHAT_STOP)
         prompt = render_chat([m.model_dump() for m in req.messages])
         query = req.messages[-1].content
-        job = await asyncio.to_thread(server.prepare, req, [prompt], "messages", cfgs, query)
+        job = await server.prepare_off_loop(req, [prompt], "messages", cfgs, query)
         job.logprobs = (req.top_logprobs or 0) if req.logprobs else None
         return await _respond(server, job, req, request, chat=True, started=started)
 
@@ -434,19 +501,19 @@ async def _respond(
     echo: list[str] | None = None,
     started: float = 0.0,
 ) -> Any:
-    ticket, queue = server.submit(job)
+    ticket, inbox = server.submit(job)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     head = {"id": rid, "created": int(time.time()), "model": server.name}
     if job.sources:
         head["sources"] = job.sources
     n = len(job.prompts)
     if req.stream:
-        stream = _stream(server, job, req, ticket, queue, head, chat, started)
+        stream = _stream(server, job, req, ticket, inbox, head, chat, started)
         return StreamingResponse(
             stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
     choices = [_Choice(chat) for _ in range(n)]
-    async for event in _events(server, ticket, queue, n, request, started):
+    async for event in _events(server, ticket, inbox, n, request, started):
         if event.error:
             raise server.failure(event)
         choices[event.index].add(event)
@@ -480,7 +547,7 @@ async def _stream(
     job: Job,
     req: SamplingRequest,
     ticket: Ticket,
-    queue: asyncio.Queue,
+    inbox: Inbox,
     head: dict,
     chat: bool,
     started: float,
@@ -499,7 +566,7 @@ async def _stream(
                     "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}],
                 }
             )
-    async for event in _events(server, ticket, queue, n, None, started):
+    async for event in _events(server, ticket, inbox, n, None, started):
         if event.error:
             failure = server.failure(event)
             yield _sse(error_body(failure.message, failure.type, None, failure.code))
