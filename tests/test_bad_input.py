@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,9 @@ ROWS: list[tuple[str, str, str]] = [
     # serve / harness: argument errors only
     ("serve-missing-run", "serve {tmp}/nope", "nope"),
     ("serve-zero-batch", "serve {run} --max-batch 0", "max-batch"),
+    ("serve-zero-limit", "serve {run} --max-n 0", "max-n"),
+    ("serve-port-taken", "serve {run} --port {taken}", "choose another --port"),
+    ("serve-port-out-of-range", "serve {run} --port 70000", "--port"),
     ("harness-missing-run", "harness {tmp}/nope --tasks hellaswag", "nope"),
 ]
 
@@ -219,7 +223,12 @@ def paths(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, char_data: P
     (p["badhf"] / "config.json").write_text("[1, 2", encoding="utf-8")
     p["index"] = tmp / "index"
     build_index([str(p["text"])], p["index"], load_tokenizer(tiny_run / "tokenizer.json"), 16)
+    taken = socket.socket()  # a port something else listens on (tinylm serve must refuse it)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    p["taken"] = taken.getsockname()[1]
     yield p
+    taken.close()
     assert _hashes(tiny_run) == before, "a bad input changed the shared run"
 
 

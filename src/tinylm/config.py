@@ -159,6 +159,12 @@ class PrepareConfig:
             raise TinyLMError("--text-field cannot be empty.")
 
 
+# Sampling ranges whose arithmetic stays finite: logits of any magnitude below 1e33 divided by the smallest
+# temperature and penalty stay below float32's 3.4e38 (a temperature of 1e-40 made them infinite).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MIN_PENALTY, MAX_PENALTY = 1e-2, 100.0
+
+
 @dataclass
 class SampleConfig:
     """How to pick each next token: the one home of every sampling default (API, CLI, apps, server)."""
@@ -178,21 +184,56 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise TinyLMError(f"max_new_tokens ({self.max_new_tokens}) cannot be negative.")
-        if self.do_sample and self.temperature <= 0:
+        if self.do_sample and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
             raise TinyLMError(
-                f"temperature ({self.temperature}) must be > 0 when sampling; use greedy decoding instead."
+                f"temperature ({self.temperature}) must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE} "
+                "when sampling (lower ones overflow the logits); use greedy decoding instead."
             )
         if self.top_k < 0:
             raise TinyLMError(f"top_k ({self.top_k}) cannot be negative (0 turns it off).")
         if not 0.0 < self.top_p <= 1.0:
             raise TinyLMError(f"top_p ({self.top_p}) must be in (0, 1].")
-        if self.repetition_penalty <= 0:
-            raise TinyLMError(f"repetition_penalty ({self.repetition_penalty}) must be > 0.")
+        if not MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY:
+            raise TinyLMError(
+                f"repetition_penalty ({self.repetition_penalty}) must be between {MIN_PENALTY} and {MAX_PENALTY}."
+            )
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample
+
+
+@dataclass
+class ServeConfig:
+    """Scheduling and request limits of `tinylm serve`: the one home of their defaults (server and CLI).
+
+    Each limit is checked before any work on the request; exceeding one is an HTTP 4xx naming it.
+    """
+
+    max_batch: int = 16  # sequences decoded together in one step
+    max_queue: int = 256  # sequences allowed to wait for a row; more get HTTP 429
+    max_body_bytes: int = 1_000_000  # request body size; larger gets HTTP 413 before it is parsed
+    max_prompt_tokens: int = 0  # tokens per prompt; 0 = the model's context (longer prompts keep their end)
+    max_tokens: int = 4096  # largest max_tokens a request may ask for (it may exceed the context)
+    max_n: int = 16  # choices per request
+    max_logprobs: int = 20  # alternatives reported per token
+    max_stop: int = 4  # stop strings per request
+    max_stop_chars: int = 64  # characters per stop string
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            least = 0 if f.name in ("max_queue", "max_prompt_tokens", "max_logprobs", "max_stop") else 1
+            if getattr(self, f.name) < least:
+                raise TinyLMError(
+                    f"{f.name} ({getattr(self, f.name)}) must be at least {least} "
+                    f"(tinylm serve {self.flag(f.name)})."
+                )
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The `tinylm serve` flag that sets field `name`."""
+        return "--max-tokens-limit" if name == "max_tokens" else "--" + name.replace("_", "-")
 
 
 # Each application's own sampling defaults (tinylm complete / story / ask); options a caller gives replace them.
