@@ -8,7 +8,7 @@ import warnings
 from typing import Any
 
 from tinylm.cli import serving
-from tinylm.cli.common import add_common, add_sampling, sample_config, sampling_options
+from tinylm.cli.common import add_sampling, sample_config, sampling_options
 from tinylm.errors import TinyLMError
 
 
@@ -25,12 +25,13 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=("auto", "fp32", "bf16", "fp16"),
         help="cast the weights for decoding; auto: bf16 on GPUs and on CPUs with bf16 units "
-        "(AVX512-BF16/AMX), else fp32",
+        "(AVX512-BF16/AMX), else fp32 (default: the weights as trained)",
     )
     p.add_argument(
         "--quantize",
         choices=("int8",),
-        help="int8 weight-only quantization of the linear layers (per-channel scales) for CPU decoding",
+        help="int8 weight-only quantization of the linear layers (per-channel scales) for CPU decoding "
+        "(default: none)",
     )
     p.add_argument(
         "--compile",
@@ -44,7 +45,6 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "the window each token (RoPE models only)",
     )
     add_sampling(p)
-    add_common(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -119,7 +119,6 @@ def add_apps(sub: argparse._SubParsersAction) -> None:
         if name == "ask":
             serving.add_rag_flags(p)
         add_sampling(p, app=name)
-        add_common(p)
         p.set_defaults(func=cmd_app)
 
 
@@ -146,7 +145,6 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="interactive prompt loop with streamed replies")
     p.add_argument("run_dir", help="run directory")
     add_sampling(p)
-    add_common(p)
     p.set_defaults(func=cmd_chat)
 
 
@@ -228,7 +226,6 @@ def add_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=5, help="generated tokens to show (default 5)")
     p.add_argument("--out", default="attention.png", help="PNG path (default attention.png)")
     p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
-    add_common(p)
     p.set_defaults(func=cmd_attention)
 
 
