@@ -435,7 +435,9 @@ def answer(
     block_size = model.cfg.block_size
     prompt = build_prompt(question, passages, tokenizer, block_size, max_new_tokens)
     sampling.setdefault("do_sample", False)
-    text = first_line(model, tokenizer, prompt, sample_config(None, max_new_tokens=max_new_tokens, **sampling))
+    text = first_line(
+        model, tokenizer, prompt, sample_config(None, max_new_tokens=max_new_tokens, **sampling)
+    )
     used = sum(1 for _ in _kept_passages(prompt))
     return Answer(question, text.strip(), prompt, list(passages)[:used], retrieved=len(passages))
 

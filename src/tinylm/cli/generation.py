@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from typing import Any
@@ -151,71 +152,57 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
 def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
     from dataclasses import replace
 
-    from tinylm.chat import CHAT_STOP, render_chat
+    from tinylm.chat import CHAT_STOP, HELP, ChatSession
     from tinylm.checkpoint import load_run
-    from tinylm.generate import stream
     from tinylm.runtime import resolve_device
 
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
     cfg = sample_config(args)
-    cfg = replace(cfg, stop=CHAT_STOP + cfg.stop)  # a reply ends where the model starts the next user turn
-    settings = {
-        "/temp": ("temperature", float),
-        "/top_k": ("top_k", int),
-        "/top_p": ("top_p", float),
-        "/max": ("max_new_tokens", int),
-    }
-    print(
-        "tinylm chat: type a message; /temp 0.8, /top_k 50, /top_p 0.9, /max 200 change settings; "
-        "/reset forgets the conversation; /quit leaves."
-    )
-    messages: list[dict[str, str]] = []
-    turns = 0
+    # a reply ends where the model starts the next user turn
+    session = ChatSession(replace(cfg, stop=CHAT_STOP + cfg.stop))
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  line editing and history for input()
+    print(f"tinylm chat: {HELP}")
     while True:
         try:
             line = input("> ")
-        except EOFError:
+        except EOFError:  # Ctrl-D
             break
-        word, _, value = line.strip().partition(" ")
-        if word in ("/quit", "/exit"):
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, not the end of the conversation
+            print("\n(Ctrl-D or /quit leaves)")
+            continue
+        if line.strip() in ("/quit", "/exit"):
             break
-        if word == "/reset":
-            messages.clear()
-            print("(conversation cleared)")
-            continue
-        if word in settings:
-            name, kind = settings[word]
-            try:
-                cfg = replace(cfg, **{name: kind(value)})
-                print(f"{name} = {getattr(cfg, name)}")
-            except (ValueError, TinyLMError) as exc:
-                print(f"error: {exc}")
-            continue
-        if not line.strip():
-            continue
-        reply = _chat_turn(run, messages + [{"role": "user", "content": line}], cfg, render_chat, stream)
-        if reply is not None:
-            messages += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
-            turns += 1
+        shown = session.command(line)
+        if shown is not None:
+            print(shown)
+        elif line.strip():
+            reply = _chat_turn(run, session.prompt(line), session.cfg)
+            if reply is not None:
+                session.add(line, reply)
     print()
-    return {"turns": turns}
+    return {"turns": session.turns, "messages": session.messages}
 
 
-def _chat_turn(run: Any, messages: list[dict[str, str]], cfg: Any, render: Any, stream: Any) -> str | None:
-    """Stream the assistant's reply to `messages`; None (after printing the error) when it fails."""
+def _chat_turn(run: Any, prompt: str, cfg: Any) -> str | None:
+    """Stream the reply to `prompt`: all of it, or as far as it got when Ctrl-C stopped it; None on an error."""
+    from tinylm.generate import stream
+
     pieces: list[str] = []
     try:
         with warnings.catch_warnings():  # a long conversation keeps its most recent context, silently
             warnings.simplefilter("ignore")
-            for piece in stream(run.model, run.tokenizer, render(messages), cfg):
+            for piece in stream(run.model, run.tokenizer, prompt, cfg):
                 piece = piece if pieces else piece.lstrip()
                 pieces.append(piece)
                 print(piece, end="", flush=True)
+        print()
+    except KeyboardInterrupt:  # Ctrl-C: stop this reply, keep the conversation
+        print("\n(reply stopped)")
     except TinyLMError as exc:
         print(f"error: {exc}")
         return None
-    print()
-    return "".join(pieces).strip()
+    return "".join(pieces)
 
 
 def add_attention(sub: argparse._SubParsersAction) -> None:
