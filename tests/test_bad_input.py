@@ -111,6 +111,11 @@ ROWS: list[tuple[str, str, str]] = [
     ("serve-missing-run", "serve {tmp}/nope", "nope"),
     ("serve-zero-batch", "serve {run} --max-batch 0", "max-batch"),
     ("harness-missing-run", "harness {tmp}/nope --tasks hellaswag", "nope"),
+    # everyday use (issue 21): a finished run says how to go on; typos get "did you mean"
+    ("train-finished-run-out", "train --data {data} --out {run}", "tinylm train --resume"),
+    ("train-set-key-typo", "train --data {data} --out {new} --set n_layers=2", "Did you mean 'n_layer'?"),
+    ("info-preset-typo", "info --preset cpu-lama", "Did you mean 'cpu-llama'?"),
+    ("chat-missing-run", "chat {tmp}/nope", "nope"),
 ]
 
 

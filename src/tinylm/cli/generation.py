@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from tinylm.cli import serving
@@ -211,7 +212,7 @@ def add_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--prompt", required=True, help="prompt to continue")
     p.add_argument("--tokens", type=int, default=5, help="generated tokens to show (default 5)")
-    p.add_argument("--out", default="attention.png", help="PNG path (default attention.png)")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/attention.png)")
     p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
     p.set_defaults(func=cmd_attention)
 
@@ -223,7 +224,8 @@ def cmd_attention(args: argparse.Namespace) -> dict[str, Any]:
     if args.tokens < 1:
         raise TinyLMError(f"--tokens must be at least 1, not {args.tokens}.")
     run = load_run(args.run_dir, args.checkpoint)
-    path = visualize_generation_attention(run.model, run.tokenizer, args.prompt, args.tokens, args.out)
+    out = args.out or Path(args.run_dir) / "attention.png"
+    path = visualize_generation_attention(run.model, run.tokenizer, args.prompt, args.tokens, out)
     print(f"Saved {path}")
     return {"out": str(path)}
 
