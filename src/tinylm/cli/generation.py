@@ -144,7 +144,11 @@ def cmd_app(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
     """`tinylm chat`."""
-    p = sub.add_parser("chat", help="interactive prompt loop with streamed replies")
+    p = sub.add_parser(
+        "chat",
+        help="interactive prompt loop with streamed replies",
+        description="Chat with a run: Ctrl-C stops a reply and keeps the conversation; Ctrl-D or /quit leaves.",
+    )
     p.add_argument("run_dir", help="run directory")
     add_sampling(p)
     p.set_defaults(func=cmd_chat)
