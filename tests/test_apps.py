@@ -219,17 +219,22 @@ def _first_non_empty_line(text: str) -> str:
     return next((line.strip() for line in text.split("\n") if line.strip()), "")
 
 
+def _newline_prone(model, tokenizer, boost: float) -> None:
+    """Raise the newline's logit: the model then often starts an answer on a new line, as trained ones do."""
+    newline = torch.zeros(tokenizer.vocab_size)
+    newline[tokenizer.encode("\n")[0]] = boost
+    model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + newline)
+
+
 def test_ask_answers_with_the_first_non_empty_line(tiny_run):
     """A model's answer often starts with a newline (the old default stop): skip blank lines, keep the first."""
     run = load_run(tiny_run)
+    _newline_prone(run.model, run.tokenizer, 2.0)
     prompt = apps.QA_PROMPT.format(question="Who art thou?")
-    sampling = dict(max_new_tokens=40, temperature=1.0, top_k=0, seed=0)
     led_by_a_newline = 0
-    for seed in range(30):
-        sampling["seed"] = seed
-        full = generate(run.model, run.tokenizer, prompt, **sampling)[
-            0
-        ].text  # no stop: the whole continuation
+    for seed in range(8):
+        sampling = dict(max_new_tokens=30, temperature=1.0, top_k=0, seed=seed)
+        full = generate(run.model, run.tokenizer, prompt, **sampling)[0].text  # no stop: all of it
         answer = apps.answer_question(run.model, run.tokenizer, "Who art thou?", **sampling)
         assert answer == _first_non_empty_line(full)
         led_by_a_newline += full.startswith("\n") and bool(answer)
@@ -242,11 +247,7 @@ def test_rag_answer_is_the_first_non_empty_line(tiny_run):
     tok = load_run(tiny_run).tokenizer
     torch.manual_seed(0)
     model = Transformer(tiny_config(vocab_size=tok.vocab_size, block_size=128)).eval()  # room for a passage
-    newline = torch.zeros(tok.vocab_size)
-    newline[tok.encode("\n")[0]] = (
-        3.5  # an untrained model that often starts with a blank line, like a trained one
-    )
-    model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + newline)
+    _newline_prone(model, tok, 3.5)  # an untrained model that often starts with a blank line
     passage = Passage("play.txt", 1, "ROMEO: I am here.", 1.0)
     answers, led_by_a_newline = [], 0
     for seed in range(12):

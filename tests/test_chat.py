@@ -138,7 +138,7 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_conversation_ctrl_d_leaves(tiny_ru
     assert summary["turns"] == 2 and [m["role"] for m in messages] == ["user", "assistant"] * 2
     assert messages[0]["content"] == "Who art thou?" and messages[2]["content"] == "And who art thou?"
     kept = messages[1]["content"]  # the stopped reply stays in the conversation, as far as it was shown
-    assert len(kept) >= 30 and kept in " ".join(partial.replace("\r", "").split("\n"))
+    assert len(kept) >= 30 and kept in partial.replace("\r", "")
 
 
 def test_quit_leaves(tiny_run):
