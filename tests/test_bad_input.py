@@ -128,6 +128,11 @@ ROWS: list[tuple[str, str, str]] = [
     ("serve-port-taken", "serve {run} --port {taken}", "choose another --port"),
     ("serve-port-out-of-range", "serve {run} --port 70000", "--port"),
     ("harness-missing-run", "harness {tmp}/nope --tasks hellaswag", "nope"),
+    # everyday use (issue 21): a finished run says how to go on; typos get "did you mean"
+    ("train-finished-run-out", "train --data {data} --out {run}", "tinylm train --resume"),
+    ("train-set-key-typo", "train --data {data} --out {new} --set n_layers=2", "Did you mean 'n_layer'?"),
+    ("info-preset-typo", "info --preset cpu-lama", "Did you mean 'cpu-llama'?"),
+    ("chat-missing-run", "chat {tmp}/nope", "nope"),
 ]
 
 

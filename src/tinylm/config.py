@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, did_you_mean
 
 
 @dataclass
@@ -383,6 +383,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_batches=5,
     ),
 }
+DEFAULT_PRESET = "tiny"  # what `train` and `info` use without --preset: a test-sized model, which they name
 
 
 # The vocabulary each preset is meant for (its tutorial's tokenizer: GPT-2's 50,257 subwords or Tiny
@@ -422,17 +423,20 @@ def field_names(cls: type) -> set[str]:
 
 
 def build_configs(
-    preset: str = "tiny", overrides: dict[str, Any] | None = None, vocab_size: int = 0
+    preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None, vocab_size: int = 0
 ) -> tuple[ModelConfig, TrainConfig]:
     """Model and training configs from a preset, with `overrides` applied to whichever owns each key."""
     if preset not in PRESETS:
-        raise TinyLMError(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+        raise TinyLMError(
+            f"Unknown preset {preset!r}.{did_you_mean(preset, PRESETS)} Choose one of: {', '.join(PRESETS)}."
+        )
     values = {**PRESETS[preset], **(overrides or {})}
-    unknown = set(values) - field_names(ModelConfig) - field_names(TrainConfig)
+    keys = field_names(ModelConfig) | field_names(TrainConfig)
+    unknown = sorted(set(values) - keys)
     if unknown:
         raise TinyLMError(
-            f"Unknown config key(s) {', '.join(sorted(unknown))}; valid keys are "
-            f"{', '.join(sorted(field_names(ModelConfig) | field_names(TrainConfig)))}."
+            f"Unknown config key(s) {', '.join(unknown)}.{did_you_mean(unknown[0], keys)} Valid keys are "
+            f"{', '.join(sorted(keys))}."
         )
     model_kwargs = {k: v for k, v in values.items() if k in field_names(ModelConfig)}
     if vocab_size:
@@ -452,7 +456,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise TinyLMError(f"--set expects key=value, got {pair!r}.")
         if key not in types:
             raise TinyLMError(
-                f"Unknown config key {key!r} in --set; see `tinylm info --preset NAME --json` for keys."
+                f"Unknown config key {key!r} in --set.{did_you_mean(key, types)} "
+                "See `tinylm info --preset NAME --json` for the keys."
             )
         out[key] = _coerce(key, raw.strip(), str(types[key]))
     return out
@@ -494,6 +499,7 @@ __all__ = [
     "APP_SAMPLING",
     "PRESETS",
     "PRESET_VOCAB",
+    "DEFAULT_PRESET",
     "preset_vocab_size",
     "build_configs",
     "finetune_config",

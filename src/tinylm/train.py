@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from tinylm import runtime as rt
 from tinylm.checkpoint import (
+    META,
     CorruptFile,
     RunLog,
     RunRecord,
@@ -437,9 +439,28 @@ def train(
 
 
 def refuse_existing_run(run_dir: Path) -> None:
-    """Never train over a user's run."""
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise TinyLMError(f"{run_dir} already holds a run; resume it with --resume, or choose another --out.")
+    """Never train over a user's run; say how to continue it: resume a stopped run, extend a finished one."""
+    if not ((run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())):
+        return
+    try:
+        meta = json.loads((run_dir / "checkpoints" / "last" / META).read_text())
+        step, total = int(meta["step"]), int(meta["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TinyLMError(
+            f"{run_dir} already holds a run; resume it with --resume, or choose another --out."
+        ) from None
+    if step >= total:
+        longer = (
+            f"--epochs N (N > {meta['epoch']:g})" if meta.get("epoch") else f"--max-steps N (N > {total})"
+        )
+        raise TinyLMError(
+            f"{run_dir} already holds a finished run ({step} of {total} steps); choose another --out, or train it "
+            f"longer with: tinylm train --resume {run_dir} {longer}."
+        )
+    raise TinyLMError(
+        f"{run_dir} holds a run stopped at step {step} of {total}; continue it with: tinylm train --resume "
+        f"{run_dir}, or choose another --out."
+    )
 
 
 __all__ = ["train", "run_training", "Trainer", "TrainResult", "TrainingInterrupted"]
