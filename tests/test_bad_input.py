@@ -111,6 +111,10 @@ ROWS: list[tuple[str, str, str]] = [
     ("serve-missing-run", "serve {tmp}/nope", "nope"),
     ("serve-zero-batch", "serve {run} --max-batch 0", "max-batch"),
     ("harness-missing-run", "harness {tmp}/nope --tasks hellaswag", "nope"),
+    # consolidate (a sharded checkpoint that already has its single file: tests/test_distributed.py)
+    ("consolidate-missing-run", "consolidate {tmp}/nope", "nope"),
+    ("consolidate-missing-checkpoint", "consolidate {run} --checkpoint nope", "nope"),
+    ("consolidate-not-sharded", "consolidate {run}", "not sharded"),
 ]
 
 
