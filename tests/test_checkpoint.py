@@ -83,13 +83,19 @@ def _resume_and_compare(out, reference):
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
-@pytest.mark.parametrize("moment", ["write", "swap", "after"])
-def test_sigkill_during_a_checkpoint_write_leaves_a_resumable_last(char_data, tmp_path, reference, moment):
+@pytest.mark.parametrize(
+    "moment, background",
+    [("write", False), ("swap", False), ("after", False), ("write", True), ("after", True)],
+    ids=["write", "swap", "after", "write-async", "after-async"],
+)
+def test_sigkill_during_a_checkpoint_write_leaves_a_resumable_last(
+    char_data, tmp_path, reference, moment, background
+):
+    """Also with --async-save, where the kill lands in the background writer while training goes on."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-c", CHILD, moment, "6", str(torch.get_num_threads())]
-    proc = subprocess.run(
-        [*cmd, *map(str, _argv(char_data, out))], capture_output=True, text=True, timeout=300
-    )
+    argv = [*_argv(char_data, out), *(["--async-save"] if background else [])]
+    proc = subprocess.run([*cmd, *map(str, argv)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     step = json.loads((checkpoint_dir(out, "last") / "meta.json").read_text())["step"]
     assert step == (6 if moment == "after" else 3)

@@ -104,10 +104,9 @@ class Checkpointer:
     def _save_files(
         self, name: str, state: dict[str, Any], meta: dict[str, Any], after: Callable[[], None] | None
     ) -> None:
-        weights, optim = self.parts.model.state_dict(), self.parts.optimizer.state_dict()
-        if not self.parts.runtime.is_main:
+        if not self.parts.runtime.is_main:  # replicated: rank 0 has it all
             return
-        state["optimizer"] = optim
+        weights, state["optimizer"] = self.parts.model.state_dict(), self.parts.optimizer.state_dict()
 
         def write() -> None:
             files.save_checkpoint(self.run_dir, name, weights, state, meta)

@@ -152,9 +152,8 @@ class Trainer:
             load_start_weights(self.model, init_from, fsdp, renames)
         if adapt is not None or init_from is not None:
             self.log(_trainable_share(self.model))
-        rt.seed_rank(
-            self.cfg.seed, runtime
-        )  # each rank its own dropout stream; rank 0 the single-process one
+        # each rank its own dropout stream from here; rank 0 the single-process one
+        rt.seed_rank(self.cfg.seed, runtime)
         self.model.grad_checkpointing = self.cfg.grad_checkpointing
         self.wrapped = rt.wrap_model(self.model, runtime, fsdp=fsdp, compile=self.cfg.compile)
         self.optimizer = build_optimizer(self.model, self.cfg)
