@@ -194,19 +194,20 @@ else
     else
       memory="peak $peak GB allocated per GPU, over the GPU's $GPU_GB GB" result="**FAIL**"
     fi
-    printf '| sharded init + %s steps, %.2fB params (%s GB of weights + grads + AdamW; one GPU has %s GB), %s processes | %s tok/s | %s | %s |\n' \
-      "$HALF" "$("$PY" -c "print($PARAMS / 1e9)")" "$NEED_GB" "$GPU_GB" "$NPROC" \
+    if [[ $DRY == 1 ]]; then what="$NPROC CPU processes"; else what="$NEED_GB GB of weights + grads + AdamW; one GPU has $GPU_GB GB; $NPROC GPUs"; fi
+    printf '| sharded init + %s steps, %s params (%s) | %s tok/s | %s | %s |\n' \
+      "$HALF" "$("$PY" -c "p = $PARAMS; print(f'{p / 1e9:.2f}B' if p >= 1e9 else f'{p / 1e6:.1f}M')")" "$what" \
       "$(metric "$WORK/big" 'round(sum(r["tokens_per_sec"] for r in rows if r["type"] == "train") / sum(1 for r in rows if r["type"] == "train"))')" \
       "$memory" "$result" >> "$ROWS"
     if (( NPROC >= 4 )) && [[ $DRY == 0 ]]; then  # the model fits on half the GPUs too: reshard through them
       torchrun_n $(( NPROC / 2 )) train --resume "$WORK/big" --stop-after 2 --async-save --no-progress >> "$log" 2>&1 \
-        && resharded="resumed on $(( NPROC / 2 )) GPUs for 2 steps, then" || resharded="**resume on $(( NPROC / 2 )) GPUs failed**,"
+        && resharded=" resumed on $(( NPROC / 2 )) GPUs for 2 steps, then" || resharded=" **resume on $(( NPROC / 2 )) GPUs failed**,"
     else
       resharded=""
     fi
     if torchrun_n "$NPROC" train --resume "$WORK/big" --async-save --no-progress --json >> "$log" 2>&1; then
       size=$(du -sh "$WORK/big/checkpoints/last" | cut -f1)
-      printf '| DCP save at step %s (%s files), %s resumed on %s processes with --async-save to step %s | — | checkpoint %s on disk | %s |\n' \
+      printf '| DCP save at step %s (%s files),%s resumed on %s processes with --async-save to step %s | — | checkpoint %s on disk | %s |\n' \
         "$HALF" "$(ls "$WORK/big/checkpoints/last" | grep -c distcp)" "$resharded" "$NPROC" "$BIG_STEPS" "$size" \
         "$([[ $resharded == *FAIL* || $resharded == *failed* ]] && echo '**FAIL**' || echo ok)" >> "$ROWS"
     else
@@ -224,7 +225,8 @@ else
            --set dropout=0 --set log_interval=1 --set eval_batches=2 --no-progress)
   log="$WORK/reshard.log"
   if torchrun_n "$NPROC" train --data "$WORK/data" "${RESHARD[@]}" --batch-size 4 --fsdp --out "$WORK/straight" > "$log" 2>&1 \
-     && torchrun_n "$NPROC" train --data "$WORK/data" "${RESHARD[@]}" --batch-size 4 --fsdp --out "$WORK/split" --stop-after $(( STEPS2 / 2 )) >> "$log" 2>&1 \
+     && torchrun_n "$NPROC" train --data "$WORK/data" "${RESHARD[@]}" --batch-size 4 --fsdp --out "$WORK/split" --stop-after $(( STEPS2 / 2 )) \
+          --set save_interval=$(( STEPS2 / 2 )) >> "$log" 2>&1 \
      && "$PY" -m tinylm train --resume "$WORK/split" --device "$DEVICE" --no-progress >> "$log" 2>&1; then
     diff=$("$PY" - "$WORK/straight" "$WORK/split" <<'PY'
 import json, sys
@@ -236,9 +238,11 @@ PY
     ok=$("$PY" -c "print('ok' if $diff < $limit else '**FAIL**')")
     printf '| resharding: %s stopped at step %s on %s processes (DCP), resumed on 1 | — | loss curve within %.1e of the run left alone (limit %s) | %s |\n' \
       "$PRESET" $(( STEPS2 / 2 )) "$NPROC" "$diff" "$limit" "$ok" >> "$ROWS"
-    if "$PY" -m tinylm consolidate "$WORK/split" --checkpoint best > /dev/null 2>> "$log" \
-       && "$PY" -m tinylm generate "$WORK/split" --checkpoint best --prompt "ROMEO:" --max-new-tokens 20 --device "$DEVICE" --no-progress > /dev/null 2>> "$log"; then
-      echo "| consolidate + generate on a checkpoint $NPROC processes wrote | — | one model.safetensors, generate loads it | ok |" >> "$ROWS"
+    SHARDED=$(printf 'step_%07d' $(( STEPS2 / 2 )))  # written by the NPROC processes, never again
+    if "$PY" -m tinylm generate "$WORK/split" --checkpoint "$SHARDED" --prompt "ROMEO:" --max-new-tokens 20 --device "$DEVICE" --no-progress > /dev/null 2>> "$log" \
+       && "$PY" -m tinylm consolidate "$WORK/split" --checkpoint "$SHARDED" > /dev/null 2>> "$log" \
+       && "$PY" -m tinylm generate "$WORK/split" --checkpoint "$SHARDED" --prompt "ROMEO:" --max-new-tokens 20 --device "$DEVICE" --no-progress > /dev/null 2>> "$log"; then
+      echo "| generate, consolidate, generate on a checkpoint $NPROC processes wrote | — | shards read directly, then one model.safetensors | ok |" >> "$ROWS"
     else
       printf '| consolidate + generate | — | failed: %s | **FAIL** |\n' "$(tail -n 1 "$log" | tr '|' '/')" >> "$ROWS"
     fi
