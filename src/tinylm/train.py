@@ -381,14 +381,16 @@ def _refuse_non_finite(loss: float, step: int, run_dir: Path) -> None:
 
 
 # ----- entry points -----------------------------------------------------------------------------
-def fit_warmup(cfg: TrainConfig, total_steps: int) -> TrainConfig:
-    """A warmup as long as the run would never reach the peak lr: use a tenth of the run instead."""
+def fit_warmup(cfg: TrainConfig, total_steps: int, warn: bool = True) -> TrainConfig:
+    """A warmup as long as the run would never reach the peak lr: use a tenth of the run instead (and say so
+    when `warn`: once per run, not per rank)."""
     if cfg.warmup_steps < total_steps:
         return cfg
     warmup = max(1, total_steps // 10)
-    warnings.warn(
-        f"warmup_steps ({cfg.warmup_steps}) is not shorter than the run ({total_steps} steps); using {warmup}."
-    )
+    if warn:
+        warnings.warn(
+            f"warmup_steps ({cfg.warmup_steps}) is not shorter than the run ({total_steps} steps); using {warmup}."
+        )
     return replace(cfg, warmup_steps=warmup)
 
 
@@ -428,10 +430,7 @@ def run_training(
             if keep_global_batch:
                 record = _keep_global_batch(record, _saved_world_size(ckpt), runtime)
         source, val_batches = batches_for(record, runtime)
-        with warnings.catch_warnings():
-            if not runtime.is_main:  # one warning per run, not per rank
-                warnings.simplefilter("ignore")
-            record = replace(record, train=fit_warmup(record.train, source.total_steps))
+        record = replace(record, train=fit_warmup(record.train, source.total_steps, warn=runtime.is_main))
         share = eval_share(source, record.train)
         if share > EVAL_SHARE_WARNING and runtime.is_main:
             warnings.warn(
