@@ -133,6 +133,10 @@ ROWS: list[tuple[str, str, str]] = [
     ("train-set-key-typo", "train --data {data} --out {new} --set n_layers=2", "Did you mean 'n_layer'?"),
     ("info-preset-typo", "info --preset cpu-lama", "Did you mean 'cpu-llama'?"),
     ("chat-missing-run", "chat {tmp}/nope", "nope"),
+    # consolidate (a sharded checkpoint that already has its single file: tests/test_distributed.py)
+    ("consolidate-missing-run", "consolidate {tmp}/nope", "nope"),
+    ("consolidate-missing-checkpoint", "consolidate {run} --checkpoint nope", "nope"),
+    ("consolidate-not-sharded", "consolidate {run}", "not sharded"),
 ]
 
 

@@ -101,7 +101,8 @@ class TrainConfig:
     dtype: str = "auto"  # "auto", "fp32", "bf16" or "fp16" (mixed precision)
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
-    fsdp: bool = False  # shard with FSDP2 under torchrun instead of DDP
+    fsdp: bool = False  # shard with FSDP2 under torchrun instead of DDP (and checkpoint each rank's shards)
+    async_save: bool = False  # write checkpoints in the background while training continues
     tensorboard: bool = False  # also log metrics to RUN_DIR/tensorboard
     wandb: bool = False  # also log metrics to Weights & Biases
 

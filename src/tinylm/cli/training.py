@@ -1,4 +1,4 @@
-"""Data and training commands: prepare, train, eval, info, plot, finetune, merge."""
+"""Data and training commands: prepare, train, consolidate, eval, info, plot, finetune, merge."""
 
 from __future__ import annotations
 
@@ -145,7 +145,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument(
-        "--fsdp", action="store_true", help="with torchrun: shard the model with FSDP2 instead of DDP"
+        "--fsdp",
+        action="store_true",
+        help="with torchrun: shard the model, optimizer and checkpoints with FSDP2 and DCP instead of DDP",
+    )
+    p.add_argument(
+        "--async-save",
+        action="store_true",
+        help="write checkpoints in the background while training continues",
     )
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (RUN_DIR/tensorboard)")
     p.add_argument(
@@ -187,7 +194,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         overrides.setdefault("max_steps", 0)
     if args.max_steps:
         overrides.setdefault("epochs", 0)
-    for flag in ("compile", "grad_checkpointing", "fsdp", "tensorboard", "wandb"):
+    for flag in ("compile", "grad_checkpointing", "fsdp", "async_save", "tensorboard", "wandb"):
         if getattr(args, flag):
             overrides[flag] = True
     preset = args.preset or DEFAULT_PRESET
@@ -456,10 +463,32 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": str(out)}
 
 
+def add_consolidate(sub: argparse._SubParsersAction) -> None:
+    """`tinylm consolidate`."""
+    p = sub.add_parser("consolidate", help="turn a sharded (FSDP) checkpoint into one model.safetensors")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
+    p.add_argument(
+        "--out",
+        help="file to write (default: model.safetensors inside the checkpoint, where generate, "
+        "export and serve read it)",
+    )
+    p.set_defaults(func=cmd_consolidate)
+
+
+def cmd_consolidate(args: argparse.Namespace) -> dict[str, Any]:
+    from tinylm.checkpoint import consolidate
+
+    out = consolidate(args.run_dir, args.checkpoint, args.out)
+    print(f"Wrote {out}")
+    return {"out": str(out)}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this family's commands."""
     add_prepare(sub)
     add_train(sub)
+    add_consolidate(sub)
     add_eval(sub)
     add_info(sub)
     add_plot(sub)
