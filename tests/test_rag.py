@@ -177,8 +177,11 @@ def set_run(rag_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tmp / "template.txt").write_text(
         RAG_TEMPLATE.format(context=NO_CONTEXT, question="Who?")
     )  # its characters
+    (tmp / "qa_train.txt").write_text(
+        (rag_set / "qa_train.jsonl").read_text()
+    )  # the questions' characters, as text
     prepare(
-        [str(rag_set / "docs"), str(rag_set / "qa_train.jsonl"), str(tmp / "template.txt")],
+        [str(rag_set / "docs"), str(tmp / "qa_train.txt"), str(tmp / "template.txt")],
         tmp / "data",
         "char",
     )

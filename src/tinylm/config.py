@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, did_you_mean
 
 
 @dataclass
@@ -92,6 +92,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     eval_interval: int = 250  # steps between validation runs (step mode)
     eval_batches: int = 20  # batches per validation estimate during training
+    eval_tokens: int = 0  # > 0: validation token budget per estimate instead (rounded up to whole batches)
     log_interval: int = 10  # steps between metrics.jsonl rows
     save_interval: int = 0  # > 0: also keep a step_N checkpoint every this many steps
     keep_last: int = 0  # > 0: keep only this many step_N / epoch_N checkpoints
@@ -100,7 +101,8 @@ class TrainConfig:
     dtype: str = "auto"  # "auto", "fp32", "bf16" or "fp16" (mixed precision)
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
-    fsdp: bool = False  # shard with FSDP2 under torchrun instead of DDP
+    fsdp: bool = False  # shard with FSDP2 under torchrun instead of DDP (and checkpoint each rank's shards)
+    async_save: bool = False  # write checkpoints in the background while training continues
     tensorboard: bool = False  # also log metrics to RUN_DIR/tensorboard
     wandb: bool = False  # also log metrics to Weights & Biases
 
@@ -132,6 +134,30 @@ class TrainConfig:
             raise TinyLMError(f"min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1].")
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.save_interval < 0 or self.keep_last < 0:
             raise TinyLMError("warmup_steps, max_grad_norm, save_interval and keep_last cannot be negative.")
+        if self.eval_tokens < 0:
+            raise TinyLMError(f"eval_tokens ({self.eval_tokens}) cannot be negative (0 uses eval_batches).")
+
+
+@dataclass
+class PrepareConfig:
+    """How `tinylm prepare` reads, splits, tokenizes and shards a corpus."""
+
+    tokenizer: str = "char"  # "char" (the corpus's characters), "bpe" (byte-level, trained here) or "gpt2"
+    vocab_size: int = 4096  # BPE vocabulary size
+    val_fraction: float = 0.1  # held out: whole documents (every 10th), or the tail of a single document
+    text_field: str = "text"  # the field of JSONL, Parquet and Hugging Face rows that holds the text
+    tokenizer_sample: int = 100_000_000  # characters the BPE learns from: the first ones of the training text
+    shard_tokens: int = 100_000_000  # tokens per shard file (200 MB of uint16, as modded-nanogpt's shards)
+
+    def __post_init__(self) -> None:
+        _check_choice("tokenizer", self.tokenizer, ("char", "bpe", "gpt2"))
+        if not 0.0 < self.val_fraction < 1.0:
+            raise TinyLMError(f"--val-fraction ({self.val_fraction}) must be between 0 and 1.")
+        for name in ("vocab_size", "tokenizer_sample", "shard_tokens"):
+            if getattr(self, name) <= 0:
+                raise TinyLMError(f"{name} ({getattr(self, name)}) must be a positive integer.")
+        if not self.text_field:
+            raise TinyLMError("--text-field cannot be empty.")
 
 
 # Sampling ranges whose arithmetic stays finite: logits of any magnitude below 1e33 divided by the smallest
@@ -358,6 +384,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_batches=5,
     ),
 }
+DEFAULT_PRESET = "tiny"  # what `train` and `info` use without --preset: a test-sized model, which they name
 
 
 # The vocabulary each preset is meant for (its tutorial's tokenizer: GPT-2's 50,257 subwords or Tiny
@@ -397,17 +424,20 @@ def field_names(cls: type) -> set[str]:
 
 
 def build_configs(
-    preset: str = "tiny", overrides: dict[str, Any] | None = None, vocab_size: int = 0
+    preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None, vocab_size: int = 0
 ) -> tuple[ModelConfig, TrainConfig]:
     """Model and training configs from a preset, with `overrides` applied to whichever owns each key."""
     if preset not in PRESETS:
-        raise TinyLMError(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+        raise TinyLMError(
+            f"Unknown preset {preset!r}.{did_you_mean(preset, PRESETS)} Choose one of: {', '.join(PRESETS)}."
+        )
     values = {**PRESETS[preset], **(overrides or {})}
-    unknown = set(values) - field_names(ModelConfig) - field_names(TrainConfig)
+    keys = field_names(ModelConfig) | field_names(TrainConfig)
+    unknown = sorted(set(values) - keys)
     if unknown:
         raise TinyLMError(
-            f"Unknown config key(s) {', '.join(sorted(unknown))}; valid keys are "
-            f"{', '.join(sorted(field_names(ModelConfig) | field_names(TrainConfig)))}."
+            f"Unknown config key(s) {', '.join(unknown)}.{did_you_mean(unknown[0], keys)} Valid keys are "
+            f"{', '.join(sorted(keys))}."
         )
     model_kwargs = {k: v for k, v in values.items() if k in field_names(ModelConfig)}
     if vocab_size:
@@ -427,7 +457,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise TinyLMError(f"--set expects key=value, got {pair!r}.")
         if key not in types:
             raise TinyLMError(
-                f"Unknown config key {key!r} in --set; see `tinylm info --preset NAME --json` for keys."
+                f"Unknown config key {key!r} in --set.{did_you_mean(key, types)} "
+                "See `tinylm info --preset NAME --json` for the keys."
             )
         out[key] = _coerce(key, raw.strip(), str(types[key]))
     return out
@@ -469,6 +500,7 @@ __all__ = [
     "APP_SAMPLING",
     "PRESETS",
     "PRESET_VOCAB",
+    "DEFAULT_PRESET",
     "preset_vocab_size",
     "build_configs",
     "finetune_config",

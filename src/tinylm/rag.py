@@ -435,8 +435,9 @@ def answer(
 ) -> Answer:
     """Retrieve k passages (or use `passages`), optionally re-rank them (by `rerank_model`, a model with the
     same tokenizer, else `model`) and keep the best `keep`, build the prompt and generate the answer line
-    (greedy by default)."""
-    from tinylm.generate import generate
+    (greedy by default): the first non-empty line the model writes."""
+    from tinylm.apps import first_line
+    from tinylm.config import sample_config
 
     if not question.strip():
         raise TinyLMError("The question is empty; ask something.")
@@ -450,8 +451,9 @@ def answer(
     block_size = model.cfg.block_size
     prompt = build_prompt(question, passages, tokenizer, block_size, max_new_tokens)
     sampling.setdefault("do_sample", False)
-    sampling.setdefault("stop", ("\n",))
-    text = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, **sampling)[0].text
+    text = first_line(
+        model, tokenizer, prompt, sample_config(None, max_new_tokens=max_new_tokens, **sampling)
+    )
     used = sum(1 for _ in _kept_passages(prompt))
     return Answer(question, text.strip(), prompt, list(passages)[:used], retrieved=len(passages))
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tinylm.cli.common import add_common, add_device, sampling_options
+from tinylm.cli.common import add_device, sampling_options
 from tinylm.errors import TinyLMError
 
 
@@ -54,7 +54,6 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         )
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request to stderr")
     p.add_argument("--index", help="retrieval index (tinylm index --out) to add passages to prompts")
-    add_common(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -94,7 +93,6 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=3, help="passages meant to fit one prompt (default 3)")
     p.add_argument("--k1", type=float, default=1.5, help="BM25 term-frequency saturation (default 1.5)")
     p.add_argument("--b", type=float, default=0.75, help="BM25 length normalization (default 0.75)")
-    add_common(p)
     p.set_defaults(func=cmd_index)
 
 
