@@ -683,6 +683,15 @@ def test_a_stop_string_partly_matched_at_end_of_text_keeps_its_text(
         assert out.choices[0].text == " my lord.E" and out.choices[0].finish_reason == "stop"
         streamed = list(client.completions.create(**ask, stream=True))
         assert "".join(c.choices[0].text for c in streamed) == " my lord.E"
+        # a lone surrogate (no character; the BPE tokenizer raised TypeError: a 500) is a 400 naming it
+        for route, body in (
+            ("completions", {"prompt": "A\ud800"}),
+            ("chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}),
+        ):
+            raw = json.dumps({"model": "chain", **body})  # ASCII: the surrogate travels as "\\ud800"
+            r = httpx.post(f"{url}/v1/{route}", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_characters", r.text
+            assert "surrogate" in r.json()["error"]["message"]
     finally:
         server.should_exit = True
         thread.join(timeout=30)
