@@ -172,7 +172,7 @@ def test_eval_tokens_sets_the_validation_budget(char_data, tmp_path):
     assert len(val) == 8 and sum(x.numel() for x, _ in val) == 1024  # whole batches: ceil(1000 / 128)
     _, val = token_batches(data, 32, TrainConfig(batch_size=4, eval_batches=3))
     assert len(val) == 3
-    with pytest.warns(UserWarning, match=r"Validation \(3 batches, eval_tokens=300\)"):  # the batches it costs
+    with pytest.warns(UserWarning, match=r"Validation \(3 batches, eval_tokens=300\)"):
         train(
             char_data,
             tmp_path / "run",

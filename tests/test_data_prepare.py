@@ -325,6 +325,19 @@ def test_cli_prints_what_it_read_and_the_split(tmp_path, capsys):
     assert "27 documents" in out and "3 documents" in out
 
 
+def test_progress_shows_documents_tokens_and_throughput(tmp_path, capsys, shakespeare_text):
+    """Plain lines (stderr is no terminal): the bar ends at the input's size; a .gz (size unknown) prints
+    lines of the text read; both end with documents, tokens and MB/s."""
+    (tmp_path / "s.txt").write_text(shakespeare_text[:200_500], encoding="utf-8")
+    (tmp_path / "s.txt.gz").write_bytes(gzip.compress((tmp_path / "s.txt").read_bytes()))
+    for name in ("s.txt", "s.txt.gz"):
+        prepare([str(tmp_path / name)], tmp_path / f"d-{name}", "char", progress=True)
+        last = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Tokenizing")][-1]
+        assert "docs " in last and "tokens 200,500" in last and "MB_s " in last, last
+        if name == "s.txt":
+            assert "201/201 (100%)" in last, last  # kB: the last, partial one included
+
+
 def test_characters_cut_by_a_read_are_whole(tmp_path, monkeypatch):
     import hashlib
 
