@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -123,7 +124,19 @@ ROWS: list[tuple[str, str, str]] = [
     # serve / harness: argument errors only
     ("serve-missing-run", "serve {tmp}/nope", "nope"),
     ("serve-zero-batch", "serve {run} --max-batch 0", "max-batch"),
+    ("serve-zero-limit", "serve {run} --max-n 0", "max-n"),
+    ("serve-port-taken", "serve {run} --port {taken}", "choose another --port"),
+    ("serve-port-out-of-range", "serve {run} --port 70000", "--port"),
     ("harness-missing-run", "harness {tmp}/nope --tasks hellaswag", "nope"),
+    # everyday use (issue 21): a finished run says how to go on; typos get "did you mean"
+    ("train-finished-run-out", "train --data {data} --out {run}", "tinylm train --resume"),
+    ("train-set-key-typo", "train --data {data} --out {new} --set n_layers=2", "Did you mean 'n_layer'?"),
+    ("info-preset-typo", "info --preset cpu-lama", "Did you mean 'cpu-llama'?"),
+    ("chat-missing-run", "chat {tmp}/nope", "nope"),
+    # consolidate (a sharded checkpoint that already has its single file: tests/test_distributed.py)
+    ("consolidate-missing-run", "consolidate {tmp}/nope", "nope"),
+    ("consolidate-missing-checkpoint", "consolidate {run} --checkpoint nope", "nope"),
+    ("consolidate-not-sharded", "consolidate {run}", "not sharded"),
 ]
 
 
@@ -219,7 +232,12 @@ def paths(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, char_data: P
     (p["badhf"] / "config.json").write_text("[1, 2", encoding="utf-8")
     p["index"] = tmp / "index"
     build_index([str(p["text"])], p["index"], load_tokenizer(tiny_run / "tokenizer.json"), 16)
+    taken = socket.socket()  # a port something else listens on (tinylm serve must refuse it)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    p["taken"] = taken.getsockname()[1]
     yield p
+    taken.close()
     assert _hashes(tiny_run) == before, "a bad input changed the shared run"
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -17,6 +20,7 @@ from tinylm.model.layers import (
     CausalSelfAttention,
     KVCache,
     MoE,
+    RMSNorm,
     Rope,
     make_norm,
     parameters_with_role,
@@ -78,17 +82,18 @@ class Transformer(nn.Module):
             inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta)
             self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.grad_checkpointing = False  # switched on from outside by the trainer
-        self.reset_parameters()
+        if self.tok_emb.weight.device.type != "meta":  # on meta (sharded training) the trainer initialises
+            self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """N(0, 0.02) weights, zero biases; weights marked RESIDUAL_OUT get 0.02 / sqrt(2 * n_layer) (GPT-2)."""
-        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
-        residual = {id(p) for p in parameters_with_role(self, RESIDUAL_OUT)}
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif p.dim() >= 2:
-                nn.init.normal_(p, mean=0.0, std=residual_std if id(p) in residual else 0.02)
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Every parameter by `init_rules`, drawn per (seed, name) (seed None: one draw from torch's generator)."""
+        init_parameters(self, int(torch.randint(0, 2**62, ())) if seed is None else seed)
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (RoPE frequencies), e.g. after `to_empty`."""
+        if self.cfg.position == "rope":
+            freqs = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta)
+            self.rope_inv_freq = freqs.to(self.rope_inv_freq.device)
 
     def forward(
         self,
@@ -173,6 +178,85 @@ class Transformer(nn.Module):
             held = (key, self.make_caches(batch, rolling=rolling))
             self.__dict__["_decode_caches"] = held  # a plain attribute: not part of the module tree
         return held[1]
+
+
+# ----- initialisation: the rules, and draws that any shard can make alone --------------------------
+INIT_BLOCK = 1 << 20  # elements per independently seeded block of draws
+
+
+@dataclass(frozen=True)
+class Init:
+    """How a parameter starts: N(0, std) draws if std > 0, else U(-bound, bound) if bound > 0, else all `value`."""
+
+    std: float = 0.0
+    bound: float = 0.0
+    value: float = 0.0
+
+
+def mark_init(module: nn.Module, init: Init, param: str = "weight") -> nn.Module:
+    """Give `module`'s own parameter `param` its own start (e.g. LoRA's zero B), overriding the defaults."""
+    module.param_inits = {**getattr(module, "param_inits", {}), param: init}
+    return module
+
+
+def init_rules(model: Transformer) -> dict[str, Init]:
+    """The initialisation of every parameter, by name (the one place these rules live): a start a module
+    marked with `mark_init`; else zero biases, unit norm weights, and N(0, 0.02) matrices, embeddings and
+    experts, with weights marked RESIDUAL_OUT at 0.02 / sqrt(2 * n_layer) (GPT-2)."""
+    residual_std = 0.02 / math.sqrt(2 * model.cfg.n_layer)
+    residual = {id(p) for p in parameters_with_role(model, RESIDUAL_OUT)}
+    rules = {}
+    for name, p in model.named_parameters():
+        path, _, own = name.rpartition(".")
+        owner = model.get_submodule(path)
+        if own in getattr(owner, "param_inits", {}):
+            rules[name] = owner.param_inits[own]
+        elif own == "bias":
+            rules[name] = Init(value=0.0)
+        elif isinstance(owner, (nn.LayerNorm, RMSNorm)):
+            rules[name] = Init(value=1.0)
+        elif p.dim() >= 2:
+            rules[name] = Init(std=residual_std if id(p) in residual else 0.02)
+        else:
+            raise TinyLMError(f"No initialisation rule for parameter {name}; add one in init_rules.")
+    return rules
+
+
+def init_values(init: Init, numel: int, start: int, stop: int, key: str) -> torch.Tensor:
+    """Elements [start, stop) of a parameter's flattened initial values (float32, CPU). Draws come in
+    blocks of INIT_BLOCK elements, each from a generator seeded by (key, block), so a shard is drawn
+    without the rest and every shard agrees with the whole."""
+    if init.std <= 0 and init.bound <= 0:
+        return torch.full((stop - start,), init.value)
+    out = torch.empty(stop - start)
+    for block in range(start // INIT_BLOCK, (stop - 1) // INIT_BLOCK + 1):
+        lo, hi = block * INIT_BLOCK, min(numel, (block + 1) * INIT_BLOCK)
+        digest = hashlib.blake2b(f"{key}/{block}".encode(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        values = torch.empty(hi - lo)
+        if init.std > 0:
+            values.normal_(0.0, init.std, generator=gen)
+        else:
+            values.uniform_(-init.bound, init.bound, generator=gen)
+        a, b = max(start, lo), min(stop, hi)
+        out[a - start : b - start] = values[a - lo : b - lo]
+    return out
+
+
+Local = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def init_parameters(model: Transformer, seed: int, local: Local | None = None) -> None:
+    """Set every parameter to its initial values for `seed`: the same numbers on any device and under any
+    sharding. `local(p)` gives the part of p this process holds and its offset in p's flattened elements
+    (default: all of p)."""
+    rules = init_rules(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            part, offset = local(p) if local is not None else (p, 0)
+            if part.numel():
+                values = init_values(rules[name], p.numel(), offset, offset + part.numel(), f"{seed}/{name}")
+                part.copy_(values.view(part.shape))
 
 
 def parameter_summary(model: nn.Module) -> dict:
