@@ -42,7 +42,7 @@ def test_resume_is_exact(char_data, tmp_path):
         train(out=tmp_path / "two", resume=True, progress=False)
     with pytest.raises(TinyLMError, match="different model config"):
         train(out=tmp_path / "two", resume=True, overrides={"n_layer": 3, "max_steps": 50}, progress=False)
-    with pytest.raises(TinyLMError, match="already holds a run"):
+    with pytest.raises(TinyLMError, match="already holds a finished run \\(40 of 40 steps\\)"):
         train(char_data, tmp_path / "two", "tiny", overrides, progress=False)
 
 
