@@ -172,13 +172,14 @@ def test_eval_tokens_sets_the_validation_budget(char_data, tmp_path):
     assert len(val) == 8 and sum(x.numel() for x, _ in val) == 1024  # whole batches: ceil(1000 / 128)
     _, val = token_batches(data, 32, TrainConfig(batch_size=4, eval_batches=3))
     assert len(val) == 3
-    train(
-        char_data,
-        tmp_path / "run",
-        "tiny",
-        {"max_steps": 2, "eval_tokens": 300, "batch_size": 4},
-        progress=False,
-    )
+    with pytest.warns(UserWarning, match=r"Validation \(3 batches, eval_tokens=300\)"):
+        train(
+            char_data,
+            tmp_path / "run",
+            "tiny",
+            {"max_steps": 2, "eval_tokens": 300, "batch_size": 4},
+            progress=False,
+        )
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["type"] == "eval"]
-    assert evals and all(r["val_tokens"] == 3 * 4 * 32 for r in evals)
+    assert evals and all(r["val_tokens"] == 3 * 4 * 32 and r["eval_tokens"] == 300 for r in evals)

@@ -254,6 +254,37 @@ def test_existing_output_is_reused_refused_or_replaced(tmp_path, shakespeare_sli
         prepare([str(shakespeare_slice)], tmp_path / "other", "char")
 
 
+def test_an_interrupted_prepare_with_other_options_is_discarded_not_mixed(
+    tmp_path, monkeypatch, shakespeare_slice
+):
+    """A staging folder left by an interrupt: the same command resumes from it; other options start clean."""
+    import tinylm.data.build as build
+
+    out, staging = tmp_path / "d", tmp_path / ".d.partial"
+
+    def interrupted(self, staging, meta):
+        raise KeyboardInterrupt  # after every shard is written, before the rename
+
+    def interrupt(out: Path) -> None:
+        with monkeypatch.context() as m:
+            m.setattr(build.Destination, "commit", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                prepare([str(shakespeare_slice)], out, "char", val_fraction=0.2)
+        assert not out.exists() and (out.parent / f".{out.name}.partial" / "prepare-state.json").is_file()
+
+    monkeypatch.setattr(encoding, "CHECKPOINT_SECONDS", 0.0)  # save the position after every batch
+    interrupt(tmp_path / "same")
+    same = prepare([str(shakespeare_slice)], tmp_path / "same", "char", val_fraction=0.2)
+    assert same["resumed"] and same["resumed_tokens"] == 100_000 and same["val_tokens"] == 20_000
+    interrupt(out)
+    other = prepare([str(shakespeare_slice)], out, "char")  # val_fraction 0.1: other work
+    assert not other["resumed"] and other["resumed_tokens"] == 0 and not staging.exists()
+    prepare([str(shakespeare_slice)], tmp_path / "clean", "char")
+    for name in ("train-00000.bin", "val-00000.bin", "tokenizer.json"):
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert TokenData(out).meta["val_tokens"] == 10_000
+
+
 PREPARE_CLI = """
 import sys
 import tinylm.data.encoding as encoding
@@ -323,6 +354,19 @@ def test_cli_prints_what_it_read_and_the_split(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"Read {folder}: 30 document(s)" in out and "1 in every 10 held out" in out
     assert "27 documents" in out and "3 documents" in out
+
+
+def test_progress_shows_documents_tokens_and_throughput(tmp_path, capsys, shakespeare_text):
+    """Plain lines (stderr is no terminal): the bar ends at the input's size; a .gz (size unknown) prints
+    lines of the text read; both end with documents, tokens and MB/s."""
+    (tmp_path / "s.txt").write_text(shakespeare_text[:200_500], encoding="utf-8")
+    (tmp_path / "s.txt.gz").write_bytes(gzip.compress((tmp_path / "s.txt").read_bytes()))
+    for name in ("s.txt", "s.txt.gz"):
+        prepare([str(tmp_path / name)], tmp_path / f"d-{name}", "char", progress=True)
+        last = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Tokenizing")][-1]
+        assert "docs " in last and "tokens 200,500" in last and "MB_s " in last, last
+        if name == "s.txt":
+            assert "201/201 (100%)" in last, last  # kB: the last, partial one included
 
 
 def test_characters_cut_by_a_read_are_whole(tmp_path, monkeypatch):

@@ -280,9 +280,10 @@ class Trainer:
         epoch = self.source.epoch_of(self.step)
         self.history.add_val(self.step, epoch, loss)
         tokens = scored_tokens(self.val_batches) * self.rt.world_size  # eval_tokens, in whole batches
-        self.run_log.write(
-            {"type": "eval", "step": self.step, "epoch": epoch, "val_loss": loss, "val_tokens": tokens}
-        )
+        row = {"type": "eval", "step": self.step, "epoch": epoch, "val_loss": loss, "val_tokens": tokens}
+        if self.cfg.eval_tokens > 0:
+            row["eval_tokens"] = self.cfg.eval_tokens  # the budget, beside the tokens it scored
+        self.run_log.write(row)
         return loss
 
     def checkpoint(self, val_loss: float, epoch: int | None) -> None:
@@ -402,10 +403,12 @@ def fit_warmup(cfg: TrainConfig, total_steps: int, warn: bool = True) -> TrainCo
     return replace(cfg, warmup_steps=warmup)
 
 
-def eval_share(source: BatchSource, cfg: TrainConfig) -> float:
-    """Validation forward passes as a fraction of training compute (a forward + backward ~ 3 forwards)."""
+def eval_share(source: BatchSource, cfg: TrainConfig, n_batches: int | None = None) -> float:
+    """Validation forward passes as a fraction of training compute (a forward + backward ~ 3 forwards);
+    n_batches: validation batches per estimate (default eval_batches; eval_tokens may set another count)."""
     evals = sum(1 for s in range(1, source.total_steps + 1) if source.evaluates_at(s, cfg.eval_interval))
-    return evals * cfg.eval_batches / (3 * source.total_steps * cfg.grad_accum)
+    n = cfg.eval_batches if n_batches is None else n_batches
+    return evals * n / (3 * source.total_steps * cfg.grad_accum)
 
 
 def run_training(
@@ -439,11 +442,12 @@ def run_training(
                 record = _keep_global_batch(record, _saved_world_size(ckpt), runtime)
         source, val_batches = batches_for(record, runtime)
         record = replace(record, train=fit_warmup(record.train, source.total_steps, warn=runtime.is_main))
-        share = eval_share(source, record.train)
+        share = eval_share(source, record.train, len(val_batches))
         if share > EVAL_SHARE_WARNING and runtime.is_main:
+            knob = "eval_tokens" if record.train.eval_tokens > 0 else "eval_batches"
             warnings.warn(
-                f"Validation (eval_batches={record.train.eval_batches}) will take about {100 * share:.0f}% of the "
-                "training time; lower eval_batches or raise eval_interval to spend less."
+                f"Validation ({len(val_batches)} batches, {knob}={getattr(record.train, knob)}) will take about "
+                f"{100 * share:.0f}% of the training time; lower {knob} or raise eval_interval to spend less."
             )
         try:
             trainer = Trainer(

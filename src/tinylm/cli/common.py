@@ -52,13 +52,15 @@ def version_line() -> str:
 
 
 NAMES = {"learned": "learned positions", "rope": "RoPE", "layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
-NAMES |= {"gelu": "GELU", "swiglu": "SwiGLU"}
+NAMES |= {"gelu": "GELU", "swiglu": "SwiGLU", "relu2": "ReLU²"}
 
 
 def describe_model(cfg: Any) -> str:
     """One line for a ModelConfig, e.g. "LLaMA-style (RoPE, RMSNorm, SwiGLU), 4 layers x 128, 4 heads, context 64"."""
     style = "LLaMA-style" if cfg.position == "rope" else "GPT-style"
-    parts = ", ".join(NAMES[v] for v in (cfg.position, cfg.norm, cfg.mlp))
+    parts = ", ".join(NAMES[v] for v in (cfg.position, cfg.norm, cfg.mlp)) + (
+        ", QK-norm" if cfg.qk_norm else ""
+    )
     moe = f", {cfg.n_expert} experts (top-{cfg.n_expert_active})" if cfg.n_expert else ""
     return f"{style} ({parts}), {cfg.n_layer} layers x {cfg.n_embd}, {cfg.n_head} heads, context {cfg.block_size}{moe}"
 

@@ -205,7 +205,7 @@ class Bar:
             print(f"{self.desc}: {text_bytes // self.unit:,}, {extra}", file=sys.stderr, flush=True)
             return
         self.bar.set_postfix(refresh=False, **values)
-        step = text_bytes // self.unit - self.shown
+        step = (self.bar.total if final else text_bytes // self.unit) - self.shown  # the last unit is partial
         self.bar.update(max(step, 0))
         self.shown += max(step, 0)
 
