@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import FLAVOURS, tiny_config
+from tinylm.errors import TinyLMError
 from tinylm.model import Transformer, cache_rows
 from tinylm.model.layers import MoE, RMSNorm, apply_rope, load_balancing_loss, rope_tables
 
@@ -219,3 +220,19 @@ def test_moe_training_forward_has_no_host_sync(monkeypatch):
     (logits.logsumexp(-1).mean() + aux).backward()
     monkeypatch.undo()
     assert model.blocks[0].ff.w1.grad.abs().sum() > 0
+
+
+def test_a_rolling_chunk_given_tensor_positions_is_refused_too():
+    """test_generate's refused rolling chunk, given tensor positions (the batched and compiled decoders' path)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(position="rope", block_size=32)).eval()
+    caches = model.make_caches(1, rolling=True)
+    x = torch.randint(0, model.cfg.vocab_size, (1, 40))
+    with torch.no_grad():
+        model(x[:, :10], caches=caches, pos=torch.arange(0, 10))
+        inside = model(x[:, 10:20], caches=caches, pos=torch.arange(10, 20))  # still inside the cache: fine
+        torch.testing.assert_close(inside, model(x[:, :20])[:, 10:], atol=1e-5, rtol=1e-5)
+        with pytest.raises(TinyLMError, match="does not fit a rolling KV cache of 32"):
+            model(x[:, 20:40], caches=caches, pos=torch.arange(20, 40))
+        with pytest.raises(TinyLMError, match="does not fit a rolling KV cache of 32"):
+            model(x[:, 20:40], caches=caches, pos=torch.arange(20, 40).expand(1, 20))  # per-row positions

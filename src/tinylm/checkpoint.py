@@ -115,13 +115,24 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Load safetensors weights into model; only tied tensors may be absent from the file."""
     state = load_state_dict_file(path)
     result = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings", False) else set()
-    missing = set(result.missing_keys) - tied
+    missing = set(result.missing_keys) - _aliases(model)
     if missing or result.unexpected_keys:
         raise TinyLMError(
             f"Checkpoint {path} does not fit this model (missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(result.unexpected_keys)[:5]})."
         )
+
+
+def _aliases(model: nn.Module) -> set[str]:
+    """State-dict names of tensors that are an earlier name's tensor (tied weights, also when LoRA wraps
+    the tied head as lm_head.base.weight): save_state_dict keeps only the first of each."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            aliases.add(name)
+        seen.add(id(t))
+    return aliases
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -215,7 +215,11 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out else Path(f"{Path(run_dir).as_posix().rstrip('/')}-merged")
     if (out / "config.json").is_file():
         raise TinyLMError(f"{out} already holds a run; choose another --out.")
-    record = replace(run.record, lora=None, merged_from=str(Path(run_dir).resolve()))
+    model_cfg = run.record.model
+    if model_cfg.tie_embeddings and model.lm_head.weight is not model.tok_emb.weight:
+        # an adapter on the tied head changed the output projection only: the merged model has its own head
+        model_cfg = replace(model_cfg, tie_embeddings=False)
+    record = replace(run.record, model=model_cfg, lora=None, merged_from=str(Path(run_dir).resolve()))
     record.write(out, run.tokenizer)
     save_checkpoint(out, "last", model.state_dict(), None, {**run.meta, "merged": True})
     return out

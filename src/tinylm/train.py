@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import time
@@ -33,7 +34,7 @@ from tinylm.checkpointer import Checkpointer, TrainingParts, load_start_weights,
 from tinylm.config import TrainConfig, build_configs
 from tinylm.data import Batch, BatchSource, TokenData, token_batches
 from tinylm.errors import TinyLMError
-from tinylm.evaluate import mean_loss
+from tinylm.evaluate import mean_loss, scored_tokens
 from tinylm.history import LossHistory
 from tinylm.model import Transformer
 from tinylm.model.transformer import init_parameters
@@ -274,7 +275,10 @@ class Trainer:
             loss = rt.all_mean(torch.tensor(loss, device=self.rt.device)).item()
         epoch = self.source.epoch_of(self.step)
         self.history.add_val(self.step, epoch, loss)
-        self.run_log.write({"type": "eval", "step": self.step, "epoch": epoch, "val_loss": loss})
+        tokens = scored_tokens(self.val_batches) * self.rt.world_size  # eval_tokens, in whole batches
+        self.run_log.write(
+            {"type": "eval", "step": self.step, "epoch": epoch, "val_loss": loss, "val_tokens": tokens}
+        )
         return loss
 
     def checkpoint(self, val_loss: float, epoch: int | None) -> None:
@@ -556,9 +560,28 @@ def train(
 
 
 def refuse_existing_run(run_dir: Path) -> None:
-    """Never train over a user's run."""
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise TinyLMError(f"{run_dir} already holds a run; resume it with --resume, or choose another --out.")
+    """Never train over a user's run; say how to continue it: resume a stopped run, extend a finished one."""
+    if not ((run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())):
+        return
+    try:
+        meta = json.loads((run_dir / "checkpoints" / "last" / META).read_text())
+        step, total = int(meta["step"]), int(meta["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TinyLMError(
+            f"{run_dir} already holds a run; resume it with --resume, or choose another --out."
+        ) from None
+    if step >= total:
+        longer = (
+            f"--epochs N (N > {meta['epoch']:g})" if meta.get("epoch") else f"--max-steps N (N > {total})"
+        )
+        raise TinyLMError(
+            f"{run_dir} already holds a finished run ({step} of {total} steps); choose another --out, or train it "
+            f"longer with: tinylm train --resume {run_dir} {longer}."
+        )
+    raise TinyLMError(
+        f"{run_dir} holds a run stopped at step {step} of {total}; continue it with: tinylm train --resume "
+        f"{run_dir}, or choose another --out."
+    )
 
 
 __all__ = ["train", "run_training", "build_model", "Trainer", "TrainResult", "TrainingInterrupted"]

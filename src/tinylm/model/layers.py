@@ -141,6 +141,13 @@ class KVCache(nn.Module):
         if isinstance(positions, int):
             return self._write_prefix(positions, k, v)
         B, H, T, D = k.shape
+        if (
+            self.rolling and T > 1 and int(positions.max()) >= self.max_len
+        ):  # one sync per chunk, not per token
+            raise TinyLMError(
+                f"A chunk of {T} tokens reaching position {int(positions.max())} does not fit a rolling KV cache "
+                f"of {self.max_len} in one step; feed the tokens past position {self.max_len - 1} one at a time."
+            )
         slots = positions % self.max_len if self.rolling else positions
         if positions.dim() == 1:  # shared by every row: an index_put that inductor does in place
             self.k[:, :, slots] = k.to(self.k.dtype)
