@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from tinylm.config import APP_SAMPLING, SampleConfig, sample_config
-from tinylm.generate import RowText, _eot, encode_prompt, generate, generate_tokens
+from tinylm.generate import RowText, encode_prompt, end_of_text, generate, generate_tokens
 from tinylm.tokenizer import Tokenizer
 
 STORY_PROMPT = "Write a short story about {theme}. Once upon a time,"
@@ -44,7 +44,8 @@ def first_line(model: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SampleC
     idx = torch.tensor(
         [encode_prompt(tokenizer, prompt, model.cfg.block_size)], device=next(model.parameters()).device
     )
-    row = RowText(tokenizer, (), _eot(tokenizer))  # no stop strings here: they apply after the blank lines
+    # no stop strings here: they apply after the blank lines
+    row = RowText(tokenizer, (), end_of_text(tokenizer))
     text = ""
     for nxt in generate_tokens(model, idx, cfg):
         text += row.push(int(nxt[0]))
