@@ -13,6 +13,9 @@ from tinylm.config import ModelConfig
 # No network in tests: Hugging Face libraries read these once, at import, so set them before any import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# A fixed thread count for every tinylm process the tests start (runs compared bit for bit must not each
+# pick their own from the machine's load); tests/test_threads.py unsets it to test tinylm's own choice.
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, os.cpu_count() or 1))))
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("TINYLM_DATA_DIR", ROOT.parent / "shared" / "datasets"))
@@ -74,6 +77,18 @@ FLAVOURS = {
     "gpt-moe": {**GPT, "n_expert": 4, "n_expert_active": 2},
     "llama-moe": {**LLAMA, "n_expert": 4, "n_expert_active": 2},
     "llama-gqa": {**LLAMA, "n_kv_head": 2},
+    # issue 22's speedrun options, all on (zero_init aside: it only changes the initial weights), 3 layers so
+    # the U-net skip joins two different blocks and one layer has no value embedding
+    "speedrun": {
+        **LLAMA,
+        "n_layer": 3,
+        "mlp": "relu2",
+        "qk_norm": True,
+        "value_embeds": 1,
+        "embed_skip": True,
+        "unet_skips": True,
+        "logit_softcap": 15.0,
+    },  # fmt: skip
 }
 
 

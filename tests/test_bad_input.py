@@ -137,6 +137,17 @@ ROWS: list[tuple[str, str, str]] = [
     ("consolidate-missing-run", "consolidate {tmp}/nope", "nope"),
     ("consolidate-missing-checkpoint", "consolidate {run} --checkpoint nope", "nope"),
     ("consolidate-not-sharded", "consolidate {run}", "not sharded"),
+    # issue 22: threads and the speedrun options
+    ("train-zero-threads", "train --data {data} --out {new} --threads 0", "--threads must be at least 1"),
+    ("eval-negative-threads", "eval {run} --threads -2", "--threads must be at least 1"),
+    ("train-too-many-value-embeds", "train --data {data} --out {new} --set value_embeds=9", "value_embeds"),
+    ("train-ramp-without-steps", "train --data {data} --out {new} --set block_size_start=8", "ramp_steps"),
+    ("export-hf-speedrun-model", "export {speedrun} --out {new}", "not exportable"),
+    (
+        "export-gguf-speedrun-model",
+        "export {speedrun} --format gguf --out {new}.gguf",
+        "cannot be written to gguf",
+    ),
 ]
 
 
@@ -209,6 +220,12 @@ def paths(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, char_data: P
     }.items():
         p[name] = tmp / f"{name}.jsonl"
         p[name].write_text(body, encoding="utf-8")
+    # a run whose model uses a speedrun option (QK-norm: no weights of its own) that no exporter computes
+    p["speedrun"] = tmp / "speedrun"
+    shutil.copytree(tiny_run, p["speedrun"])
+    record = json.loads((p["speedrun"] / "config.json").read_text(encoding="utf-8"))
+    record["model"]["qk_norm"] = True
+    (p["speedrun"] / "config.json").write_text(json.dumps(record), encoding="utf-8")
     # corrupt copies of the run
     for name in ("trunc", "badconfig", "badmeta", "badstate"):
         p[name] = tmp / name

@@ -70,3 +70,39 @@ def test_validation_messages():
     with pytest.raises(TinyLMError, match="top_k"):
         SampleConfig(top_k=-1)
     SampleConfig(temperature=0.0, do_sample=False)  # greedy needs no temperature
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"value_embeds": 3}, r"value_embeds \(3\) must be between 0 and n_layer \(2\)"),
+        ({"logit_softcap": -1.0}, "logit_softcap"),
+        ({"mlp": "relu"}, "mlp must be one of gelu, swiglu, relu2"),
+        ({"orthogonalizer": "svd"}, "orthogonalizer must be one of"),
+        ({"orthogonalizer": "polar-express", "ns_steps": 6}, "published"),
+        ({"ns_steps": 0}, "ns_steps"),
+        ({"normuon_beta2": 1.0}, "normuon_beta2"),
+        (
+            {"batch_size_start": 9, "ramp_steps": 10},
+            r"batch_size_start \(9\) must be between 0 \(off\) and batch_size \(8\)",
+        ),
+        (
+            {"block_size_start": 64, "ramp_steps": 10},
+            r"block_size_start \(64\) must be between 0 \(off\) and block_size \(32\)",
+        ),
+        ({"block_size_start": 16}, "ramp_steps > 0"),
+    ],
+)
+def test_speedrun_options_are_validated(values, message):
+    with pytest.raises(TinyLMError, match=message):
+        build_configs("tiny", values, vocab_size=65)
+
+
+def test_speedrun_options_are_off_by_default_and_listed_when_on():
+    for name in PRESETS:
+        model_cfg, train_cfg = build_configs(name, vocab_size=65)
+        assert train_cfg.batch_size_start == train_cfg.block_size_start == 0
+        if name != "cpu-speedrun":
+            assert model_cfg.extras() == [] and train_cfg.orthogonalizer == "newton-schulz"
+    m, _ = build_configs("tiny", parse_overrides(["qk_norm=true", "value_embeds=1", "logit_softcap=15"]))
+    assert m.extras() == ["qk_norm", "value_embeds=1", "logit_softcap=15.0"]

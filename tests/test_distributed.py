@@ -73,30 +73,45 @@ EXACT = ["--preset", "tiny", "--max-steps", 6, "--eval-interval", 3, "--set", "e
 EXACT += ["--set", "dropout=0.2", "--batch-size", 4, "--grad-accum", 2, "--device", "cpu", "--no-progress"]
 
 
+# issue 22's speedrun options (model and ramps; NorMuon / Polar Express where Muon runs, i.e. not under FSDP)
+SPEEDRUN = (
+    "mlp=relu2 qk_norm=true zero_init=true value_embeds=1 embed_skip=true unet_skips=true logit_softcap=15"
+)
+SPEEDRUN += " tie_embeddings=false batch_size_start=2 block_size_start=8 ramp_steps=5"
+MUON = "optimizer=muon orthogonalizer=polar-express normuon=true"
+
+
+def _mode_args(mode: str) -> list:
+    """EXACT's arguments for a mode: ddp or fsdp, optionally with every speedrun option (-speedrun)."""
+    args = [*EXACT, *(["--fsdp"] if mode.startswith("fsdp") else [])]
+    if mode.endswith("speedrun"):
+        extra = SPEEDRUN if mode.startswith("fsdp") else f"{SPEEDRUN} {MUON}"
+        args += [arg for pair in extra.split() for arg in ("--set", pair)]
+    return args
+
+
 @pytest.fixture(scope="module")
 def straight(char_data, tmp_path_factory):
-    """The 2-process run left alone, per mode (DDP, FSDP2), trained once."""
+    """The 2-process run left alone, per mode (`_mode_args`), trained once."""
     runs = {}
 
     def get(mode):
         if mode not in runs:
             out = tmp_path_factory.mktemp("straight") / mode
-            _torchrun(
-                "train", "--data", char_data, *EXACT, *(["--fsdp"] if mode == "fsdp" else []), "--out", out
-            )
+            _torchrun("train", "--data", char_data, *_mode_args(mode), "--out", out)
             runs[mode] = out
         return runs[mode]
 
     return get
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-speedrun", "fsdp-speedrun"])
 def test_multi_process_resume_is_bitwise_and_ranks_draw_their_own_dropout(
     char_data, tmp_path, straight, mode
 ):
-    train = ["train", "--data", char_data, *EXACT, *(["--fsdp"] if mode == "fsdp" else [])]
+    train = ["train", "--data", char_data, *_mode_args(mode)]
     _torchrun(*train, "--out", tmp_path / "split", "--stop-after", 4)  # stops between evaluations
-    assert is_sharded(tmp_path / "split" / "checkpoints" / "last") == (mode == "fsdp")
+    assert is_sharded(tmp_path / "split" / "checkpoints" / "last") == mode.startswith("fsdp")
     state = torch.load(tmp_path / "split" / "checkpoints" / "last" / "state.pt", weights_only=True)
     _torchrun("train", "--resume", tmp_path / "split", "--device", "cpu", "--no-progress")
     _assert_equal(_weights(straight(mode)), _weights(tmp_path / "split"))

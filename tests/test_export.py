@@ -48,6 +48,7 @@ CASES = {
     "llama": FLAVOURS["llama"],
     "llama-gqa-tied": {**FLAVOURS["llama-gqa"], "tie_embeddings": True},
     "mixtral": FLAVOURS["llama-moe"],
+    "qwen3-gqa": {**FLAVOURS["llama-gqa"], "qk_norm": True},  # LLaMA + QK-norm (issue 22)
 }
 
 
@@ -57,7 +58,12 @@ def test_export_parity_logits_and_greedy(case, bpe, tmp_path):
     out = export_hf(run_dir, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    expected = {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
+    expected = {
+        "gpt": "GPT2LMHeadModel",
+        "llama": "LlamaForCausalLM",
+        "mixtral": "MixtralForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+    }
     assert type(hf).__name__ == expected[case.split("-")[0]]
     run = load_run(run_dir)
     idx = torch.randint(0, bpe.vocab_size, (3, 40))
@@ -82,7 +88,7 @@ def test_char_tokenizer_exports(tmp_path, shakespeare_text):
     assert tok.decode(chars.encode(text)) == text
 
 
-@pytest.mark.parametrize("case", ["gpt", "llama-gqa-tied", "mixtral"])
+@pytest.mark.parametrize("case", ["gpt", "llama-gqa-tied", "mixtral", "qwen3-gqa"])
 def test_import_round_trip(case, bpe, tmp_path):
     run_dir = _make_run(tmp_path / "run", bpe, **CASES[case])
     back = load_run(import_hf(export_hf(run_dir, tmp_path / "hf"), tmp_path / "imported"))
@@ -108,6 +114,18 @@ def test_unexportable_and_unimportable(tmp_path, bpe):
     run_dir = _make_run(tmp_path / "run", bpe, position="rope", norm="layernorm", mlp="gelu")
     with pytest.raises(TinyLMError, match="not exportable"):
         export_hf(run_dir, tmp_path / "hf")
+    speedrun = {k: v for k, v in FLAVOURS["speedrun"].items() if k != "n_layer"}
+    speedrun = _make_run(tmp_path / "speedrun", bpe, **speedrun)
+    with pytest.raises(TinyLMError, match="uses mlp=relu2, qk_norm, embed_skip, unet_skips, value_embeds=1"):
+        export_hf(speedrun, tmp_path / "hf2")
+    qwen3 = export_hf(_make_run(tmp_path / "qwen3", bpe, **CASES["qwen3-gqa"]), tmp_path / "hf3")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(qwen3 / "model.safetensors")
+    weights["model.layers.1.self_attn.k_norm.weight"] *= 2  # a trained Qwen3 norm: tinylm has no such weight
+    save_file(weights, qwen3 / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(TinyLMError, match="trained query/key norm weights"):
+        import_hf(qwen3, tmp_path / "back")
     config = transformers.BertConfig(
         vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
     )

@@ -80,6 +80,7 @@ CASES = {
     "llama-gqa": FLAVOURS["llama-gqa"],
     "llama-moe": FLAVOURS["llama-moe"],
     "llama-tied-bias": {**FLAVOURS["llama"], "tie_embeddings": True, "bias": True},
+    "qwen3-gqa": {**FLAVOURS["llama-gqa"], "qk_norm": True},  # llama.cpp's qwen3: LLaMA + QK-norm (issue 22)
 }
 
 

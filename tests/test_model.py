@@ -236,3 +236,154 @@ def test_a_rolling_chunk_given_tensor_positions_is_refused_too():
             model(x[:, 20:40], caches=caches, pos=torch.arange(20, 40))
         with pytest.raises(TinyLMError, match="does not fit a rolling KV cache of 32"):
             model(x[:, 20:40], caches=caches, pos=torch.arange(20, 40).expand(1, 20))  # per-row positions
+
+
+# ----- issue 22's speedrun options, each against a naive formula --------------------------------------
+def _with_weights_of(cfg_a, cfg_b):
+    """Two models, of configs a and b, with every weight they share equal (b's extra parameters as built)."""
+    torch.manual_seed(0)
+    a, b = Transformer(cfg_a).eval(), Transformer(cfg_b).eval()
+    b.load_state_dict(a.state_dict(), strict=False)
+    return a, b
+
+
+def test_relu2_mlp_matches_naive_formula():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(mlp="relu2")).eval()
+    ff, x = model.blocks[0].ff, torch.randn(2, 5, 32)
+    naive = torch.clamp(x @ ff.fc.weight.T + ff.fc.bias, min=0) ** 2 @ ff.proj.weight.T + ff.proj.bias
+    torch.testing.assert_close(ff(x)[0], naive)
+    assert ff.fc.weight.shape == (128, 32)  # 4 x n_embd, as GELU's
+
+
+def test_relu2_moe_experts_match_naive_formula():
+    torch.manual_seed(0)
+    moe = MoE(tiny_config(mlp="relu2", n_expert=4, n_expert_active=2))
+    for p in (moe.w1, moe.w2):
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(6, 32)
+    torch.testing.assert_close(moe.expert_forward(1, x), torch.relu(x @ moe.w1[1]) ** 2 @ moe.w2[1])
+    y, _ = moe(x[None])
+    torch.testing.assert_close(y[0], naive_moe(moe, x), atol=1e-5, rtol=1e-4)
+
+
+def _naive_attention(attn, x, rope=None, ve=None):
+    """Softmax attention written out: projections, QK-norm, value mix, RoPE, causal softmax, output."""
+    B, T, C = x.shape
+    H, hd = attn.n_head, attn.head_dim
+    q = (x @ attn.wq.weight.T).view(B, T, H, hd).transpose(1, 2)
+    k = (x @ attn.wk.weight.T).view(B, T, H, hd).transpose(1, 2)
+    v = (x @ attn.wv.weight.T).view(B, T, H, hd).transpose(1, 2)
+    if attn.qk_norm_eps is not None:
+        q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + attn.qk_norm_eps)
+        k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + attn.qk_norm_eps)
+    if ve is not None:
+        v = attn.value_mix[0] * v + attn.value_mix[1] * ve.view(B, T, H, hd).transpose(1, 2)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+    return y @ attn.wo.weight.T
+
+
+def test_qk_norm_and_value_embedding_match_naive_attention():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS["speedrun"])).eval()
+    attn = model.blocks[0].attn
+    attn.value_mix.data = torch.tensor([0.7, -1.3])
+    x, ve = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    rope = model.rope(torch.arange(9))
+    torch.testing.assert_close(attn(x, rope, ve=ve), _naive_attention(attn, x, rope, ve), **CLOSE)
+    q = attn.wq(x).view(2, 9, 4, 8)  # QK-norm bounds every query to norm sqrt(head_dim)
+    assert not torch.allclose(q.norm(dim=-1), torch.full((2, 9, 4), 8**0.5))
+
+
+def test_value_embedding_tables_go_to_the_first_and_last_layers():
+    from tinylm.model.transformer import value_table
+
+    cfg = tiny_config(n_layer=6, value_embeds=2)
+    assert [value_table(i, cfg) for i in range(6)] == [0, 1, None, None, 0, 1]
+    model = Transformer(cfg)
+    assert len(model.value_embeds) == 2
+    assert [b.attn.value_mix is not None for b in model.blocks] == [True, True, False, False, True, True]
+
+
+def test_embed_skip_unet_and_softcap_match_a_naive_forward():
+    """The whole forward written out with the blocks' own sublayers: x0 mixing before each block, U-net
+    pairs (block i's output into block n-1-i's input), value embeddings, then the soft-capped head."""
+    torch.manual_seed(0)
+    cfg = tiny_config(**{**FLAVOURS["speedrun"], "n_layer": 5, "value_embeds": 2})
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in [model.skip_weights, *[b.x0_mix for b in model.blocks], *[b.attn.value_mix for b in model.blocks if b.attn.value_mix is not None]]:  # fmt: skip
+            p.copy_(torch.randn_like(p))
+    idx = torch.randint(0, 65, (2, 11))
+    rope = model.rope(torch.arange(11))
+    x = x0 = model.tok_emb(idx)
+    outputs, tables = {}, {0: 0, 1: 1, 3: 0, 4: 1}  # layer -> value table (first 2 and last 2 layers)
+    for i, block in enumerate(model.blocks):
+        if i >= 5 - 2:  # U-net: decoder block i takes encoder block (4 - i)'s output
+            x = x + model.skip_weights[i - 3] * outputs[4 - i]
+        x = block.x0_mix[0] * x + block.x0_mix[1] * x0
+        ve = model.value_embeds[tables[i]](idx) if i in tables else None
+        x = x + _naive_attention(block.attn, block.norm1(x), rope, ve)
+        x = x + block.ff(block.norm2(x))[0]
+        outputs[i] = x
+    raw = model.norm_f(x) @ model.lm_head.weight.T
+    torch.testing.assert_close(model(idx), 15.0 * torch.tanh(raw / 15.0), **CLOSE)
+
+
+def test_options_at_their_initial_values_change_nothing():
+    """embed_skip starts at (1, 0) and a zeroed U-net weight adds nothing: the plain model's logits."""
+    plain = tiny_config(**FLAVOURS["llama"], n_layer=4)
+    a, b = _with_weights_of(
+        plain, tiny_config(**FLAVOURS["llama"], n_layer=4, embed_skip=True, unet_skips=True)
+    )
+    b.skip_weights.data.zero_()
+    idx = torch.randint(0, 65, (2, 12))
+    torch.testing.assert_close(b(idx), a(idx))
+    a, c = _with_weights_of(plain, tiny_config(**FLAVOURS["llama"], n_layer=4, logit_softcap=30.0))
+    torch.testing.assert_close(c(idx), 30.0 * torch.tanh(a(idx) / 30.0))
+
+
+def test_zero_init_starts_blocks_as_identity_and_the_head_uniform():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS["llama-moe"], zero_init=True))
+    zeroed = [n for n, p in model.named_parameters() if p.dim() >= 2 and not p.any()]
+    assert sorted(zeroed) == sorted(
+        ["lm_head.weight"] + [f"blocks.{i}.{m}" for i in range(2) for m in ("attn.wo.weight", "ff.w2")]
+    )
+    idx = torch.randint(0, 65, (2, 8))
+    torch.testing.assert_close(model(idx), torch.zeros(2, 8, 65))  # untied head at zero: uniform
+    tied = Transformer(tiny_config(zero_init=True))  # a tied head is the embedding: it stays random
+    assert tied.lm_head.weight.std() > 0.01
+
+
+def test_speedrun_parameters_start_by_the_init_rules_on_any_device_and_shard():
+    """The learned mixes and zero_init come from init_rules, so a model built on the meta device and drawn
+    shard by shard (as sharded training does) starts equal to one built whole, at the documented values."""
+    from tinylm.model.transformer import init_parameters
+
+    options = dict(qk_norm=True, zero_init=True, value_embeds=1, embed_skip=True, unet_skips=True)
+    cfg = tiny_config(n_layer=4, tie_embeddings=False, **options)
+    whole = Transformer(cfg)
+    whole.reset_parameters(seed=3)
+    with torch.device("meta"):
+        lazy = Transformer(cfg)
+    lazy.to_empty(device="cpu")
+    lazy.reset_buffers()
+    for first in (True, False):  # two "ranks", each drawing only its half of every parameter
+        init_parameters(
+            lazy,
+            3,
+            lambda p, first=first: (
+                (p.view(-1)[: p.numel() // 2], 0) if first else (p.view(-1)[p.numel() // 2 :], p.numel() // 2)
+            ),
+        )
+    for name, p in whole.state_dict().items():
+        assert torch.equal(p, lazy.state_dict()[name]), name
+    assert whole.blocks[0].x0_mix.tolist() == [1.0, 0.0] and whole.skip_weights.tolist() == [1.0, 1.0]
+    assert whole.blocks[0].attn.value_mix.tolist() == [0.5, 0.5] and whole.blocks[1].attn.value_mix is None
+    assert not whole.blocks[0].attn.wo.weight.any() and not whole.lm_head.weight.any()  # zero_init
+    assert whole.blocks[0].attn.wq.weight.std() > 0.01 and whole.tok_emb.weight.std() > 0.01

@@ -174,3 +174,110 @@ def test_lora_adapters_are_trained_by_adamw_under_muon():
     muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     assert muon and not muon & {id(p) for p in adapters}
     assert {id(p) for g in opt.adamw.param_groups for p in g["params"]} >= {id(p) for p in adapters}
+
+
+# ----- issue 22: Polar Express, NorMuon, batch-size / sequence-length ramps ------------------------------
+def _polar_reference(g: torch.Tensor, coefficients) -> torch.Tensor:
+    """Amsel et al.'s Polar Express written out for one matrix in float64: X <- a X + b (X X^T) X + c (X X^T)^2 X."""
+    x = g.double()
+    tall = x.size(0) > x.size(1)
+    x = x.T if tall else x
+    x = x / (x.norm() * 1.02 + 1e-6)
+    for a, b, c in coefficients:
+        gram = x @ x.T
+        x = a * x + b * gram @ x + c * gram @ gram @ x
+    return (x.T if tall else x).float()
+
+
+def test_polar_express_matches_the_published_iteration_and_beats_newton_schulz():
+    from tinylm.optim import POLAR_EXPRESS
+
+    torch.manual_seed(0)
+    g = torch.randn(3, 48, 16) * torch.logspace(-2, 0, 16)  # condition number 100, tall
+    ours = orthogonalize(g, 5, "polar-express")
+    for i in range(3):
+        torch.testing.assert_close(
+            ours[i], _polar_reference(g[i], PUBLISHED_POLAR_EXPRESS), atol=1e-4, rtol=0
+        )
+    # the published coefficients bring every singular value within 0.15 of 1 (Muon's quintic: within ~0.32)
+    polar = (torch.linalg.svdvals(ours) - 1).abs().max()
+    newton = (torch.linalg.svdvals(orthogonalize(g, 5)) - 1).abs().max()
+    assert polar < 0.15 < 0.3 < newton
+    assert POLAR_EXPRESS == PUBLISHED_POLAR_EXPRESS
+
+
+# Amsel, Persson, Musco & Gower, "The Polar Express" (arXiv:2505.16932): 5 iterations, safety factor 2e-2
+PUBLISHED_POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def _normuon_reference(params, grads_per_step, lr, momentum, beta2, weight_decay):
+    """NorMuon (Li et al., 2025, Algorithm 1 / the authors' normuon_update) one matrix at a time."""
+    params = [p.detach().clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros(p.size(0), 1) for p in params]
+    for grads in grads_per_step:
+        for i, (p, g) in enumerate(zip(params, grads)):
+            m[i] = momentum * m[i] + (1 - momentum) * g
+            o = orthogonalize((1 - momentum) * g + momentum * m[i])  # Nesterov; Newton-Schulz tested above
+            v[i] = beta2 * v[i] + (1 - beta2) * (o * o).mean(dim=1, keepdim=True)
+            scaled = o / (v[i].sqrt() + 1e-10)
+            update = scaled * o.norm() / (scaled.norm() + 1e-10)
+            p.mul_(1 - lr * weight_decay)
+            p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+    return params
+
+
+def test_normuon_matches_the_papers_algorithm():
+    torch.manual_seed(0)
+    w = [torch.randn(32, 16), torch.randn(32, 16), torch.randn(16, 24)]
+    steps = [[torch.randn_like(p) for p in w] for _ in range(3)]
+    ours = [p.clone().requires_grad_() for p in w]
+    opt = Muon(ours, lr=0.02, weight_decay=0.1, normuon=True, beta2=0.9)
+    for grads in steps:
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        opt.step()
+    ref = _normuon_reference(w, steps, lr=0.02, momentum=0.95, beta2=0.9, weight_decay=0.1)
+    for a, b in zip(ours, ref):  # float32 both ways; the same orthogonalizer: rounding only
+        torch.testing.assert_close(a.detach(), b, atol=1e-5, rtol=0)
+    plain = [p.clone().requires_grad_() for p in w]
+    opt = Muon(plain, lr=0.02, weight_decay=0.1)
+    for grads in steps:
+        for p, g in zip(plain, grads):
+            p.grad = g.clone()
+        opt.step()
+    assert not torch.allclose(plain[0], ours[0], atol=1e-4)  # the normalisation does change the update
+
+
+def test_muon_adamw_takes_the_orthogonalizer_and_normuon_from_the_config(tmp_path):
+    model = Transformer(tiny_config())
+    cfg = TrainConfig(optimizer="muon", orthogonalizer="polar-express", ns_steps=4, normuon=True)
+    opt = build_optimizer(model, cfg)
+    group = opt.muon.param_groups[0]
+    assert (group["method"], group["ns_steps"], group["normuon"]) == ("polar-express", 4, True)
+    x = torch.randint(0, 65, (2, 8))
+    model(x).logsumexp(-1).mean().backward()
+    opt.step()
+    state = opt.state_dict()  # the per-neuron second moments are optimizer state: saved and restored
+    assert any("second_moment" in s for s in state["muon"]["state"].values())
+    opt.load_state_dict(state)
+
+
+def test_batch_and_sequence_ramps():
+    from tinylm.optim import batch_shape_at
+
+    off = TrainConfig(batch_size=24)
+    assert {batch_shape_at(s, off, 24, 64) for s in (0, 50, 500)} == {(24, 64)}
+    ramp = TrainConfig(batch_size=24, batch_size_start=8, block_size_start=16, ramp_steps=100)
+    assert batch_shape_at(0, ramp, 24, 64) == (8, 16)
+    assert batch_shape_at(50, ramp, 24, 64) == (16, 40)
+    assert batch_shape_at(100, ramp, 24, 64) == batch_shape_at(10**6, ramp, 24, 64) == (24, 64)
+    shapes = [batch_shape_at(s, ramp, 24, 64) for s in range(101)]
+    assert all(a <= b for (a, _), (b, _) in zip(shapes, shapes[1:]))  # never shrinks
+    assert all(length % 8 == 0 for _, length in shapes)

@@ -288,3 +288,18 @@ def test_the_quickstarts_write_only_ignored_paths(walk):
     if ignored.returncode not in (0, 1):
         pytest.skip(f"git check-ignore cannot run here: {ignored.stderr.strip()}")
     assert sorted(set(written) - set(ignored.stdout.splitlines())) == []
+
+
+def test_llama_cpp_prints_the_continuation(walk):
+    """The GGUF quickstart's llama.cpp line shows the model's text: the prompt, then what the model wrote."""
+    steps = [n for n, (_, _, c) in enumerate(COMMANDS) if c.startswith("llama-simple ")]
+    assert steps, "the GGUF quickstart no longer runs its file in llama.cpp"
+    _, results = walk
+    for n in steps:
+        if (results / f"{n}.skip").is_file():
+            pytest.skip((results / f"{n}.skip").read_text().strip())
+        prompt = [a for a in shlex.split(COMMANDS[n][2]) if not a.startswith("2>")][-1]  # the last argument
+        out = (results / f"{n}.out").read_text(errors="replace")
+        assert prompt and prompt in out, out[-2000:]
+        # the walk's 4-step model may write only newlines: what counts is that llama.cpp generated tokens
+        assert out.split(prompt, 1)[1], f"llama-simple printed the prompt and nothing after it:\n{out}"

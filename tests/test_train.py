@@ -42,7 +42,7 @@ def test_resume_is_exact(char_data, tmp_path):
         train(out=tmp_path / "two", resume=True, progress=False)
     with pytest.raises(TinyLMError, match="different model config"):
         train(out=tmp_path / "two", resume=True, overrides={"n_layer": 3, "max_steps": 50}, progress=False)
-    with pytest.raises(TinyLMError, match="already holds a run"):
+    with pytest.raises(TinyLMError, match=r"already holds a finished run \(40 of 40 steps\)"):
         train(char_data, tmp_path / "two", "tiny", overrides, progress=False)
 
 
@@ -58,6 +58,33 @@ def test_muon_run_learns_and_resumes_exactly(char_data, tmp_path):
     a, b = load_run(tmp_path / "one").model.state_dict(), load_run(tmp_path / "two").model.state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+SPEEDRUN = {  # issue 22: every speedrun option on, the ramps still running when the run is split
+    "mlp": "relu2", "qk_norm": True, "zero_init": True, "value_embeds": 1, "embed_skip": True, "unet_skips": True,
+    "tie_embeddings": False, "logit_softcap": 15.0, "optimizer": "muon", "orthogonalizer": "polar-express",
+    "normuon": True, "batch_size_start": 4, "block_size_start": 8, "ramp_steps": 12,
+}  # fmt: skip
+
+
+def test_speedrun_options_learn_and_resume_bit_for_bit(char_data, tmp_path):
+    overrides = {**SPEEDRUN, "max_steps": 20, "eval_interval": 10, "n_layer": 3, "lr": 3e-3, "muon_lr": 0.02}
+    one = train(char_data, tmp_path / "one", "tiny", overrides, progress=False)
+    losses = [row["loss"] for row in one.val_losses]
+    assert losses[-1] < losses[0] - 0.2 and losses[0] < 4.0  # from ln(65) = 4.17 (the zero-initialised head)
+    train(char_data, tmp_path / "two", "tiny", overrides, stop_after=7, progress=False)  # mid-ramp
+    train(out=tmp_path / "two", resume=True, progress=False)
+    a, b = load_run(tmp_path / "one").model.state_dict(), load_run(tmp_path / "two").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ramped_steps_train_on_cropped_batches(char_data, tmp_path):
+    trainer = _trainer(char_data, tmp_path, "ramp", batch_size_start=2, block_size_start=8, ramp_steps=4)
+    shapes = [tuple(next(trainer.micro_batches(step))[0].shape) for step in range(6)]
+    assert shapes == [(2, 8), (4, 16), (5, 24), (7, 24), (8, 32), (8, 32)]
+    full = next(_trainer(char_data, tmp_path, "full").micro_batches(0))
+    x, y = next(trainer.micro_batches(0))
+    assert torch.equal(x, full[0][:2, :8]) and torch.equal(y, full[1][:2, :8])  # the same windows, cropped
 
 
 def _trainer(char_data, tmp_path, name, **overrides):

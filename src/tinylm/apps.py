@@ -44,8 +44,9 @@ def first_line(model: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SampleC
     idx = torch.tensor(
         [encode_prompt(tokenizer, prompt, model.cfg.block_size)], device=next(model.parameters()).device
     )
-    # no stop strings here: they apply after the blank lines
-    row = RowText(tokenizer, (), end_of_text(tokenizer))
+    row = RowText(
+        tokenizer, (), end_of_text(tokenizer)
+    )  # no stop strings here: they apply after the blank lines
     text = ""
     for nxt in generate_tokens(model, idx, cfg):
         text += row.push(int(nxt[0]))

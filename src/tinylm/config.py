@@ -22,7 +22,7 @@ class ModelConfig:
     ffn_hidden: int = 0  # feed-forward hidden width; 0 = 4 * n_embd (gelu) or 8/3 * n_embd (swiglu)
     position: str = "learned"  # "learned" absolute embeddings (GPT) or "rope" (LLaMA)
     norm: str = "layernorm"  # "layernorm" (GPT) or "rmsnorm" (LLaMA)
-    mlp: str = "gelu"  # "gelu" (GPT) or "swiglu" (LLaMA)
+    mlp: str = "gelu"  # "gelu" (GPT), "swiglu" (LLaMA) or "relu2" (ReLU squared, modded-nanogpt)
     bias: bool = True  # biases in linear layers and LayerNorm
     tie_embeddings: bool = True  # share the token embedding with the output head
     dropout: float = 0.0  # dropout on embeddings, attention and residual branches
@@ -31,11 +31,18 @@ class ModelConfig:
     n_expert: int = 0  # experts per Mixture-of-Experts layer; 0 = dense feed-forward
     n_expert_active: int = 2  # experts each token is routed to (top-k)
     moe_aux_weight: float = 0.01  # weight of the load-balancing loss added to the training loss
+    # Speedrun options (modded-nanogpt); all off by default, measured in benchmarks/RESULTS.md (#22).
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (before RoPE)
+    zero_init: bool = False  # projections into the residual stream (and an untied head) start at zero
+    value_embeds: int = 0  # token embeddings mixed into the values of the first and last this many layers
+    embed_skip: bool = False  # every block mixes the token embedding back into its input (learned weights)
+    unet_skips: bool = False  # block i's output also feeds block n_layer-1-i's input (learned weights)
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
 
     def __post_init__(self) -> None:
         _check_choice("position", self.position, ("learned", "rope"))
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
-        _check_choice("mlp", self.mlp, ("gelu", "swiglu"))
+        _check_choice("mlp", self.mlp, ("gelu", "swiglu", "relu2"))
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise TinyLMError(f"{name} ({getattr(self, name)}) must be a positive integer.")
@@ -51,6 +58,23 @@ class ModelConfig:
             raise TinyLMError(
                 f"n_expert_active ({self.n_expert_active}) must be between 1 and n_expert ({self.n_expert})."
             )
+        if not 0 <= self.value_embeds <= self.n_layer:
+            raise TinyLMError(
+                f"value_embeds ({self.value_embeds}) must be between 0 and n_layer ({self.n_layer})."
+            )
+        if self.logit_softcap < 0:
+            raise TinyLMError(f"logit_softcap ({self.logit_softcap}) cannot be negative (0 turns it off).")
+
+    def extras(self) -> list[str]:
+        """The speedrun options this model computes with, which GPT-2 and LLaMA architectures do not have."""
+        on = [f"mlp={self.mlp}"] if self.mlp == "relu2" else []
+        on += [name for name in ("qk_norm", "embed_skip", "unet_skips") if getattr(self, name)]
+        on += [
+            f"{name}={getattr(self, name)}"
+            for name in ("value_embeds", "logit_softcap")
+            if getattr(self, name)
+        ]
+        return on
 
     @property
     def head_dim(self) -> int:
@@ -79,6 +103,9 @@ class TrainConfig:
     epochs: int = 0  # > 0: train this many passes over the sliding-window dataset
     window_stride: int = 1  # epoch mode: distance between consecutive training windows
     grad_accum: int = 1  # micro-batches per optimizer step
+    batch_size_start: int = 0  # > 0: sequences per micro-step at step 0, growing linearly to batch_size
+    block_size_start: int = 0  # > 0: tokens per sequence at step 0, growing linearly to block_size
+    ramp_steps: int = 0  # steps over which the batch-size and sequence-length ramps reach full size
     lr: float = 3e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak (cosine, wsd)
     schedule: str = "cosine"  # "cosine" (warmup then cosine), "constant" (warmup then flat), "wsd"
@@ -87,6 +114,14 @@ class TrainConfig:
     weight_decay: float = 0.1  # decoupled weight decay, applied to matrices only
     optimizer: str = "adamw"  # "adamw", or "muon": Muon on the blocks' weight matrices, AdamW on the rest
     muon_lr: float = 0.02  # optimizer muon: peak learning rate of the Muon part (scheduled like lr)
+    orthogonalizer: str = (
+        "newton-schulz"  # Muon: "newton-schulz" (Jordan et al.) or "polar-express" (Amsel et al.)
+    )
+    ns_steps: int = 5  # Muon: iterations of the orthogonalizer
+    normuon: bool = (
+        False  # Muon: NorMuon's per-neuron second-moment normalisation of the update (Li et al., 2025)
+    )
+    normuon_beta2: float = 0.95  # NorMuon: decay of the per-neuron second moment
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
@@ -109,6 +144,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("schedule", self.schedule, ("cosine", "constant", "wsd"))
         _check_choice("optimizer", self.optimizer, ("adamw", "muon"))
+        _check_choice("orthogonalizer", self.orthogonalizer, ("newton-schulz", "polar-express"))
+        if not 1 <= self.ns_steps <= (5 if self.orthogonalizer == "polar-express" else 10):
+            raise TinyLMError(
+                f"ns_steps ({self.ns_steps}) must be between 1 and 5 for polar-express (its published "
+                "coefficients are five) and between 1 and 10 for newton-schulz."
+            )
+        if not 0.0 <= self.normuon_beta2 < 1.0:
+            raise TinyLMError(f"normuon_beta2 ({self.normuon_beta2}) must be in [0, 1).")
+        if not 0 <= self.batch_size_start <= self.batch_size:
+            raise TinyLMError(
+                f"batch_size_start ({self.batch_size_start}) must be between 0 (off) and batch_size ({self.batch_size})."
+            )
+        if self.ramp_steps < 0 or ((self.batch_size_start or self.block_size_start) and not self.ramp_steps):
+            raise TinyLMError(
+                "A batch-size or sequence-length ramp needs ramp_steps > 0 (and never negative)."
+            )
         if self.optimizer == "muon" and self.fsdp:
             raise TinyLMError(
                 "optimizer muon orthogonalizes whole matrices, which FSDP shards; train it with DDP (omit --fsdp)."
@@ -443,7 +494,13 @@ def build_configs(
     if vocab_size:
         model_kwargs["vocab_size"] = vocab_size
     train_kwargs = {k: v for k, v in values.items() if k in field_names(TrainConfig)}
-    return ModelConfig(**model_kwargs), TrainConfig(**train_kwargs)
+    model_cfg, train_cfg = ModelConfig(**model_kwargs), TrainConfig(**train_kwargs)
+    if not 0 <= train_cfg.block_size_start <= model_cfg.block_size:
+        raise TinyLMError(
+            f"block_size_start ({train_cfg.block_size_start}) must be between 0 (off) and block_size "
+            f"({model_cfg.block_size})."
+        )
+    return model_cfg, train_cfg
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -31,9 +31,16 @@ def _transformers():
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
-    """ "gpt2", "llama" or "mixtral": the transformers architecture that represents this model exactly."""
+    """ "gpt2", "llama", "mixtral" or "qwen3": the transformers architecture that represents this model exactly."""
     gpt = (cfg.position, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
     llama = (cfg.position, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
+    if llama and cfg.extras() == ["qk_norm"] and not cfg.n_expert and not cfg.bias:
+        return "qwen3"  # LLaMA with RMS-normalised queries and keys (whose norm weights stay ones)
+    if cfg.extras():
+        raise TinyLMError(
+            f"This model uses {', '.join(cfg.extras())}, which GPT-2, LLaMA, Mixtral and Qwen3 (LLaMA with "
+            "qk_norm, dense, no biases) do not compute, so it is not exportable; train without those options."
+        )
     if gpt and not cfg.n_expert and cfg.kv_heads == cfg.n_head:
         return "gpt2"
     if llama and not cfg.n_expert:
@@ -155,9 +162,19 @@ def hf_rules(cfg: ModelConfig) -> list[Rule]:
     return _gpt2_rules(cfg) if hf_architecture(cfg) == "gpt2" else _llama_rules(cfg)
 
 
+def qk_norm_weights(cfg: ModelConfig) -> list[str]:
+    """Qwen3's per-layer query and key RMSNorm weights: tinylm's qk_norm has none, so they are ones."""
+    if not cfg.qk_norm:
+        return []
+    return [
+        f"model.layers.{i}.self_attn.{n}.weight" for i in range(cfg.n_layer) for n in ("q_norm", "k_norm")
+    ]
+
+
 def to_hf_state(cfg: ModelConfig, sd: State) -> State:
     """Our state dict in the transformers layout."""
-    return {r.theirs: r.to_hf(sd) for r in hf_rules(cfg)}
+    ones = {name: torch.ones(cfg.head_dim) for name in qk_norm_weights(cfg)}
+    return {**{r.theirs: r.to_hf(sd) for r in hf_rules(cfg)}, **ones}
 
 
 def from_hf_state(cfg: ModelConfig, sd: State) -> State:
@@ -166,6 +183,11 @@ def from_hf_state(cfg: ModelConfig, sd: State) -> State:
     for rule in hf_rules(cfg):
         if not (rule.zeros and not cfg.bias):  # a bias-free model exported zeros: nothing to read back
             out.update(rule.from_hf(sd[rule.theirs]))
+    if any(not torch.all(sd[name] == 1) for name in qk_norm_weights(cfg)):
+        raise TinyLMError(
+            "This Qwen3 model has trained query/key norm weights; tinylm's qk_norm has none, so it cannot be "
+            "imported exactly."
+        )
     return out
 
 
@@ -207,6 +229,8 @@ def _llama_config(cfg: ModelConfig) -> Any:
         bos_token_id=None,
         eos_token_id=None,
     )
+    if cfg.qk_norm:
+        return tf.Qwen3Config(**common, head_dim=cfg.head_dim, attention_bias=False, use_sliding_window=False)
     if cfg.n_expert:
         return tf.MixtralConfig(
             **common,
@@ -248,7 +272,12 @@ def to_hf_model(cfg: ModelConfig, sd: State) -> Any:
     arch = hf_architecture(cfg)
     config = (_gpt2_config if arch == "gpt2" else _llama_config)(cfg)
     state = to_hf_state(cfg, sd)
-    cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "mixtral": tf.MixtralForCausalLM}[arch]
+    cls = {
+        "gpt2": tf.GPT2LMHeadModel,
+        "llama": tf.LlamaForCausalLM,
+        "mixtral": tf.MixtralForCausalLM,
+        "qwen3": tf.Qwen3ForCausalLM,
+    }[arch]
     hf_model = cls(config)
     missing, unexpected = hf_model.load_state_dict(
         {k: v.contiguous() for k, v in state.items()}, strict=False
@@ -316,6 +345,8 @@ def _from_llama_like(config: Any, sd: State) -> tuple[ModelConfig, State]:
         raise TinyLMError("Models whose head_dim * heads differs from hidden_size are not supported.")
     moe = config.model_type == "mixtral"
     bias = bool(getattr(config, "attention_bias", False))
+    if config.model_type == "qwen3" and getattr(config, "use_sliding_window", False):
+        raise TinyLMError("Qwen3 models with sliding-window attention are not supported.")
     if bias != bool(getattr(config, "mlp_bias", False)):
         raise TinyLMError(
             "Models with biases in attention but not the MLP (or the reverse) are not supported."
@@ -337,12 +368,13 @@ def _from_llama_like(config: Any, sd: State) -> tuple[ModelConfig, State]:
         rope_theta=float(rope.get("rope_theta", 10000.0)),
         n_expert=config.num_local_experts if moe else 0,
         n_expert_active=config.num_experts_per_tok if moe else 2,
+        qk_norm=config.model_type == "qwen3",
     )
     return cfg, from_hf_state(cfg, sd)
 
 
 def import_hf(src: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
-    """Turn a local transformers GPT-2 / LLaMA / Mixtral directory into a tinylm run directory.
+    """Turn a local transformers GPT-2 / LLaMA / Mixtral / Qwen3 directory into a tinylm run directory.
 
     The tokenizer comes from `src`, or from the directory `tokenizer` when given.
     """
@@ -356,7 +388,12 @@ def import_hf(src: str | Path, out: str | Path, tokenizer: str | Path | None = N
         config = tf.AutoConfig.from_pretrained(src)
     except (OSError, ValueError) as exc:
         raise TinyLMError(f"{src}/config.json cannot be read as a model config ({exc}).") from None
-    converters = {"gpt2": _from_gpt2, "llama": _from_llama_like, "mixtral": _from_llama_like}
+    converters = {
+        "gpt2": _from_gpt2,
+        "llama": _from_llama_like,
+        "mixtral": _from_llama_like,
+        "qwen3": _from_llama_like,
+    }
     if config.model_type not in converters:
         raise TinyLMError(
             f"Model type {config.model_type!r} cannot be imported; supported: {', '.join(converters)}."

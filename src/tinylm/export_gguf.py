@@ -37,8 +37,19 @@ def _gguf() -> Any:
 
 
 def gguf_architecture(cfg: ModelConfig) -> str:
-    """ "llama" or "gpt2": the llama.cpp architecture that computes exactly this model, else a TinyLMError."""
+    """ "llama", "qwen3" or "gpt2": the llama.cpp architecture that computes exactly this model, else a TinyLMError."""
     flavour = (cfg.position, cfg.norm, cfg.mlp)
+    if (
+        flavour == ("rope", "rmsnorm", "swiglu")
+        and cfg.extras() == ["qk_norm"]
+        and not (cfg.n_expert or cfg.bias)
+    ):
+        return "qwen3"  # LLaMA with RMS-normalised queries and keys
+    if cfg.extras():
+        raise TinyLMError(
+            f"llama.cpp's llama, qwen3 (LLaMA with qk_norm, dense) and gpt2 architectures do not compute "
+            f"{', '.join(cfg.extras())}, so this model cannot be written to GGUF; train without those options."
+        )
     if flavour == ("rope", "rmsnorm", "swiglu"):
         return "llama"
     if flavour == ("learned", "layernorm", "gelu") and not cfg.n_expert and cfg.kv_heads == cfg.n_head:
@@ -58,6 +69,8 @@ def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 # ----- tensors ------------------------------------------------------------------------------
 def _llama_tensors(cfg: ModelConfig, sd: State) -> dict[str, torch.Tensor]:
+    """llama's tensors; qwen3's (qk_norm) rotate half the head as tinylm does, so q and k stay as they are."""
+    qwen3 = cfg.qk_norm
     out = {"token_embd.weight": sd["tok_emb.weight"], "output_norm.weight": sd["norm_f.weight"]}
     if not cfg.tie_embeddings:
         out["output.weight"] = sd["lm_head.weight"]
@@ -74,7 +87,9 @@ def _llama_tensors(cfg: ModelConfig, sd: State) -> dict[str, torch.Tensor]:
             for suffix in ("weight", "bias"):
                 t = sd.get(f"{b}attn.{ours}.{suffix}")
                 if t is not None:
-                    out[f"{g}{theirs}.{suffix}"] = permute_rope(t, heads) if heads else t
+                    out[f"{g}{theirs}.{suffix}"] = permute_rope(t, heads) if heads and not qwen3 else t
+        if qwen3:  # tinylm's QK-norm has no weights: llama.cpp's are ones
+            out[g + "attn_q_norm.weight"] = out[g + "attn_k_norm.weight"] = torch.ones(cfg.head_dim)
         if cfg.n_expert:  # (E, C, H) used as x @ w[e] -> llama.cpp's (E, H, C) rows, like nn.Linear weights
             out[g + "ffn_gate_inp.weight"] = sd[b + "ff.gate.weight"]  # (E, C)
             out[g + "ffn_gate_exps.weight"] = sd[b + "ff.w1"].transpose(1, 2)
@@ -126,7 +141,7 @@ def _gpt2_tensors(cfg: ModelConfig, sd: State) -> dict[str, torch.Tensor]:
 
 def gguf_tensors(cfg: ModelConfig, sd: State) -> dict[str, np.ndarray]:
     """llama.cpp tensor name -> float32 array in PyTorch (out, in) order (GGUF stores the reversed shape)."""
-    tensors = (_llama_tensors if gguf_architecture(cfg) == "llama" else _gpt2_tensors)(cfg, sd)
+    tensors = (_gpt2_tensors if gguf_architecture(cfg) == "gpt2" else _llama_tensors)(cfg, sd)
     return {name: t.detach().float().cpu().contiguous().numpy() for name, t in tensors.items()}
 
 

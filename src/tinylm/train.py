@@ -38,7 +38,7 @@ from tinylm.evaluate import mean_loss, scored_tokens
 from tinylm.history import LossHistory
 from tinylm.model import Transformer
 from tinylm.model.transformer import init_parameters
-from tinylm.optim import build_optimizer, lr_at
+from tinylm.optim import batch_shape_at, build_optimizer, lr_at
 from tinylm.progress import progress_bar, show_step, write
 from tinylm.tokenizer import Tokenizer
 
@@ -265,8 +265,12 @@ class Trainer:
 
     def micro_batches(self, step: int) -> Iterator[Batch]:
         """The grad_accum micro-batches of optimizer step `step` (a pure function of the seed), each made when
-        it is used."""
-        return (self.source.batch(step, m) for m in range(self.cfg.grad_accum))
+        it is used, cropped to the batch-size / sequence-length ramps' shape at this step when those are on."""
+        if not (self.cfg.batch_size_start or self.cfg.block_size_start):
+            return (self.source.batch(step, m) for m in range(self.cfg.grad_accum))
+        rows, length = batch_shape_at(step, self.cfg, self.cfg.batch_size, self.record.model.block_size)
+        crops = (self.source.batch(step, m) for m in range(self.cfg.grad_accum))
+        return ((x[:rows, :length], y[:rows, :length]) for x, y in crops)
 
     def evaluate(self) -> float:
         """Mean validation loss over the fixed validation batches (averaged over ranks); recorded."""

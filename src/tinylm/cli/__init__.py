@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Sequence
 
 from tinylm.cli import generation, interop, serving, training
-from tinylm.cli.common import Parser, add_common, emit, version_line
+from tinylm.cli.common import Parser, add_common, emit, fit_threads, version_line
 from tinylm.errors import TinyLMError
 
 
@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
     try:
+        if hasattr(args, "threads"):  # the commands that run a model (they take --device and --threads)
+            fit_threads(args)
         summary = args.func(args)
     except TinyLMError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -82,6 +82,24 @@ def add_device(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto, cpu, cuda, cuda:N or mps (default auto: a GPU if there is one)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: OMP_NUM_THREADS if set, else the cores other processes leave free)",
+    )
+
+
+def fit_threads(args: argparse.Namespace) -> None:
+    """Pick the command's CPU threads (tinylm.threads) and say so once on stderr when tinylm chose them."""
+    import os
+    import sys
+
+    from tinylm.threads import fit_threads as choose
+
+    choice = choose(args.threads)
+    if choice.auto and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+        print(choice.describe(), file=sys.stderr)
 
 
 def overrides_from(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -225,7 +225,7 @@ def position_mask(positions: torch.Tensor) -> torch.Tensor:
 class CausalSelfAttention(nn.Module):
     """Multi-head (optionally grouped-query) causal self-attention through F.scaled_dot_product_attention."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, value_embed: bool = False) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         kv_dim = self.n_kv_head * self.head_dim
@@ -233,6 +233,9 @@ class CausalSelfAttention(nn.Module):
         self.wk = mark(nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias), HIDDEN_MATRIX)
         self.wv = mark(nn.Linear(cfg.n_embd, kv_dim, bias=cfg.bias), HIDDEN_MATRIX)
         self.wo = mark(nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias), HIDDEN_MATRIX, RESIDUAL_OUT)
+        self.qk_norm_eps = cfg.norm_eps if cfg.qk_norm else None  # QK-norm: None = off
+        # value embeddings (modded-nanogpt): v <- value_mix[0] * v + value_mix[1] * ve, learned from (0.5, 0.5)
+        self.value_mix = nn.Parameter(torch.empty(2)) if value_embed else None  # set by init_rules
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.record_weights = False  # set from outside (viz) to keep the attention probabilities
@@ -244,8 +247,9 @@ class CausalSelfAttention(nn.Module):
         rope: Rope | None = None,
         cache: KVCache | None = None,
         pos: torch.Tensor | int | None = None,
+        ve: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C) at positions `pos` -> (B, T, C).
+        """x (B, T, C) at positions `pos` -> (B, T, C); `ve` (B, T, kv_dim): a value embedding to mix in.
 
         pos: (T,) or (B, T) positions, or an int start for the shared positions start..start+T-1
         (None = 0). With a cache the new keys are written at their positions and each query attends
@@ -256,6 +260,12 @@ class CausalSelfAttention(nn.Module):
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm_eps is not None:  # bounds the attention logits (modded-nanogpt's QK-norm)
+            q = F.rms_norm(q, (self.head_dim,), eps=self.qk_norm_eps)
+            k = F.rms_norm(k, (self.head_dim,), eps=self.qk_norm_eps)
+        if ve is not None and self.value_mix is not None:
+            ve = ve.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+            v = self.value_mix[0] * v + self.value_mix[1] * ve
         if rope is not None:
             # queries and keys rotate together: one set of elementwise ops per layer, not two
             q, k = apply_rope(torch.cat([q, k], dim=1), *rope).split([self.n_head, self.n_kv_head], dim=1)
@@ -295,12 +305,19 @@ class CausalSelfAttention(nn.Module):
         return probs.to(v.dtype) @ v
 
 
+def activation(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """The non-gated activations: tanh-approximated GELU (GPT-2), or ReLU squared (So et al., 2021)."""
+    if kind == "relu2":
+        return F.relu(h).square()
+    return F.gelu(h, approximate="tanh")
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU (GPT) or SwiGLU (LLaMA). Returns (output, None): no aux loss."""
+    """Position-wise feed-forward: GELU (GPT), SwiGLU (LLaMA) or ReLU². Returns (output, None): no aux loss."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu, self.kind = cfg.mlp == "swiglu", cfg.mlp
         hidden = cfg.hidden_dim
         if self.swiglu:
             self.w1 = mark(nn.Linear(cfg.n_embd, hidden, bias=cfg.bias), HIDDEN_MATRIX)  # gate
@@ -315,7 +332,7 @@ class MLP(nn.Module):
         if self.swiglu:
             y = self.w2(F.silu(self.w1(x)) * self.w3(x))
         else:
-            y = self.proj(F.gelu(self.fc(x), approximate="tanh"))
+            y = self.proj(activation(self.fc(x), self.kind))
         return (self.drop(y) if self.training else y), None
 
 
@@ -330,7 +347,12 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         E, C, H = cfg.n_expert, cfg.n_embd, cfg.hidden_dim
-        self.n_expert, self.top_k, self.swiglu = E, cfg.n_expert_active, cfg.mlp == "swiglu"
+        self.n_expert, self.top_k, self.swiglu, self.kind = (
+            E,
+            cfg.n_expert_active,
+            cfg.mlp == "swiglu",
+            cfg.mlp,
+        )
         self.gate = mark(nn.Linear(C, E, bias=False), HIDDEN_MATRIX)
         self.w1 = nn.Parameter(torch.empty(E, C, H))  # in-projection (gate of SwiGLU)
         self.w3 = nn.Parameter(torch.empty(E, C, H)) if self.swiglu else None  # SwiGLU up-projection
@@ -347,7 +369,7 @@ class MoE(nn.Module):
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its (n, C) tokens."""
         h = x @ self.w1[e]
-        h = F.silu(h) * (x @ self.w3[e]) if self.w3 is not None else F.gelu(h, approximate="tanh")
+        h = F.silu(h) * (x @ self.w3[e]) if self.w3 is not None else activation(h, self.kind)
         return h @ self.w2[e]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,7 +400,7 @@ class MoE(nn.Module):
             if self.w3 is not None:
                 h = F.silu(h) * torch._grouped_mm(x, self.w3.to(x.dtype), offs=offs)
             else:
-                h = F.gelu(h, approximate="tanh")
+                h = activation(h, self.kind)
             return torch._grouped_mm(h, self.w2.to(x.dtype), offs=offs)
         chunks = x.split(counts.tolist())
         return torch.cat([self.expert_forward(e, chunk) for e, chunk in enumerate(chunks)])
@@ -389,7 +411,7 @@ class MoE(nn.Module):
         h = (
             F.silu(h) * torch.einsum("nc,nkch->nkh", x, self.w3[experts])
             if self.w3 is not None
-            else F.gelu(h, approximate="tanh")
+            else activation(h, self.kind)
         )
         out = torch.einsum("nkh,nkhc->nkc", h, self.w2[experts])
         return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)

@@ -32,12 +32,14 @@ from tinylm.model.layers import (
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ff(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, value_embed: bool = False) -> None:
         super().__init__()
         self.norm1 = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, value_embed)
         self.norm2 = make_norm(cfg)
         self.ff = MoE(cfg) if cfg.n_expert else MLP(cfg)
+        # embed_skip (modded-nanogpt): x <- x0_mix[0] * x + x0_mix[1] * x0 first, learned from (1, 0)
+        self.x0_mix = nn.Parameter(torch.empty(2)) if cfg.embed_skip else None  # LEARNED_MIXES
 
     def forward(
         self,
@@ -45,9 +47,14 @@ class Block(nn.Module):
         rope: Rope | None = None,
         cache: KVCache | None = None,
         pos: torch.Tensor | int | None = None,
+        x0: torch.Tensor | None = None,
+        ve: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x, the MoE load-balancing loss, or None for a dense MLP)."""
-        x = x + self.attn(self.norm1(x), rope, cache, pos)
+        """(x, the MoE load-balancing loss, or None for a dense MLP); x0 (B, T, C) is the token
+        embedding (embed_skip), ve (B, T, kv_dim) this layer's value embedding (value_embeds)."""
+        if self.x0_mix is not None and x0 is not None:
+            x = self.x0_mix[0] * x + self.x0_mix[1] * x0
+        x = x + self.attn(self.norm1(x), rope, cache, pos, ve)
         h, aux = self.ff(self.norm2(x))
         return x + h, aux
 
@@ -73,7 +80,14 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        kv_dim = cfg.kv_heads * cfg.head_dim
+        self.value_embeds = nn.ModuleList(
+            nn.Embedding(cfg.vocab_size, kv_dim) for _ in range(cfg.value_embeds)
+        )
+        tables = [value_table(i, cfg) for i in range(cfg.n_layer)]
+        self.blocks = nn.ModuleList(Block(cfg, table is not None) for table in tables)
+        # U-net skips: block i's output is added, times skip_weights[half-1-i], to block n_layer-1-i's input
+        self.skip_weights = nn.Parameter(torch.empty(cfg.n_layer // 2)) if cfg.unet_skips else None
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -129,15 +143,34 @@ class Transformer(nn.Module):
         rope = self.rope(positions) if self.pos_emb is None else None
         x = self.drop(x) if self.training else x
         aux = torch.zeros((), device=idx.device) if return_aux else None
+        x0 = x if self.cfg.embed_skip else None
+        values = [table(idx) for table in self.value_embeds]  # (B, T, kv_dim) each
+        skips: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
+            x = self._unet(i, x, skips)
+            table = value_table(i, self.cfg)
+            ve = values[table] if table is not None else None
             if self.grad_checkpointing and self.training:
-                x, block_aux = checkpoint(block, x, rope, None, pos, use_reentrant=False)
+                x, block_aux = checkpoint(block, x, rope, None, pos, x0, ve, use_reentrant=False)
             else:
-                x, block_aux = block(x, rope, caches[i] if caches else None, pos)
+                x, block_aux = block(x, rope, caches[i] if caches else None, pos, x0, ve)
             if aux is not None and block_aux is not None:  # summed only when asked (not when decoding)
                 aux = aux + block_aux
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        if self.cfg.logit_softcap:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return (logits, aux) if return_aux else logits
+
+    def _unet(self, i: int, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """Block i's input with U-net skips: the first half pushes its inputs' successors, the last half pops."""
+        if self.skip_weights is None:
+            return x
+        half, n = self.skip_weights.numel(), self.cfg.n_layer
+        if 0 < i <= half:  # x is block i-1's output
+            skips.append(x)
+        if i >= n - half:
+            x = x + self.skip_weights[i - (n - half)] * skips.pop()
+        return x
 
     def rope(self, positions: torch.Tensor) -> Rope:
         """RoPE cos and sin for positions (T,) or (B, T) -> (..., T, head_dim)."""
@@ -186,11 +219,22 @@ INIT_BLOCK = 1 << 20  # elements per independently seeded block of draws
 
 @dataclass(frozen=True)
 class Init:
-    """How a parameter starts: N(0, std) draws if std > 0, else U(-bound, bound) if bound > 0, else all `value`."""
+    """How a parameter starts: N(0, std) draws if std > 0, else U(-bound, bound) if bound > 0, else the
+    given `values` element by element if any, else all `value`."""
 
     std: float = 0.0
     bound: float = 0.0
     value: float = 0.0
+    values: tuple[float, ...] = ()
+
+
+# the speedrun options' learned mixing weights and where they start: value embeddings mix v and ve
+# half and half, embed_skip starts at the block's own input, U-net skips at weight 1
+LEARNED_MIXES = {
+    "value_mix": Init(values=(0.5, 0.5)),
+    "x0_mix": Init(values=(1.0, 0.0)),
+    "skip_weights": Init(value=1.0),
+}
 
 
 def mark_init(module: nn.Module, init: Init, param: str = "weight") -> nn.Module:
@@ -202,8 +246,10 @@ def mark_init(module: nn.Module, init: Init, param: str = "weight") -> nn.Module
 def init_rules(model: Transformer) -> dict[str, Init]:
     """The initialisation of every parameter, by name (the one place these rules live): a start a module
     marked with `mark_init`; else zero biases, unit norm weights, and N(0, 0.02) matrices, embeddings and
-    experts, with weights marked RESIDUAL_OUT at 0.02 / sqrt(2 * n_layer) (GPT-2)."""
-    residual_std = 0.02 / math.sqrt(2 * model.cfg.n_layer)
+    experts, with weights marked RESIDUAL_OUT at 0.02 / sqrt(2 * n_layer) (GPT-2); with `zero_init` those
+    and an untied head start at zero (every block the identity, the head uniform); LEARNED_MIXES."""
+    cfg = model.cfg
+    residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
     residual = {id(p) for p in parameters_with_role(model, RESIDUAL_OUT)}
     rules = {}
     for name, p in model.named_parameters():
@@ -215,6 +261,10 @@ def init_rules(model: Transformer) -> dict[str, Init]:
             rules[name] = Init(value=0.0)
         elif isinstance(owner, (nn.LayerNorm, RMSNorm)):
             rules[name] = Init(value=1.0)
+        elif own in LEARNED_MIXES:
+            rules[name] = LEARNED_MIXES[own]
+        elif cfg.zero_init and (id(p) in residual or name == "lm_head.weight"):  # a tied head is tok_emb's
+            rules[name] = Init(value=0.0)
         elif p.dim() >= 2:
             rules[name] = Init(std=residual_std if id(p) in residual else 0.02)
         else:
@@ -227,7 +277,9 @@ def init_values(init: Init, numel: int, start: int, stop: int, key: str) -> torc
     blocks of INIT_BLOCK elements, each from a generator seeded by (key, block), so a shard is drawn
     without the rest and every shard agrees with the whole."""
     if init.std <= 0 and init.bound <= 0:
-        return torch.full((stop - start,), init.value)
+        return (
+            torch.tensor(init.values[start:stop]) if init.values else torch.full((stop - start,), init.value)
+        )
     out = torch.empty(stop - start)
     for block in range(start // INIT_BLOCK, (stop - 1) // INIT_BLOCK + 1):
         lo, hi = block * INIT_BLOCK, min(numel, (block + 1) * INIT_BLOCK)
@@ -257,6 +309,17 @@ def init_parameters(model: Transformer, seed: int, local: Local | None = None) -
             if part.numel():
                 values = init_values(rules[name], p.numel(), offset, offset + part.numel(), f"{seed}/{name}")
                 part.copy_(values.view(part.shape))
+
+
+def value_table(layer: int, cfg: ModelConfig) -> int | None:
+    """Which value-embedding table layer `layer` mixes in: table i for layer i and for layer
+    n_layer - value_embeds + i (the first and the last value_embeds layers); None for the others."""
+    k, n = cfg.value_embeds, cfg.n_layer
+    if layer < k:
+        return layer
+    if layer >= n - k:
+        return layer - (n - k)
+    return None
 
 
 def parameter_summary(model: nn.Module) -> dict:
