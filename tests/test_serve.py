@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -682,6 +683,15 @@ def test_a_stop_string_partly_matched_at_end_of_text_keeps_its_text(
         assert out.choices[0].text == " my lord.E" and out.choices[0].finish_reason == "stop"
         streamed = list(client.completions.create(**ask, stream=True))
         assert "".join(c.choices[0].text for c in streamed) == " my lord.E"
+        # a lone surrogate (no character; the BPE tokenizer raised TypeError: a 500) is a 400 naming it
+        for route, body in (
+            ("completions", {"prompt": "A\ud800"}),
+            ("chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}),
+        ):
+            raw = json.dumps({"model": "chain", **body})  # ASCII: the surrogate travels as "\\ud800"
+            r = httpx.post(f"{url}/v1/{route}", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_characters", r.text
+            assert "surrogate" in r.json()["error"]["message"]
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -781,3 +791,60 @@ def test_metrics_and_one_access_log_line_per_request(
     wait_for(lambda: len(lines()) == 4, "4 access-log lines")
     assert [line.split('"')[1] for line in lines()] == ["POST /v1/completions"] * 3 + ["GET /metrics"]
     assert [line.split('"')[2].split()[0] for line in lines()] == ["200", "200", "400", "200"]
+
+
+def test_every_limit_is_configurable_and_its_refusal_names_its_flag(tiny_run: Path) -> None:
+    """Each ServeConfig limit, set away from its default: a request at the limit is served, one past it gets
+    a 4xx naming the limit's `tinylm serve` flag; and the CLI has exactly those flags, with those defaults."""
+    from tinylm.cli import build_parser
+    from tinylm.config import field_names
+
+    serve = next(
+        p for a in build_parser()._subparsers._group_actions for n, p in a.choices.items() if n == "serve"
+    )
+    flags = {opt: action for action in serve._actions for opt in action.option_strings}
+    for name in field_names(ServeConfig):
+        action = flags[ServeConfig.flag(name)]
+        assert action.dest == name and action.default == getattr(ServeConfig(), name)
+
+    run = load_run(tiny_run)
+    limits = ServeConfig(
+        max_body_bytes=400,
+        max_prompt_tokens=4,
+        max_tokens=5,
+        max_n=2,
+        max_logprobs=1,
+        max_stop=1,
+        max_stop_chars=3,
+    )
+    server, thread, url = start_server(create_app(run, name="tiny", limits=limits))
+    ok = {
+        "model": "tiny",
+        "prompt": "ABCD",
+        "max_tokens": 5,
+        "n": 2,
+        "logprobs": 1,
+        "stop": ["xyz"],
+        "seed": 1,
+    }
+    over = [
+        ({"prompt": "ABCDE"}, 400, "--max-prompt-tokens"),
+        ({"max_tokens": 6}, 400, "--max-tokens-limit"),
+        ({"n": 3}, 400, "--max-n"),
+        ({"prompt": ["A", "B"]}, 400, "--max-n"),  # 2 prompts x n=2
+        ({"logprobs": 2}, 400, "--max-logprobs"),
+        ({"stop": ["x", "y"]}, 400, "--max-stop"),
+        ({"stop": "wxyz"}, 400, "--max-stop-chars"),
+        ({"user": "u" * 400}, 413, "--max-body-bytes"),
+    ]
+    try:
+        r = httpx.post(f"{url}/v1/completions", json=ok, timeout=60)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] <= 10
+        for change, status, flag in over:
+            r = httpx.post(f"{url}/v1/completions", json={**ok, **change}, timeout=60)
+            assert r.status_code == status, (change, r.text)
+            assert re.search(rf"tinylm serve {flag}(?![-\w])", r.json()["error"]["message"]), (change, r.text)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -90,7 +90,7 @@ def test_char_lookup_is_vectorised_and_exact():
         tok.encode("an"),
         tok.encode(text[::-1]),
     ]
-    for bad, named in (("KING?", "'?'"), ("café!", "'!'"), ("日本", "'日', '本'")):
+    for bad, named in (("KING?", "'?'"), ("café!", "'!'"), ("日本", "'日', '本'"), ("a\ud800", r"'\\ud800'")):
         with pytest.raises(TinyLMError, match=named):
             tok.encode(bad)
 

@@ -102,7 +102,8 @@ class CharTokenizer:
             if len(ids) and ids.max() >= 128:
                 self._unknown(text)
             return ids.astype(dtype, copy=False)
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        # surrogatepass: a lone surrogate (JSON's "\ud800") is a character outside the vocabulary, not a crash
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
         ids = np.take(by_code, codes, mode="clip")  # beyond the table: checked on the next line
         if len(codes) and (codes.max() >= len(by_code) or ids.max() == np.iinfo(by_code.dtype).max):
             self._unknown(text)

@@ -108,6 +108,20 @@ class Mailbox:
             inbox.put(event)
 
 
+def _characters(text: str, param: str) -> None:
+    """Refuse a lone UTF-16 surrogate (JSON's "\\ud800" decodes to one): it is no character, and tokenizers
+    cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(
+            f"The {param} holds {text[exc.start]!r}, a lone UTF-16 surrogate, which is not a character.",
+            400,
+            param=param,
+            code="unsupported_characters",
+        ) from None
+
+
 def _limit(message: str, param: str | None) -> APIError:
     return APIError(message, 400, param=param, code="limit_exceeded")
 
@@ -202,6 +216,7 @@ class Server:
     # ----- preparation (on a worker thread: tokenizing and retrieval may take a while) -----------
     def encode(self, text: str, param: str) -> list[int]:
         """Prompt ids as generate.encode_prompt makes them, refusing text the vocabulary cannot hold."""
+        _characters(text, param)
         try:
             ids = self.run.tokenizer.encode(text) if text else []
         except TinyLMError as exc:
@@ -221,6 +236,8 @@ class Server:
         self, req: SamplingRequest, texts: list[str], param: str, cfgs: list[SampleConfig], query: str | None
     ) -> Job:
         """Retrieve passages (with --index), encode each prompt, and pair each with its n configs."""
+        for text in texts:
+            _characters(text, param)  # before retrieval too
         sources: list[dict] = []
         if self.retriever is not None and req.retrieval is not False:
             augmented = []
