@@ -143,6 +143,22 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _served_greedy(run: Path, prompt: str, tokens: int) -> str:
+    """A greedy completion from `tinylm serve`'s app for RUN, over HTTP on a free port."""
+    import httpx
+
+    from conftest import start_server
+    from tinylm.serve import load_app
+
+    server, thread, url = start_server(load_app(run, device="cpu", name="tiny"))
+    try:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+        return httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 def test_fsdp_interrupt_between_micro_batches_on_one_rank_resumes_bitwise(
     char_data, tmp_path, straight, capsys
 ):
@@ -173,6 +189,7 @@ def test_fsdp_interrupt_between_micro_batches_on_one_rank_resumes_bitwise(
 
     before = sample()
     _one("export", out, "--format", "gguf", "--out", tmp_path / "model.gguf")  # export reads the shards too
+    assert _served_greedy(out, "ROMEO:", 8) == before  # and so does serve
     _one("consolidate", out)
     single = out / "checkpoints" / "last" / "model.safetensors"
     assert single.is_file() and is_sharded(single.parent)
