@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Soak test for multi-process training on CPU: RUNS consecutive 2-process torchrun runs (gloo) for each of
-# DDP and FSDP2, each a tiny `tiny`-preset run of a few steps; counts the runs that exit 0 and the ones
-# whose output shows an abort ("terminate called ..."). Exits non-zero unless every run passed.
+# DDP, FSDP2 (sharded DCP checkpoints) and FSDP2 with --async-save, each a tiny `tiny`-preset run of a few
+# steps; counts the runs that exit 0, the ones whose output shows an abort ("terminate called ..."), and
+# (FSDP2) the ones whose `last` is not a complete sharded checkpoint. Exits non-zero unless every run passed.
 #   usage: benchmarks/torchrun_soak.sh [RUNS=20] [TEXT=$TINYLM_DATA_DIR/tinyshakespeare/input.txt]
 set -u
 RUNS=${1:-20}
@@ -13,9 +14,13 @@ export OMP_NUM_THREADS=1
 head -c 100000 "$TEXT" > "$WORK/slice.txt"
 "$PY" -m tinylm prepare "$WORK/slice.txt" --out "$WORK/data" --tokenizer char > /dev/null || exit 1
 failed=0
-for mode in ddp fsdp; do
+for mode in ddp fsdp fsdp-async; do
   ok=0 aborts=0
-  flags=(); [ "$mode" = fsdp ] && flags=(--fsdp)
+  case $mode in
+    ddp) flags=() ;;
+    fsdp) flags=(--fsdp) ;;
+    fsdp-async) flags=(--fsdp --async-save) ;;
+  esac
   for i in $(seq 1 "$RUNS"); do
     out="$WORK/run-$mode-$i"
     "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m tinylm train --data "$WORK/data" \
@@ -23,6 +28,9 @@ for mode in ddp fsdp; do
       --out "$out" "${flags[@]}" > "$WORK/log" 2>&1
     rc=$?
     grep -q "terminate called" "$WORK/log" && aborts=$((aborts + 1))
+    if [ "$mode" != ddp ] && [ $rc -eq 0 ] && ! [ -f "$out/checkpoints/last/.metadata" ]; then
+      rc=99; echo "$mode run $i: no complete sharded checkpoint"
+    fi
     if [ $rc -eq 0 ]; then ok=$((ok + 1)); else echo "$mode run $i: exit $rc"; tail -5 "$WORK/log"; fi
     rm -rf "$out"
   done

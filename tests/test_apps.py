@@ -43,6 +43,10 @@ def test_apps_use_the_tutorial_prompts(tiny_run, monkeypatch):
     monkeypatch.setattr(apps, "generate", spy)
     story = apps.generate_story(run.model, run.tokenizer, "a king", max_new_tokens=10, seed=0)
     assert story.startswith("Write a short story about a king. Once upon a time,")
+    real_line = apps.first_line
+    monkeypatch.setattr(
+        apps, "first_line", lambda m, t, p, cfg: seen.append((p, cfg)) or real_line(m, t, p, cfg)
+    )
     answer = apps.answer_question(run.model, run.tokenizer, "Who art thou?", max_new_tokens=10, seed=0)
     assert seen[-1][0] == "Q: Who art thou?\nA:" and "\n" not in answer and seen[-1][1].stop == ("\n",)
     assert apps.complete_text(run.model, run.tokenizer, "ROMEO:", max_new_tokens=5, seed=0).startswith(
@@ -95,7 +99,8 @@ def test_chat_loop_and_app_commands(tiny_run):
     )
     assert out.returncode == 0, out.stderr
     assert "temperature = 0.5" in out.stdout and "error: temperature (-1.0)" in out.stdout
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"turns": 1}
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["turns"] == 1 and summary["messages"][0] == {"role": "user", "content": "ROMEO:"}
     for command, arg in (("story", "a king"), ("ask", "Who?"), ("complete", "ROMEO:")):
         out = subprocess.run(
             [
@@ -141,10 +146,14 @@ def _sample_configs_used(monkeypatch, capsys, argv: list[str]) -> list[SampleCon
     gen = importlib.import_module("tinylm.generate")  # the package's `generate` is the function
     from tinylm.cli import main
 
-    seen, real = [], gen.decode_texts
-    monkeypatch.setattr(
-        gen, "decode_texts", lambda m, t, idx, cfg, *a: seen.append(cfg) or real(m, t, idx, cfg, *a)
-    )
+    seen, real = [], gen.generate_tokens
+
+    def spy(model, idx, cfg, *args, **kwargs):
+        seen.append(cfg)
+        return real(model, idx, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_tokens", spy)  # the one decode loop under every command
+    monkeypatch.setattr(apps, "generate_tokens", spy)  # ask's first_line calls it by name
     lines = iter(["Who loves Juliet?"])
     monkeypatch.setattr("builtins.input", lambda prompt="": _next_or_eof(lines))
     assert main(argv) == 0
@@ -193,7 +202,7 @@ def test_chat_renders_the_conversation_and_stops_at_the_next_user_turn(tiny_run,
     monkeypatch.setattr("builtins.input", lambda prompt="": _next_or_eof(lines))
     assert main(["chat", str(tiny_run), "--max-new-tokens", "20", "--seed", "0", "--json"]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out.strip().splitlines()[-1]) == {"turns": 2}
+    assert json.loads(out.strip().splitlines()[-1])["turns"] == 2
     assert prompts[0] == render_chat([{"role": "user", "content": "Who loves Juliet?"}])
     reply = prompts[1][len(prompts[0]) : -len("\nUser: And who is he?\nAssistant:")].strip()
     assert reply and "\nUser:" not in reply and reply in out  # the printed reply ended before a new turn
@@ -204,3 +213,48 @@ def test_chat_renders_the_conversation_and_stops_at_the_next_user_turn(tiny_run,
             {"role": "user", "content": "And who is he?"},
         ]
     )
+
+
+def _first_non_empty_line(text: str) -> str:
+    return next((line.strip() for line in text.split("\n") if line.strip()), "")
+
+
+def _newline_prone(model, tokenizer, boost: float) -> None:
+    """Raise the newline's logit: the model then often starts an answer on a new line, as trained ones do."""
+    newline = torch.zeros(tokenizer.vocab_size)
+    newline[tokenizer.encode("\n")[0]] = boost
+    model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + newline)
+
+
+def test_ask_answers_with_the_first_non_empty_line(tiny_run):
+    """A model's answer often starts with a newline (the old default stop): skip blank lines, keep the first."""
+    run = load_run(tiny_run)
+    _newline_prone(run.model, run.tokenizer, 2.0)
+    prompt = apps.QA_PROMPT.format(question="Who art thou?")
+    led_by_a_newline = 0
+    for seed in range(8):
+        sampling = dict(max_new_tokens=30, temperature=1.0, top_k=0, seed=seed)
+        full = generate(run.model, run.tokenizer, prompt, **sampling)[0].text  # no stop: all of it
+        answer = apps.answer_question(run.model, run.tokenizer, "Who art thou?", **sampling)
+        assert answer == _first_non_empty_line(full)
+        led_by_a_newline += full.startswith("\n") and bool(answer)
+    assert led_by_a_newline  # the case the old answer came back empty for
+
+
+def test_rag_answer_is_the_first_non_empty_line(tiny_run):
+    from tinylm.rag import Passage, answer
+
+    tok = load_run(tiny_run).tokenizer
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=tok.vocab_size, block_size=128)).eval()  # room for a passage
+    _newline_prone(model, tok, 3.5)  # an untrained model that often starts with a blank line
+    passage = Passage("play.txt", 1, "ROMEO: I am here.", 1.0)
+    answers, led_by_a_newline = [], 0
+    for seed in range(12):
+        result = answer(model, tok, None, "Who?", passages=[passage], do_sample=True, seed=seed)
+        assert "ROMEO: I am here." in result.prompt
+        full = generate(model, tok, result.prompt, max_new_tokens=32, seed=seed)[0].text
+        assert result.text == _first_non_empty_line(full)
+        answers.append(result.text)
+        led_by_a_newline += full.startswith("\n") and bool(result.text)
+    assert any(answers) and led_by_a_newline

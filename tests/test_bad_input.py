@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,17 @@ ROWS: list[tuple[str, str, str]] = [
     ("prepare-latin1-file", "prepare {latin1} --out {new}", "utf-8"),
     ("prepare-out-under-file", "prepare {text} --out {file}/sub", "sub"),
     ("prepare-bad-val-fraction", "prepare {text} --val-fraction 1.5 --out {new}", "val"),
+    ("prepare-jsonl-missing-field", "prepare {nokey} --out {new}", "no text field 'text'"),
+    ("prepare-jsonl-not-json", "prepare {notjson} --out {new}", "line 1"),
+    ("prepare-glob-matches-nothing", "prepare {tmp}/*.nothing --out {new}", "matches no files"),
+    ("prepare-out-holds-other-data", "prepare {text} --out {otherdata}", "already holds"),
+    ("prepare-out-not-empty", "prepare {text} --out {dir}", "not empty"),
+    (
+        "prepare-zero-tokenizer-sample",
+        "prepare {text} --tokenizer bpe --tokenizer-sample 0 --out {new}",
+        "sample",
+    ),
+    ("prepare-corrupt-gzip", "prepare {badgz} --out {new}", "bad.txt.gz"),
     # train
     ("train-missing-data", "train --data {tmp}/nope --out {new}", "nope"),
     ("train-data-is-file", "train --data {file} --out {new}", "file.txt"),
@@ -32,6 +44,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("train-negative-lr", "train --data {data} --out {new} --lr -1", "lr"),
     ("train-zero-steps", "train --data {data} --out {new} --max-steps 0", "max_steps"),
     ("train-grad-accum-over-epoch", "train --data {data} --out {new} --epochs 1 --grad-accum 100000", "grad"),
+    ("train-negative-eval-tokens", "train --data {data} --out {new} --set eval_tokens=-1", "eval_tokens"),
     ("train-resume-missing", "train --resume {tmp}/nope", "nope"),
     ("train-resume-not-a-run", "train --resume {dir}", "dir"),
     # generate
@@ -53,6 +66,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("eval-empty-text", "eval {run} --text {empty}", "empty"),
     ("eval-missing-data", "eval {run} --data {tmp}/nope", "nope"),
     ("eval-other-tokenizer-data", "eval {run} --data {otherdata}", "tokenizer"),
+    ("eval-zero-max-tokens", "eval {run} --max-tokens 0", "max-tokens"),
     ("train-resume-garbage-state", "train --resume {badstate}", "badstate"),
     # info / plot
     ("info-missing-run", "info {tmp}/nope", "nope"),
@@ -110,7 +124,19 @@ ROWS: list[tuple[str, str, str]] = [
     # serve / harness: argument errors only
     ("serve-missing-run", "serve {tmp}/nope", "nope"),
     ("serve-zero-batch", "serve {run} --max-batch 0", "max-batch"),
+    ("serve-zero-limit", "serve {run} --max-n 0", "max-n"),
+    ("serve-port-taken", "serve {run} --port {taken}", "choose another --port"),
+    ("serve-port-out-of-range", "serve {run} --port 70000", "--port"),
     ("harness-missing-run", "harness {tmp}/nope --tasks hellaswag", "nope"),
+    # everyday use (issue 21): a finished run says how to go on; typos get "did you mean"
+    ("train-finished-run-out", "train --data {data} --out {run}", "tinylm train --resume"),
+    ("train-set-key-typo", "train --data {data} --out {new} --set n_layers=2", "Did you mean 'n_layer'?"),
+    ("info-preset-typo", "info --preset cpu-lama", "Did you mean 'cpu-llama'?"),
+    ("chat-missing-run", "chat {tmp}/nope", "nope"),
+    # consolidate (a sharded checkpoint that already has its single file: tests/test_distributed.py)
+    ("consolidate-missing-run", "consolidate {tmp}/nope", "nope"),
+    ("consolidate-missing-checkpoint", "consolidate {run} --checkpoint nope", "nope"),
+    ("consolidate-not-sharded", "consolidate {run}", "not sharded"),
     # issue 22: threads and the speedrun options
     ("train-zero-threads", "train --data {data} --out {new} --threads 0", "--threads must be at least 1"),
     ("eval-negative-threads", "eval {run} --threads -2", "--threads must be at least 1"),
@@ -159,6 +185,8 @@ def paths(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, char_data: P
     p["latin1"].write_bytes("café crème à la carte\n".encode("latin-1") * 20)
     p["text"] = tmp / "text.txt"
     p["text"].write_text(shakespeare_text[:5_000], encoding="utf-8")
+    p["badgz"] = tmp / "bad.txt.gz"
+    p["badgz"].write_bytes(b"\x1f\x8b" + b"not gzip data" * 10)
     # another tokenizer: characters of other text (a different vocabulary)
     other = tmp / "other.txt"
     other.write_text("".join(sorted(set(shakespeare_text)))[:20] * 300 + "0123456789" * 100, encoding="utf-8")
@@ -221,7 +249,12 @@ def paths(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, char_data: P
     (p["badhf"] / "config.json").write_text("[1, 2", encoding="utf-8")
     p["index"] = tmp / "index"
     build_index([str(p["text"])], p["index"], load_tokenizer(tiny_run / "tokenizer.json"), 16)
+    taken = socket.socket()  # a port something else listens on (tinylm serve must refuse it)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    p["taken"] = taken.getsockname()[1]
     yield p
+    taken.close()
     assert _hashes(tiny_run) == before, "a bad input changed the shared run"
 
 

@@ -83,13 +83,19 @@ def _resume_and_compare(out, reference):
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
-@pytest.mark.parametrize("moment", ["write", "swap", "after"])
-def test_sigkill_during_a_checkpoint_write_leaves_a_resumable_last(char_data, tmp_path, reference, moment):
+@pytest.mark.parametrize(
+    "moment, background",
+    [("write", False), ("swap", False), ("after", False), ("write", True), ("after", True)],
+    ids=["write", "swap", "after", "write-async", "after-async"],
+)
+def test_sigkill_during_a_checkpoint_write_leaves_a_resumable_last(
+    char_data, tmp_path, reference, moment, background
+):
+    """Also with --async-save, where the kill lands in the background writer while training goes on."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-c", CHILD, moment, "6", str(torch.get_num_threads())]
-    proc = subprocess.run(
-        [*cmd, *map(str, _argv(char_data, out))], capture_output=True, text=True, timeout=300
-    )
+    argv = [*_argv(char_data, out), *(["--async-save"] if background else [])]
+    proc = subprocess.run([*cmd, *map(str, argv)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     step = json.loads((checkpoint_dir(out, "last") / "meta.json").read_text())["step"]
     assert step == (6 if moment == "after" else 3)
@@ -183,3 +189,19 @@ def test_resume_with_a_different_model_is_refused():
     with pytest.raises(TinyLMError, match="different model config \\(n_layer\\)"):
         record.resumed({"n_layer": 3})
     assert record.resumed({"max_steps": 5}).train.max_steps == 5
+
+
+def test_what_a_checkpoint_holds_does_not_grow_with_the_run(char_data, tmp_path):
+    """Histories live in metrics.jsonl: the checkpoints at step 100 and 1,000 of one run are the same size."""
+    run = tmp_path / "r"
+    overrides = {"max_steps": 1000, "save_interval": 100, "eval_interval": 250, "log_interval": 1}
+    overrides.update(n_layer=1, batch_size=2, eval_batches=1)  # 1,000 steps in seconds
+    torch.set_num_threads(1)  # tiny steps: a second thread only waits (the fixture resets it)
+    result = train(char_data, run, "tiny", overrides, progress=False)
+    assert len(result.train_losses) == 1000 and len(result.val_losses) == 4  # all in metrics.jsonl
+
+    def size(name):
+        return sum(f.stat().st_size for f in (run / "checkpoints" / name).iterdir())
+
+    early, late = size("step_0000100"), size("step_0001000")
+    assert abs(late - early) / early < 0.01, (early, late)

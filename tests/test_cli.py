@@ -203,3 +203,119 @@ def test_exit_code_comes_from_the_exception_type(capsys, monkeypatch):
 def _with_func(parser, func):
     parser._subparsers._group_actions[0].choices["info"].set_defaults(func=func)
     return parser
+
+
+def test_version(capsys):
+    import torch
+
+    import tinylm
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"tinylm {tinylm.__version__} (PyTorch {torch.__version__}")
+
+
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["trian"], "Did you mean 'train'?"),
+        (["prepare", "x.txt", "--out", "o", "--tokenizer", "chr"], "Did you mean 'char'?"),
+        (["info", "--preset", "cpu-lama"], "Did you mean 'cpu-llama'?"),
+        (["info", "--preset", "tiny", "--set", "n_layers=3"], "Did you mean 'n_layer'?"),
+        (
+            ["train", "--data", "{data}", "--set", "batchsize=4", "--out", "{tmp}/r"],
+            "Did you mean 'batch_size'?",
+        ),
+    ],
+)
+def test_typos_get_did_you_mean(capsys, tmp_path, char_data, argv, hint):
+    argv = [a.format(tmp=tmp_path, data=char_data) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors (commands, choices) exit 2 with usage
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and hint in err and "Traceback" not in err
+
+
+def _value_options():
+    """(command, option, formatted help) for every option that takes a value."""
+    import argparse
+
+    from tinylm.cli import build_parser
+    from tinylm.cli.common import HelpFormatter
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.option_strings and action.nargs != 0 and not action.required:
+                yield name, action.option_strings[-1], HelpFormatter(name)._get_help_string(action)
+            assert not isinstance(action, argparse._StoreTrueAction) or action.help, (name, action.dest)
+
+
+# inputs whose absence is its own meaning, not a default value
+INPUTS = {"--data", "--resume", "--set", "--index", "--rerank-run", "--tokenizer", "--run", "--text"}
+
+
+def test_help_shows_every_default(capsys):
+    missing = [(c, o, h) for c, o, h in _value_options() if o not in INPUTS and "default" not in h]
+    assert not missing
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--lr LR peak learning rate (default: the preset's)" in text
+    assert (
+        "(default tiny, a test-sized model" in text and "--out OUT run directory (default runs/run)" in text
+    )
+
+
+def test_train_and_info_name_the_preset(capsys, char_data, tmp_path):
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--data",
+        char_data,
+        "--out",
+        tmp_path / "r",
+        "--max-steps",
+        2,
+        "--no-progress",
+        "--json",
+    )
+    assert code == 0 and out.startswith(
+        "Preset tiny (the default, a test-sized model; choose a recipe with --preset"
+    )
+    assert last_json(out)["preset"] == "tiny"
+    code, out, _ = run(capsys, "info", tmp_path / "r", "--json")
+    assert (
+        out.startswith(f"Run {tmp_path / 'r'} (preset tiny): GPT-style")
+        and last_json(out)["preset"] == "tiny"
+    )
+    code, out, _ = run(capsys, "info", "--preset", "cpu-llama")
+    assert out.splitlines()[:2] == [
+        "Preset cpu-llama: LLaMA-style (RoPE, RMSNorm, SwiGLU), 4 layers x 128, 4 heads, context 64",
+        "38 trainable tensors, 861,440 parameters (vocabulary 65)",
+    ]
+    code, out, _ = run(capsys, "info", "--json")  # nothing to describe: every preset, one line each
+    from tinylm.config import PRESETS
+
+    assert code == 0 and set(last_json(out)["presets"]) == set(PRESETS)
+    assert out.startswith("Presets (`tinylm info --preset NAME` for one; train uses tiny without --preset):")
+
+
+def test_advice_for_an_existing_run_is_a_command_that_works(capsys, char_data, tmp_path):
+    """The old advice went in a circle: train said "resume it", resume said "it finished"."""
+    import shlex
+
+    argv = ["train", "--data", char_data, "--out", tmp_path / "r", "--max-steps", 6, "--no-progress"]
+    assert run(capsys, *argv, "--stop-after", 3)[0] == 0
+    code, _, err = run(capsys, *argv)  # a stopped run: continue it
+    advice = err.split("continue it with: ")[1].split(",")[0]
+    assert code == 2 and advice == f"tinylm train --resume {tmp_path / 'r'}"
+    assert run(capsys, *shlex.split(advice)[1:], "--no-progress")[0] == 0
+    code, _, err = run(capsys, *argv)  # a finished run: train it longer
+    assert code == 2 and "already holds a finished run (6 of 6 steps)" in err
+    advice = err.split("train it longer with: ")[1].rstrip(".\n").replace("N (N > 6)", "8")
+    code, out, _ = run(capsys, *shlex.split(advice)[1:], "--no-progress", "--json")
+    assert code == 0 and last_json(out)["steps"] == 8

@@ -89,21 +89,27 @@ def test_corpus_shorter_than_context_is_a_clear_error():
 
 def test_hf_source_uses_official_splits(tmp_path, monkeypatch, shakespeare_text):
     datasets = pytest.importorskip("datasets")
-    local = datasets.DatasetDict(
+    local = datasets.IterableDatasetDict(
         {
             "train": datasets.Dataset.from_dict(
                 {"text": [shakespeare_text[:30_000], shakespeare_text[30_000:60_000]]}
-            ),
-            "validation": datasets.Dataset.from_dict({"text": [shakespeare_text[60_000:70_000]]}),
+            ).to_iterable_dataset(),
+            "validation": datasets.Dataset.from_dict(
+                {"text": [shakespeare_text[60_000:70_000]]}
+            ).to_iterable_dataset(),
         }
     )
     calls = []
     monkeypatch.setattr(
-        datasets, "load_dataset", lambda name, config=None: calls.append((name, config)) or local
+        datasets, "load_dataset", lambda name, config=None, **kw: calls.append((name, config, kw)) or local
     )
     meta = prepare(["hf:wikitext:wikitext-2-raw-v1"], tmp_path, "char")
-    assert calls == [("wikitext", "wikitext-2-raw-v1")]
-    assert meta["split"] == "official" and meta["train_tokens"] == 60_000 and meta["val_tokens"] == 10_000
+    assert calls == [
+        ("wikitext", "wikitext-2-raw-v1", {"streaming": True})
+    ]  # streamed, never downloaded whole
+    # two training documents with a blank line between them (they used to be glued together)
+    assert meta["split"] == "official" and meta["train_tokens"] == 60_002 and meta["val_tokens"] == 10_000
+    assert meta["train_documents"] == 2 and meta["val_documents"] == 1
     with pytest.raises(TinyLMError, match="hf:NAME or hf:NAME:CONFIG"):
         prepare(["hf:"], tmp_path, "char")
 
@@ -128,3 +134,52 @@ def test_a_resumed_source_checks_it_reads_the_same_data():
     other = RandomWindows(np.arange(900, dtype=np.uint16), 16, 4, seed=0)
     with pytest.raises(TinyLMError, match="training data changed"):
         other.load_state_dict(source.state_dict())
+
+
+def test_window_order_is_a_seeded_bijection_computed_per_batch():
+    from tinylm.data import WindowOrder
+
+    for n in (1, 2, 3, 7, 64, 1000, 4097, 99_991):
+        order = WindowOrder(n, seed=3, epoch=1)(np.arange(n))
+        assert np.array_equal(np.sort(order), np.arange(n)), n
+    a = WindowOrder(10_000, seed=3, epoch=1)(np.arange(10_000))
+    assert np.array_equal(WindowOrder(10_000, seed=3, epoch=1)(np.arange(5_000, 5_100)), a[5_000:5_100])
+    assert not np.array_equal(
+        WindowOrder(10_000, seed=3, epoch=2)(np.arange(10_000)), a
+    )  # a new order per epoch
+    assert not np.array_equal(WindowOrder(10_000, seed=4, epoch=1)(np.arange(10_000)), a)
+    assert abs(np.corrcoef(np.arange(10_000), a)[0, 1]) < 0.05  # shuffled, not a shifted identity
+
+
+def test_epoch_checkpoints_name_their_order():
+    ds = SlidingWindowDataset(np.arange(200, dtype=np.uint16), block_size=8)
+    source = EpochWindows(ds, batch_size=8, seed=0)
+    state = source.state_dict()
+    assert state["order"] == "feistel"
+    source.load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "order"}  # written before the order was a bijection
+    with pytest.raises(TinyLMError, match="older tinylm, which ordered each epoch's windows differently"):
+        source.load_state_dict(old)
+
+
+def test_eval_tokens_sets_the_validation_budget(char_data, tmp_path):
+    from tinylm.config import TrainConfig
+    from tinylm.data import token_batches
+    from tinylm.train import train
+
+    data = TokenData(char_data)
+    _, val = token_batches(data, 32, TrainConfig(batch_size=4, eval_tokens=1000))
+    assert len(val) == 8 and sum(x.numel() for x, _ in val) == 1024  # whole batches: ceil(1000 / 128)
+    _, val = token_batches(data, 32, TrainConfig(batch_size=4, eval_batches=3))
+    assert len(val) == 3
+    with pytest.warns(UserWarning, match=r"Validation \(3 batches, eval_tokens=300\)"):
+        train(
+            char_data,
+            tmp_path / "run",
+            "tiny",
+            {"max_steps": 2, "eval_tokens": 300, "batch_size": 4},
+            progress=False,
+        )
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["type"] == "eval"]
+    assert evals and all(r["val_tokens"] == 3 * 4 * 32 and r["eval_tokens"] == 300 for r in evals)

@@ -54,4 +54,38 @@ def test_perplexity_is_exp_loss_and_stride_helps(tiny_run):
         direct = torch.nn.functional.cross_entropy(run.model(x).flatten(0, 1), y.flatten()).item()
     assert evaluate_tokens(run.model, head, block_size=32).loss == pytest.approx(direct, rel=1e-5)
     strided = evaluate_tokens(run.model, tokens, block_size=32, stride=8)
-    assert strided.tokens == plain.tokens and strided.loss < plain.loss  # more context per prediction
+    assert strided.tokens == plain.tokens
+
+    def mean_context(stride):  # tokens of context each scored target sees
+        plan = plan_windows(len(tokens), 32, stride)
+        return np.mean([j + 1 for _, length, skip in plan for j in range(skip, length)])
+
+    assert mean_context(8) > 1.5 * mean_context(None)  # more context per prediction
+    # each target scored once, given exactly the window's tokens before it (a naive reference, one at a time)
+    few = np.asarray(tokens[:120], dtype=np.int64)
+    naive = 0.0
+    with torch.no_grad():
+        for start, length, skip in plan_windows(len(few), 32, 8):
+            for j in range(skip, length):
+                context = torch.from_numpy(few[start : start + j + 1])[None]
+                target = torch.tensor([int(few[start + j + 1])])
+                naive += torch.nn.functional.cross_entropy(run.model(context)[0, -1:], target).item()
+    assert evaluate_tokens(run.model, few, block_size=32, stride=8).nll == pytest.approx(naive, rel=1e-5)
+
+
+def test_a_token_budget_scores_the_first_tokens(tiny_run, capsys):
+    import json
+
+    from tinylm.cli import main
+
+    run = load_run(tiny_run)
+    tokens = TokenData(run.record.data).split("val")
+    head = evaluate_tokens(run.model, tokens[:601], block_size=32)
+    capped = evaluate_tokens(run.model, tokens, block_size=32, max_tokens=600, chars=10_000, n_bytes=10_000)
+    assert capped.tokens == 600 and capped.nll == head.nll and capped.max_tokens == 600
+    assert capped.chars == round(10_000 * 600 / (len(tokens) - 1))  # the share of the split it covers
+    assert main(["eval", str(tiny_run), "--max-tokens", "600", "--json", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "over 600 tokens (budget 600 of 9,999)" in out
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["tokens"] == 600 and summary["max_tokens"] == 600 and summary["loss"] == capped.loss

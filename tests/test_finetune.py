@@ -191,3 +191,25 @@ def test_short_text_gives_advice_finetune_accepts(tiny_run, tmp_path):
 def test_finetune_never_overwrites_a_run(tiny_run, pairs_file, tmp_path):
     with pytest.raises(TinyLMError, match="already holds a run"):
         finetune(tiny_run, pairs_file, tiny_run, overrides={"max_steps": 2}, progress=False)
+
+
+def test_lora_on_the_tied_head_loads_and_merges_into_an_untied_model(tiny_run, pairs_file, tmp_path):
+    """The tiny preset ties lm_head to the embedding; an adapter on lm_head changes the head only."""
+    base = load_run(tiny_run)
+    assert base.model_cfg.tie_embeddings
+    finetune(
+        tiny_run,
+        pairs_file,
+        tmp_path / "ft",
+        lora=LoRAConfig(rank=4, targets=("lm_head", "wq")),
+        overrides={"max_steps": 10, "eval_interval": 10, "lr": 3e-2},
+        progress=False,
+    )
+    tuned = load_run(tmp_path / "ft")  # the tied base weight is saved once, under tok_emb.weight
+    assert not torch.equal(tuned.model.lm_head.lora_b, torch.zeros_like(tuned.model.lm_head.lora_b))
+    merged = load_run(merge_run(tmp_path / "ft", tmp_path / "merged"))
+    assert not merged.model_cfg.tie_embeddings
+    assert torch.equal(merged.model.tok_emb.weight, base.model.tok_emb.weight)  # the embedding is untouched
+    idx = torch.randint(0, base.model_cfg.vocab_size, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(idx), tuned.model(idx), atol=1e-5, rtol=1e-5)

@@ -18,6 +18,7 @@ from tinylm.generate import (
     stream,
 )
 from tinylm.model import KVCache, Transformer
+from tinylm.tokenizer import CharTokenizer
 
 pytestmark = pytest.mark.numerics
 
@@ -325,3 +326,166 @@ def test_a_rolling_chunk_that_would_overwrite_its_own_keys_is_refused():
         model(x[:, 10:20], caches=caches, pos=10)  # still inside the cache: fine
         with pytest.raises(TinyLMError, match="does not fit a rolling KV cache of 32"):
             model(x[:, 20:40], caches=caches, pos=20)
+
+
+# ----- issue 23: one sampling rule for batches of mixed settings, seeds, ranges, incremental text ---------
+def _mixed_configs() -> list[SampleConfig]:
+    return [
+        SampleConfig(temperature=0.8, top_k=0, seed=1),
+        SampleConfig(do_sample=False, repetition_penalty=1.3),
+        SampleConfig(temperature=1.2, top_k=5, seed=2),
+        SampleConfig(temperature=0.5, top_p=0.7, repetition_penalty=0.8, seed=3),
+        SampleConfig(temperature=1.0, top_k=3, top_p=0.9, seed=4),
+        SampleConfig(do_sample=False),
+    ]
+
+
+def test_sample_rows_samples_each_row_as_if_it_were_alone():
+    """The server samples rows with different settings in one call; each row's token is the one select_next
+    (generate's rule) picks for that row alone with its own generator, step after step."""
+    from tinylm.generate import RowSampling, make_generator, sample_rows, seen_tokens
+
+    torch.manual_seed(0)
+    cfgs, vocab = _mixed_configs(), 50
+    previous = torch.randint(0, vocab, (len(cfgs), 7))
+    batch_gens = [make_generator(c.seed, torch.device("cpu")) if c.do_sample else None for c in cfgs]
+    alone_gens = [make_generator(c.seed, torch.device("cpu")) for c in cfgs]
+    rows = RowSampling.of(cfgs, vocab, torch.device("cpu"))
+    for _ in range(20):
+        logits = torch.randn(len(cfgs), vocab) * 3
+        batched = sample_rows(logits, rows, seen_tokens(previous, vocab), batch_gens)
+        alone = [
+            select_next(logits[i : i + 1], c, previous[i : i + 1], alone_gens[i]).item()
+            for i, c in enumerate(cfgs)
+        ]
+        assert batched.tolist() == alone
+        previous = torch.cat([previous, batched[:, None]], dim=1)
+
+
+def test_select_next_draws_exactly_as_torch_multinomial():
+    """sample_rows draws by the argmax of probs / Exp(1) noise: torch.multinomial's own draw, so texts for a
+    seed are what they were with multinomial."""
+    torch.manual_seed(0)
+    cfg = SampleConfig(temperature=0.7, top_k=20, top_p=0.9)
+    for seed in range(20):
+        logits = torch.randn(3, 100) * 2
+        ours = select_next(
+            logits, cfg, torch.zeros(3, 0, dtype=torch.long), torch.Generator().manual_seed(seed)
+        )
+        probs = filter_top_p(filter_top_k(logits / 0.7, 20), 0.9).softmax(-1)
+        ref = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1)
+        assert torch.equal(ours, ref)
+
+
+def test_seeds_are_reduced_modulo_2_64(tiny_run):
+    from tinylm.generate import make_generator
+
+    cpu = torch.device("cpu")
+    assert make_generator(2**70 + 5, cpu).initial_seed() == (2**70 + 5) % 2**64
+    assert make_generator(-1, cpu).initial_seed() == torch.Generator().manual_seed(-1).initial_seed()
+    run = load_run(tiny_run)
+    big = generate(run.model, run.tokenizer, "A", max_new_tokens=10, seed=2**64 + 9)[0].text
+    assert big == generate(run.model, run.tokenizer, "A", max_new_tokens=10, seed=9)[0].text
+
+
+@pytest.mark.parametrize(
+    "options,fragment",
+    [
+        ({"temperature": 1e-40}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 1e9}, "temperature"),
+        ({"repetition_penalty": 1e40}, "repetition_penalty"),
+        ({"repetition_penalty": 1e-40}, "repetition_penalty"),
+        ({"top_p": float("nan")}, "top_p"),
+    ],
+)
+def test_sampling_ranges_keep_the_arithmetic_finite(options, fragment):
+    with pytest.raises(TinyLMError, match=fragment):
+        SampleConfig(**options)
+
+
+def test_logits_that_are_not_finite_are_one_clear_error():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**FLAVOURS["gpt"])).eval()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(TinyLMError, match="not finite"):
+        list(generate_tokens(model, idx, SampleConfig(max_new_tokens=4, seed=0)))
+    with pytest.raises(TinyLMError, match="not finite"):
+        list(generate_tokens(model, idx, SampleConfig(max_new_tokens=4, do_sample=False)))
+
+
+class _Counting:
+    """A tokenizer that records how many ids each decode call gets."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.sizes = inner, []
+
+    def decode(self, ids):
+        ids = list(ids)
+        self.sizes.append(len(ids))
+        return self.inner.decode(ids)
+
+
+def test_text_decoder_is_incremental_and_adds_up_to_decode(shakespeare_text):
+    """Per token the decoder reads a window of a few ids (not the whole text: 657 ms per 2,048 tokens before),
+    and its pieces add up to decode(all ids), multi-byte characters split across byte tokens included."""
+    from tinylm.generate import MAX_HELD_TOKENS, TextDecoder
+    from tinylm.tokenizer import HFTokenizer
+
+    text = shakespeare_text[:3000] + " naïve café ☃ 日本語 ünïcödé — “quotes” 🙂 " * 20
+    tok = HFTokenizer.train_bpe(
+        [shakespeare_text[:20_000]], 300
+    )  # few merges: non-ASCII stays split in bytes
+    ids = tok.encode(text)
+    assert len(ids) > 2000
+    counting = _Counting(tok)
+    decoder = TextDecoder(counting)
+    pieces = [decoder.push(t) for t in ids]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert max(counting.sizes) <= MAX_HELD_TOKENS + 1  # bounded: independent of the text's length
+    assert sum(counting.sizes) < 4 * len(ids)
+
+
+def test_row_text_holds_back_only_a_possible_stop(shakespeare_text):
+    """RowText's stop search looks at the held-back text and the new piece only (bounded by the longest stop),
+    and cuts where searching the whole text so far after every token would."""
+    import random
+
+    rng = random.Random(0)
+    chars = CharTokenizer("abc\n")
+    for _ in range(300):
+        stops = tuple(
+            "".join(rng.choice("abc\n") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))
+        )
+        ids = [rng.randrange(4) for _ in range(rng.randint(0, 40))]
+        row = RowText(chars, stops)
+        pieces = []
+        for t in ids:
+            pieces.append(row.push(t))
+            assert len(row.held) < max(map(len, stops))
+        pieces.append(row.finish())
+        assert "".join(pieces) == _cut_as_text_grows(chars.decode(ids), stops), (stops, ids)
+
+
+def _cut_as_text_grows(text: str, stops: tuple[str, ...]) -> str:
+    """The reference rule: as the text grows one character at a time, cut it where the first stop that
+    appears begins (searching the whole text so far, every time)."""
+    for end in range(1, len(text) + 1):
+        cuts = [text[:end].find(s) for s in stops if s in text[:end]]
+        if cuts:
+            return text[: min(cuts)]
+    return text
+
+
+def test_top_p_keeps_the_most_likely_token_for_any_positive_p():
+    """A top_p of 5e-324 (found by the server's fuzz test) rounds to 0 in float32: every token was dropped and
+    the probabilities were NaN."""
+    logits = torch.tensor([[0.5, 2.0, -1.0]])
+    assert (filter_top_p(logits, 5e-324) > INF).tolist() == [[False, True, False]]
+    cfg = SampleConfig(top_p=5e-324, seed=0)
+    assert (
+        select_next(logits, cfg, torch.zeros(1, 0, dtype=torch.long), torch.Generator().manual_seed(0)).item()
+        == 1
+    )

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import tiny_config
 from tinylm.cli import main
 
 
@@ -31,3 +32,11 @@ def test_set_vocab_size_is_honoured(capsys):
     assert out["config"]["vocab_size"] == 8192
     assert out["parameters"] == 16_058_112 - (50257 - 8192) * 256
     assert info(capsys, "--preset", "mini-gpt", "--vocab-size", "8192")["parameters"] == out["parameters"]
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu", "relu2"])
+def test_train_and_info_describe_every_feed_forward(mlp):
+    from tinylm.cli.common import describe_model
+
+    line = describe_model(tiny_config(mlp=mlp, qk_norm=True))
+    assert {"gelu": "GELU", "swiglu": "SwiGLU", "relu2": "ReLU²"}[mlp] in line and "QK-norm" in line

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import FLAVOURS, tiny_config
+from tinylm.errors import TinyLMError
 from tinylm.model import Transformer, cache_rows
 from tinylm.model.layers import MoE, RMSNorm, apply_rope, load_balancing_loss, rope_tables
 
@@ -221,6 +222,22 @@ def test_moe_training_forward_has_no_host_sync(monkeypatch):
     assert model.blocks[0].ff.w1.grad.abs().sum() > 0
 
 
+def test_a_rolling_chunk_given_tensor_positions_is_refused_too():
+    """test_generate's refused rolling chunk, given tensor positions (the batched and compiled decoders' path)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(position="rope", block_size=32)).eval()
+    caches = model.make_caches(1, rolling=True)
+    x = torch.randint(0, model.cfg.vocab_size, (1, 40))
+    with torch.no_grad():
+        model(x[:, :10], caches=caches, pos=torch.arange(0, 10))
+        inside = model(x[:, 10:20], caches=caches, pos=torch.arange(10, 20))  # still inside the cache: fine
+        torch.testing.assert_close(inside, model(x[:, :20])[:, 10:], atol=1e-5, rtol=1e-5)
+        with pytest.raises(TinyLMError, match="does not fit a rolling KV cache of 32"):
+            model(x[:, 20:40], caches=caches, pos=torch.arange(20, 40))
+        with pytest.raises(TinyLMError, match="does not fit a rolling KV cache of 32"):
+            model(x[:, 20:40], caches=caches, pos=torch.arange(20, 40).expand(1, 20))  # per-row positions
+
+
 # ----- issue 22's speedrun options, each against a naive formula --------------------------------------
 def _with_weights_of(cfg_a, cfg_b):
     """Two models, of configs a and b, with every weight they share equal (b's extra parameters as built)."""
@@ -341,3 +358,32 @@ def test_zero_init_starts_blocks_as_identity_and_the_head_uniform():
     torch.testing.assert_close(model(idx), torch.zeros(2, 8, 65))  # untied head at zero: uniform
     tied = Transformer(tiny_config(zero_init=True))  # a tied head is the embedding: it stays random
     assert tied.lm_head.weight.std() > 0.01
+
+
+def test_speedrun_parameters_start_by_the_init_rules_on_any_device_and_shard():
+    """The learned mixes and zero_init come from init_rules, so a model built on the meta device and drawn
+    shard by shard (as sharded training does) starts equal to one built whole, at the documented values."""
+    from tinylm.model.transformer import init_parameters
+
+    options = dict(qk_norm=True, zero_init=True, value_embeds=1, embed_skip=True, unet_skips=True)
+    cfg = tiny_config(n_layer=4, tie_embeddings=False, **options)
+    whole = Transformer(cfg)
+    whole.reset_parameters(seed=3)
+    with torch.device("meta"):
+        lazy = Transformer(cfg)
+    lazy.to_empty(device="cpu")
+    lazy.reset_buffers()
+    for first in (True, False):  # two "ranks", each drawing only its half of every parameter
+        init_parameters(
+            lazy,
+            3,
+            lambda p, first=first: (
+                (p.view(-1)[: p.numel() // 2], 0) if first else (p.view(-1)[p.numel() // 2 :], p.numel() // 2)
+            ),
+        )
+    for name, p in whole.state_dict().items():
+        assert torch.equal(p, lazy.state_dict()[name]), name
+    assert whole.blocks[0].x0_mix.tolist() == [1.0, 0.0] and whole.skip_weights.tolist() == [1.0, 1.0]
+    assert whole.blocks[0].attn.value_mix.tolist() == [0.5, 0.5] and whole.blocks[1].attn.value_mix is None
+    assert not whole.blocks[0].attn.wo.weight.any() and not whole.lm_head.weight.any()  # zero_init
+    assert whole.blocks[0].attn.wq.weight.std() > 0.01 and whole.tok_emb.weight.std() > 0.01

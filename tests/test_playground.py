@@ -21,6 +21,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from conftest import start_server  # noqa: E402
 from tinylm.checkpoint import load_run  # noqa: E402
+from tinylm.config import SampleConfig  # noqa: E402
 from tinylm.generate import generate  # noqa: E402
 from tinylm.serve import create_app  # noqa: E402
 
@@ -54,10 +55,11 @@ def browser(tmp_path: Path) -> Iterator[object]:
         "--disable-component-update",
         "--no-first-run",
         "--disable-sync",
-        "--window-size=1400,1300",
+        "--window-size=1400,1800",
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, read by the test
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         yield driver
@@ -70,9 +72,10 @@ def test_page_and_assets_come_from_the_server(playground) -> None:
     page = httpx.get(f"{url}/")
     assert page.status_code == 200 and "tinylm playground" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
-    for asset in ("app.js", "style.css"):
+    for asset in ("app.js", "style.css", "favicon.svg"):
         r = httpx.get(f"{url}/static/{asset}")
         assert r.status_code == 200 and "https://" not in r.text
+    assert 'rel="icon" href="/static/favicon.svg"' in page.text  # no request for a missing /favicon.ico
 
 
 def test_run_card_and_attention_endpoints(playground) -> None:
@@ -94,23 +97,44 @@ def test_playground_streams_and_draws(playground, browser, tmp_path: Path) -> No
     browser.get(url)
     wait = WebDriverWait(browser, 60)
     wait.until(lambda d: d.find_element(By.ID, "model-name").text == "tiny")
+    defaults = SampleConfig()  # the page starts from the server's sampling defaults
+    wait.until(lambda d: d.find_element(By.ID, "max_tokens").get_attribute("value") != "")
+    for field, value in (
+        ("max_tokens", defaults.max_new_tokens),
+        ("top_k", defaults.top_k),
+        ("top_p", defaults.top_p),
+    ):
+        assert float(browser.find_element(By.ID, field).get_attribute("value")) == value
     prompt = browser.find_element(By.ID, "prompt")
     prompt.clear()
     prompt.send_keys("JULIET:")
-    for field, value in (("temperature", "0.8"), ("max_tokens", "24"), ("seed", "3")):
+    # 25 tokens: as many as tiny's 32-token context takes after the prompt (the default, 200, is for real runs)
+    for field, value in (("temperature", "0.8"), ("seed", "3"), ("max_tokens", "25")):
         box = browser.find_element(By.ID, field)
         box.clear()
         box.send_keys(value)
     browser.find_element(By.ID, "generate").click()
     wait.until(lambda d: d.find_element(By.ID, "output").get_attribute("data-state") in ("done", "error"))
     assert browser.find_element(By.ID, "output").get_attribute("data-state") == "done"
-    tokens = browser.find_elements(By.CSS_SELECTOR, "#output .tok")
+    tokens = browser.find_elements(By.CSS_SELECTOR, "#output .generated .tok")
     shown = browser.execute_script("return document.querySelector('#output .generated').textContent")
     expected = generate(
-        run.model, run.tokenizer, "JULIET:", max_new_tokens=24, temperature=0.8, top_k=0, top_p=1.0, seed=3
-    )[0].text
-    assert shown == expected and len(tokens) == 24
+        run.model, run.tokenizer, "JULIET:", defaults, max_new_tokens=25, temperature=0.8, seed=3
+    )
+    assert shown == expected[0].text and len(tokens) == 25
     assert "%" in tokens[0].get_attribute("title")  # each token carries its probability
+    # shading: one of five probability bands per token, each its own colour, explained by a legend
+    bands = browser.execute_script(
+        "return [...document.querySelectorAll('#prob-legend .tok')].map(e => [e.className, e.textContent,"
+        " getComputedStyle(e).backgroundColor])"
+    )
+    assert [b[1] for b in bands] == ["≥ 80%", "50–80%", "20–50%", "5–20%", "< 5%"] and len(
+        {b[2] for b in bands}
+    ) == 5
+    for tok in tokens[:40]:
+        p, classes = float(tok.get_attribute("data-p")), tok.get_attribute("class").split()
+        low = [0.8, 0.5, 0.2, 0.05, 0.0]
+        assert f"p{next(i for i, b in enumerate(low) if p >= b)}" in classes
     browser.execute_script("arguments[0].dispatchEvent(new MouseEvent('mouseenter'))", tokens[0])
     assert "top alternatives" in browser.find_element(By.ID, "token-detail").text
     wait.until(lambda d: d.find_element(By.ID, "heatmap").get_attribute("data-cells"))
@@ -120,9 +144,42 @@ def test_playground_streams_and_draws(playground, browser, tmp_path: Path) -> No
         "let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] < 200 && d[i + 2] > 60) n++; return n;"
     )
     assert painted > 100  # coloured heatmap cells, not a blank canvas
+    legend = browser.find_element(By.ID, "attention-legend")
+    assert "attention weight" in legend.text and legend.find_elements(By.CSS_SELECTOR, ".ramp")
     facts = browser.find_element(By.ID, "card-facts").text
     assert "validation loss" in facts and "parameters" in facts
     assert browser.find_elements(By.CSS_SELECTOR, "#loss-curve path")
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors  # e.g. a 404 for /favicon.ico, or a script error
     shot = Path(os.environ.get("TINYLM_SCREENSHOT_DIR", tmp_path)) / "playground.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
-    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    assert browser.save_screenshot(str(shot))
+    _check_screenshot(browser, shot)
+
+
+def _check_screenshot(browser, shot: Path) -> None:
+    """The screenshot, taken after the page's scripts ran, shows the run card's curves and the generation."""
+    from PIL import Image
+
+    image = Image.open(shot).convert("RGB")
+
+    def pixels_like(element, rgb: tuple[int, int, int], tolerance: int = 40) -> int:
+        r = browser.execute_script(
+            "const b = arguments[0].getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]",
+            element,
+        )
+        assert r[3] <= image.height and r[2] <= image.width, (
+            f"{element.get_attribute('id')} is off the screenshot"
+        )
+        box = image.crop(tuple(int(v) for v in r))
+        return sum(1 for p in box.getdata() if all(abs(a - b) <= tolerance for a, b in zip(p, rgb)))
+
+    curve = browser.find_element(By.ID, "loss-curve")
+    assert pixels_like(curve, (0x3A, 0x5C, 0xCC)) > 50 and pixels_like(curve, (0xE8, 0x86, 0x2A)) > 20
+    generated = browser.find_element(By.CSS_SELECTOR, "#output .generated")
+    shaded = sum(
+        pixels_like(generated, rgb, 12)
+        for rgb in ((0xCF, 0xE3, 0xFF), (0xFF, 0xE0, 0x8A), (0xFF, 0xAB, 0x5E))
+    )
+    assert shaded > 500  # the generation's shaded tokens are on screen
+    assert pixels_like(browser.find_element(By.ID, "heatmap"), (253, 231, 37), 60) > 20  # viridis' top

@@ -1,5 +1,8 @@
 """int8 weight-only decoding and the bf16 CPU detection."""
 
+import importlib
+import json
+
 import pytest
 import torch
 
@@ -67,11 +70,46 @@ def test_int8_validation_loss_within_one_percent_of_fp32(tiny_run):
     assert generate(run.model, run.tokenizer, "ROMEO:", max_new_tokens=20, seed=0)[0].tokens == 20
 
 
-def test_generate_quantize_and_dtype_flags(tiny_run, capsys):
-    argv = ["generate", str(tiny_run), "--prompt", "ROMEO:", "--max-new-tokens", "10", "--no-progress"]
-    assert main([*argv, "--quantize", "int8", "--greedy"]) == 0
-    assert main([*argv, "--dtype", "auto", "--greedy"]) == 0
-    capsys.readouterr()
+def _cli_generation(monkeypatch, capsys, argv):
+    """(printed text, model that decoded it) of `tinylm generate ARGV --json`, run in this process."""
+    gen = importlib.import_module("tinylm.generate")  # the package's `generate` is the function
+
+    used, real = [], gen.decode_texts
+    monkeypatch.setattr(gen, "decode_texts", lambda m, *a, **k: used.append(m) or real(m, *a, **k))
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"], used[0]
+
+
+def test_generate_quantize_and_dtype_flags(tiny_run, monkeypatch, capsys):
+    argv = [
+        "generate",
+        str(tiny_run),
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "30",
+        "--no-progress",
+        "--greedy",
+    ]
+    text, model = _cli_generation(monkeypatch, capsys, [*argv, "--quantize", "int8"])
+    reference = quantize_int8(load_run(tiny_run).model)
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert layers and not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    for got, want in zip(layers, (m for m in reference.modules() if isinstance(m, Int8Linear))):
+        assert torch.equal(got.weight_int8, want.weight_int8) and torch.equal(got.scale, want.scale)
+    assert (
+        text
+        == generate(reference, load_run(tiny_run).tokenizer, "ROMEO:", max_new_tokens=30, do_sample=False)[
+            0
+        ].text
+    )
+    text, model = _cli_generation(monkeypatch, capsys, [*argv, "--dtype", "bf16"])
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    run = load_run(tiny_run)
+    expected = generate(
+        run.model.to(torch.bfloat16), run.tokenizer, "ROMEO:", max_new_tokens=30, do_sample=False
+    )
+    assert text == expected[0].text
 
 
 def test_bf16_detection_drives_dtype_auto():

@@ -177,8 +177,11 @@ def set_run(rag_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tmp / "template.txt").write_text(
         RAG_TEMPLATE.format(context=NO_CONTEXT, question="Who?")
     )  # its characters
+    (tmp / "qa_train.txt").write_text(
+        (rag_set / "qa_train.jsonl").read_text()
+    )  # the questions' characters, as text
     prepare(
-        [str(rag_set / "docs"), str(rag_set / "qa_train.jsonl"), str(tmp / "template.txt")],
+        [str(rag_set / "docs"), str(tmp / "qa_train.txt"), str(tmp / "template.txt")],
         tmp / "data",
         "char",
     )
@@ -394,21 +397,29 @@ def test_retrieval_puts_held_out_answers_in_the_prompt(rag_set: Path, set_run: P
     assert all(p["response"].strip() in p["prompt"] for p in kept_out)
 
 
-def test_serve_retriever_puts_the_gold_passage_before_the_prompt_within_budget(
-    rag_set: Path, tmp_path: Path
-) -> None:
-    from tinylm.rag import load_retriever
+def test_serve_retriever_packs_passages_by_the_rule_of_ask(rag_set: Path, tmp_path: Path) -> None:
+    """`tinylm serve --index` packs passages with pack_passages, the rule of build_prompt: the answer keeps
+    min(max_tokens, block_size // 4) tokens free and the first passage that does not fit is cut."""
+    from tinylm.rag import load_retriever, pack_passages
 
     build_index([rag_set / "docs"], tmp_path / "index", CHARS, 64)
-    retriever = load_retriever(tmp_path / "index", CHARS, block_size=256, k=3)
     q = read_jsonl(rag_set / "qa_test.jsonl")[0]
     prompt = f"Q: {q['question']}\nA:"
-    text, sources = retriever.augment(q["question"], prompt, budget=256)
-    assert text.startswith("Context:\n") and text.endswith("\n\n" + prompt)
-    assert " ".join(q["passage"].split()) in text and len(CHARS.encode(text)) <= 256
-    assert sources and set(sources[0]) == {"file", "passage", "score"}
-    tight, fewer = retriever.augment(q["question"], prompt, budget=len(CHARS.encode(text)) - 1)
-    assert len(fewer) < len(sources) and len(CHARS.encode(tight)) < len(CHARS.encode(text))
-    assert retriever.augment("zzzz qqqq", prompt, budget=256) == (prompt, [])
+    hits = Index.load(tmp_path / "index").search(q["question"], 3)
+    render = lambda texts: "Context:\n" + "\n".join(texts) + "\n\n" + prompt if texts else prompt  # noqa: E731
+    for block, new in ((256, 16), (128, 200), (96, 200)):  # 200: a chat request without max_tokens
+        retriever = load_retriever(tmp_path / "index", CHARS, block_size=block, k=3)
+        text, sources = retriever.augment(q["question"], prompt, max_new_tokens=new)
+        kept = pack_passages([h.text for h in hits], render, CHARS, block, new)
+        assert text == render(kept) and len(sources) == len(kept) >= 1
+        assert len(CHARS.encode(text)) <= block - answer_reserve(block, new)  # the answer keeps its room
+        assert text.startswith("Context:\n") and text.endswith("\n\n" + prompt)
+    assert (
+        " ".join(q["passage"].split())
+        in load_retriever(tmp_path / "index", CHARS, 256).augment(q["question"], prompt, 16)[0]
+    )
+    assert kept[-1] not in [h.text for h in hits]  # at 96 tokens the last passage kept was cut to fit
+    assert set(sources[0]) == {"file", "passage", "score"}
+    assert retriever.augment("zzzz qqqq", prompt, max_new_tokens=16) == (prompt, [])
     with pytest.raises(TinyLMError, match="another tokenizer"):
         load_retriever(tmp_path / "index", CharTokenizer("abc"), block_size=256)

@@ -71,3 +71,32 @@ def test_gpt2_falls_back_to_tiktoken(tmp_path, monkeypatch):
     assert tok.kind == "gpt2" and tok.vocab_size == 50257 and tok.decode(tok.encode("Hi there")) == "Hi there"
     tok.save(tmp_path / "t.json")
     assert load_tokenizer(tmp_path / "t.json").encode("ab") == [97, 98]
+
+
+def test_char_lookup_is_vectorised_and_exact():
+    import numpy as np
+
+    from tinylm.tokenizer import encode_arrays
+
+    text = "KING: naïve café — 東京\n" * 3 + "plain ascii text, odd length"
+    tok = CharTokenizer.train(text)
+    reference = [tok.stoi[c] for c in text]
+    assert tok.encode(text) == reference
+    for sample in (text[:-1], "a", "", "an", "東京", text[:17]):  # ASCII or not, odd and even lengths
+        assert tok.encode(sample) == [tok.stoi[c] for c in sample]
+        assert tok.encode_array(sample).dtype == np.uint16
+    assert [a.tolist() for a in encode_arrays(tok, [text, "an", text[::-1]])] == [
+        tok.encode(text),
+        tok.encode("an"),
+        tok.encode(text[::-1]),
+    ]
+    for bad, named in (("KING?", "'?'"), ("café!", "'!'"), ("日本", "'日', '本'"), ("a\ud800", r"'\\ud800'")):
+        with pytest.raises(TinyLMError, match=named):
+            tok.encode(bad)
+
+
+def test_char_vocabulary_beyond_16_bits():
+    chars = [chr(0x4E00 + i) for i in range(66_000)]
+    tok = CharTokenizer(chars)
+    ids = tok.encode_array("".join(chars[65_530:65_540]))
+    assert ids.dtype.name == "uint32" and ids.tolist() == list(range(65_530, 65_540))

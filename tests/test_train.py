@@ -9,6 +9,7 @@ from tinylm.checkpoint import RunRecord, checkpoint_dir, load_run
 from tinylm.config import build_configs
 from tinylm.data import TokenData, token_batches
 from tinylm.errors import TinyLMError
+from tinylm.model import Transformer
 from tinylm.runtime import setup
 from tinylm.train import Trainer, train
 
@@ -41,7 +42,7 @@ def test_resume_is_exact(char_data, tmp_path):
         train(out=tmp_path / "two", resume=True, progress=False)
     with pytest.raises(TinyLMError, match="different model config"):
         train(out=tmp_path / "two", resume=True, overrides={"n_layer": 3, "max_steps": 50}, progress=False)
-    with pytest.raises(TinyLMError, match="already holds a run"):
+    with pytest.raises(TinyLMError, match=r"already holds a finished run \(40 of 40 steps\)"):
         train(char_data, tmp_path / "two", "tiny", overrides, progress=False)
 
 
@@ -79,10 +80,10 @@ def test_speedrun_options_learn_and_resume_bit_for_bit(char_data, tmp_path):
 
 def test_ramped_steps_train_on_cropped_batches(char_data, tmp_path):
     trainer = _trainer(char_data, tmp_path, "ramp", batch_size_start=2, block_size_start=8, ramp_steps=4)
-    shapes = [tuple(trainer.micro_batches(step)[0][0].shape) for step in range(6)]
+    shapes = [tuple(next(trainer.micro_batches(step))[0].shape) for step in range(6)]
     assert shapes == [(2, 8), (4, 16), (5, 24), (7, 24), (8, 32), (8, 32)]
-    full = _trainer(char_data, tmp_path, "full").micro_batches(0)[0]
-    x, y = trainer.micro_batches(0)[0]
+    full = next(_trainer(char_data, tmp_path, "full").micro_batches(0))
+    x, y = next(trainer.micro_batches(0))
     assert torch.equal(x, full[0][:2, :8]) and torch.equal(y, full[1][:2, :8])  # the same windows, cropped
 
 
@@ -101,13 +102,23 @@ def test_gradient_accumulation_equals_larger_batch(char_data, tmp_path):
     accum = _trainer(char_data, tmp_path, "a", batch_size=4, grad_accum=2)
     big = _trainer(char_data, tmp_path, "b", batch_size=8, grad_accum=1)
     big.model.load_state_dict(accum.model.state_dict())
-    micro = accum.micro_batches(0)
+    micro = list(accum.micro_batches(0))
     big.micro_batches = lambda step: [(torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro]))]
     sa, sb = accum.train_step(0), big.train_step(0)
     assert sa["loss"] == pytest.approx(sb["loss"], rel=1e-5)
     assert sa["grad_norm"] == pytest.approx(sb["grad_norm"], rel=1e-4)
     for pa, pb in zip(accum.model.parameters(), big.model.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
+
+
+def test_the_trainer_builds_the_seeds_initial_weights_with_a_tied_head(char_data, tmp_path):
+    trainer = _trainer(char_data, tmp_path, "t", seed=5)
+    model = trainer.model
+    assert model.lm_head.weight is model.tok_emb.weight  # tied again after the meta device
+    reference = Transformer(model.cfg)
+    reference.reset_parameters(seed=5)
+    for name, p in reference.state_dict().items():
+        assert torch.equal(p, model.state_dict()[name]), name
 
 
 def test_epoch_mode_logs_and_checkpoints_each_epoch(char_data, tmp_path):
@@ -183,10 +194,10 @@ def test_ctrl_c_saves_a_resumable_checkpoint_at_the_step_boundary(char_data, tmp
     trainer = _trainer(char_data, tmp_path, "int", max_steps=20, eval_interval=50)
     real_step = trainer.train_step
 
-    def interrupt_during_step_7(step):
-        if step == 7:  # a real SIGINT in the middle of a step: the step still completes
+    def interrupt_during_step_7(step, stop=None):
+        if step == 7:  # a real SIGINT in the middle of a one-micro-batch step: the step still completes
             os.kill(os.getpid(), signal.SIGINT)
-        return real_step(step)
+        return real_step(step, stop)
 
     trainer.train_step = interrupt_during_step_7
     with pytest.raises(TrainingInterrupted, match="tinylm train --resume") as info:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 
-from tinylm.config import APP_SAMPLING, sample_config
-from tinylm.generate import generate
+from tinylm.config import APP_SAMPLING, SampleConfig, sample_config
+from tinylm.generate import RowText, encode_prompt, end_of_text, generate, generate_tokens
 from tinylm.tokenizer import Tokenizer
 
 STORY_PROMPT = "Write a short story about {theme}. Once upon a time,"
@@ -29,9 +30,33 @@ def generate_story(model: nn.Module, tokenizer: Tokenizer, theme: str, **options
 
 
 def answer_question(model: nn.Module, tokenizer: Tokenizer, question: str, **options: Any) -> str:
-    """The answer after "Q: {question}\\nA:", up to the end of its line."""
+    """The answer after "Q: {question}\\nA:": the first non-empty line the model writes."""
     cfg = sample_config(APP_SAMPLING["ask"], **options)
-    return generate(model, tokenizer, QA_PROMPT.format(question=question), cfg)[0].text.strip()
+    return first_line(model, tokenizer, QA_PROMPT.format(question=question), cfg)
+
+
+@torch.no_grad()
+def first_line(model: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig) -> str:
+    """The first non-empty line of the continuation of `prompt`, stripped: blank lines before it are skipped
+    (a model often starts its answer with a newline), then it ends at a newline or one of cfg.stop, within
+    cfg.max_new_tokens tokens in all. The tokens come from the one decode loop, as generate's do."""
+    stops = ("\n", *cfg.stop)
+    idx = torch.tensor(
+        [encode_prompt(tokenizer, prompt, model.cfg.block_size)], device=next(model.parameters()).device
+    )
+    row = RowText(
+        tokenizer, (), end_of_text(tokenizer)
+    )  # no stop strings here: they apply after the blank lines
+    text = ""
+    for nxt in generate_tokens(model, idx, cfg):
+        text += row.push(int(nxt[0]))
+        line = text.lstrip()
+        cuts = [i for i in (line.find(s) for s in stops if s) if i >= 0]
+        if cuts:
+            return line[: min(cuts)].strip()
+        if row.done:  # end of text
+            break
+    return (text + row.finish()).strip()
 
 
 APPS = {"complete": complete_text, "story": generate_story, "ask": answer_question}

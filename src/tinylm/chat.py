@@ -18,7 +18,9 @@ a new "\\nUser:" line (`CHAT_STOP`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
+from tinylm.config import SampleConfig
 from tinylm.errors import TinyLMError
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -50,3 +52,47 @@ def split_chat(messages: Sequence[Mapping[str, object]]) -> tuple[str, str]:
         raise TinyLMError('a chat example must end with an "assistant" message (the response to learn).')
     reply = _turn(messages[-1])[len(ROLES["assistant"]) + 1 :]  # " content", after "Assistant:"
     return render_chat(messages[:-1]), reply + CHAT_STOP[0][:1]
+
+
+# `tinylm chat`'s settings commands: name -> (SampleConfig field, type)
+SETTINGS = {"/temp": ("temperature", float), "/top_k": ("top_k", int), "/top_p": ("top_p", float)}
+SETTINGS["/max"] = ("max_new_tokens", int)
+HELP = (
+    "type a message; /temp 0.8, /top_k 50, /top_p 0.9, /max 200 change settings; /reset forgets the "
+    "conversation; Ctrl-C stops a reply (the conversation stays); Ctrl-D or /quit leaves."
+)
+
+
+@dataclass
+class ChatSession:
+    """A conversation and its sampling settings; the CLI reads the lines, streams the replies and prints."""
+
+    cfg: SampleConfig  # sampling for every reply; stop includes CHAT_STOP
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def command(self, line: str) -> str | None:
+        """Apply a settings command (/temp 0.8, /reset, ...): the line to show, or None if `line` is a message."""
+        word, _, value = line.strip().partition(" ")
+        if word == "/reset":
+            self.messages.clear()
+            return "(conversation cleared)"
+        if word not in SETTINGS:
+            return None
+        name, kind = SETTINGS[word]
+        try:
+            self.cfg = replace(self.cfg, **{name: kind(value)})
+        except (ValueError, TinyLMError) as exc:
+            return f"error: {exc}"
+        return f"{name} = {getattr(self.cfg, name)}"
+
+    def prompt(self, text: str) -> str:
+        """The model's prompt for the user's next message: the whole conversation, then "Assistant:"."""
+        return render_chat([*self.messages, {"role": "user", "content": text}])
+
+    def add(self, text: str, reply: str) -> None:
+        """Record a turn: the user's message and the reply as far as it went (all of it, or up to Ctrl-C)."""
+        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.strip()}]
+
+    @property
+    def turns(self) -> int:
+        return sum(1 for m in self.messages if m["role"] == "assistant")

@@ -5,11 +5,14 @@ RUN_DIR/
   tokenizer.json                 so the run is self-contained
   metrics.jsonl                  one JSON row per log / eval / epoch
   checkpoints/NAME/              NAME = last, best, step_000100, epoch_1, ...
-      model.safetensors          weights (tied tensors stored once)
-      state.pt                   optimizer, step, data position, RNG states, histories
-      meta.json                  step, epoch, losses
+      model.safetensors          weights (tied tensors stored once)           } one process or DDP
+      state.pt                   optimizer, step, data position, RNG states   }
+      .metadata, __R_0.distcp    weights and optimizer, each rank's shards    } FSDP: PyTorch's distributed
+      state.pt                   step, data position, every rank's RNG        } checkpoint (DCP)
+      meta.json                  step, epoch, losses, world size
 Every checkpoint is written to a temporary directory, fsynced, and renamed into place, so a crash (even
-SIGKILL or a power cut) leaves the old or the new checkpoint, never a half-written one. Files and
+SIGKILL or a power cut) leaves the old or the new checkpoint, never a half-written one. What a checkpoint
+holds does not grow with the run's length: the loss histories live in metrics.jsonl. Files and
 directories follow the user's umask.
 """
 
@@ -20,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,7 +37,6 @@ from safetensors.torch import load_file, save_file
 from tinylm.config import ModelConfig, TrainConfig, from_dict, to_dict
 from tinylm.errors import TinyLMError
 from tinylm.model import Transformer
-from tinylm.runtime import Runtime, gather_objects, rng_state, set_rng_state
 from tinylm.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -44,6 +47,7 @@ STATE = "state.pt"
 META = "meta.json"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+SHARDED = ".metadata"  # DCP's index of a sharded checkpoint's files; its presence marks the format
 
 
 class CorruptFile(TinyLMError):
@@ -81,16 +85,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Save tensors to safetensors, keeping one copy of tensors that share storage (tied weights)."""
-    seen: dict[tuple, str] = {}
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without later names of a tensor already present (tied weights are stored once)."""
+    seen: set[tuple] = set()
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen[key] = name
-        out[name] = t.detach().contiguous().cpu()
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
+    return out
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Save tensors to safetensors, keeping one copy of tensors that share storage (tied weights)."""
+    out = {name: t.detach().contiguous().cpu() for name, t in unique_tensors(state).items()}
     save_file(out, str(path), metadata={"format": "pt"})
     _publish(path, 0o666)
 
@@ -106,13 +115,24 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Load safetensors weights into model; only tied tensors may be absent from the file."""
     state = load_state_dict_file(path)
     result = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings", False) else set()
-    missing = set(result.missing_keys) - tied
+    missing = set(result.missing_keys) - _aliases(model)
     if missing or result.unexpected_keys:
         raise TinyLMError(
             f"Checkpoint {path} does not fit this model (missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(result.unexpected_keys)[:5]})."
         )
+
+
+def _aliases(model: nn.Module) -> set[str]:
+    """State-dict names of tensors that are an earlier name's tensor (tied weights, also when LoRA wraps
+    the tied head as lm_head.base.weight): save_state_dict keeps only the first of each."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            aliases.add(name)
+        seen.add(id(t))
+    return aliases
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -140,6 +160,47 @@ def load_train_state(ckpt: Path) -> dict[str, Any]:
 
 
 # ----- checkpoints ----------------------------------------------------------------------------
+def is_sharded(ckpt: Path) -> bool:
+    """Whether checkpoint directory `ckpt` was written by DCP (each rank its shards)."""
+    return (Path(ckpt) / SHARDED).is_file()
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` holds model weights in either format."""
+    return (Path(path) / WEIGHTS).is_file() or is_sharded(path)
+
+
+def temp_checkpoint_dir(run_dir: Path, name: str) -> Path:
+    """A new temporary directory next to the checkpoints, where checkpoint NAME is written before `install`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.tmp.", dir=root))
+
+
+def install(tmp: Path, name: str) -> Path:
+    """Make the fully written temporary directory `tmp` checkpoint NAME: flush it, then swap it in (the old
+    one aside, the new one in, the old one removed), so a crash at any moment leaves the old or the new."""
+    root = tmp.parent
+    _publish(tmp, 0o777)  # mkdtemp makes 0700
+    final, old = root / name, root / f".{name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)  # from here until the next rename, .NAME.old is the checkpoint
+    tmp.rename(final)
+    _fsync(root)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_state_and_meta(tmp: Path, train_state: dict[str, Any] | None, meta: dict[str, Any]) -> None:
+    if train_state is not None:
+        torch.save(train_state, tmp / STATE)
+        _publish(tmp / STATE, 0o666)
+    (tmp / META).write_text(json.dumps(meta, indent=2))
+    _publish(tmp / META, 0o666)
+
+
 def save_checkpoint(
     run_dir: Path,
     name: str,
@@ -147,30 +208,27 @@ def save_checkpoint(
     train_state: dict[str, Any] | None,
     meta: dict[str, Any],
 ) -> Path:
-    """Write checkpoints/NAME atomically and durably, and return its path."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp.", dir=root))
+    """Write checkpoints/NAME (single-file weights) atomically and durably, and return its path."""
+    tmp = temp_checkpoint_dir(run_dir, name)
     try:
         save_state_dict(model_state, tmp / WEIGHTS)
-        if train_state is not None:
-            torch.save(train_state, tmp / STATE)
-            _publish(tmp / STATE, 0o666)
-        (tmp / META).write_text(json.dumps(meta, indent=2))
-        _publish(tmp / META, 0o666)
-        _publish(tmp, 0o777)  # mkdtemp makes 0700
-        final, old = root / name, root / f".{name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            final.rename(old)  # from here until the next rename, .NAME.old is the checkpoint
-        tmp.rename(final)
-        _fsync(root)
-        shutil.rmtree(old, ignore_errors=True)
+        _write_state_and_meta(tmp, train_state, meta)
+        return install(tmp, name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+
+
+def finish_sharded_checkpoint(
+    tmp: Path, name: str, train_state: dict[str, Any], meta: dict[str, Any]
+) -> Path:
+    """Rank 0, once every rank's shards are in `tmp`: add state.pt and meta.json, and install it as NAME."""
+    try:
+        _write_state_and_meta(tmp, train_state, meta)
+        return install(tmp, name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def recover_checkpoints(run_dir: Path) -> None:
@@ -194,7 +252,7 @@ def checkpoint_dir(run_dir: Path, name: str = "last") -> Path:
     """The directory of checkpoint NAME, falling back to the previous copy if a swap was interrupted."""
     root = Path(run_dir) / "checkpoints"
     for candidate in (root / name, root / f".{name}.old"):
-        if (candidate / WEIGHTS).is_file():
+        if is_checkpoint(candidate):
             return candidate
     available = sorted(p.name for p in root.glob("*") if not p.name.startswith(".")) if root.is_dir() else []
     raise TinyLMError(
@@ -211,7 +269,10 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     """Why checkpoint directory `ckpt` cannot be resumed from (one sentence), or None if it can."""
     try:
         read_json(ckpt / META)
-        load_state_dict_file(ckpt / WEIGHTS)
+        if is_sharded(ckpt):
+            check_shards(ckpt)
+        else:
+            load_state_dict_file(ckpt / WEIGHTS)
         load_train_state(ckpt)
     except TinyLMError as exc:
         return str(exc)
@@ -241,97 +302,97 @@ def prune_checkpoints(run_dir: Path, prefix: str, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def model_state(model: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
-    """Full (unsharded, CPU for FSDP) weights of a possibly sharded model; collective under FSDP."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
-    """Full optimizer state; collective under FSDP."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(
-            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-    return optimizer.state_dict()
-
-
-def load_optimizer_state(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: dict[str, Any],
-    fsdp: bool,
-    where: Path,
-    name: str,
-) -> None:
-    """Put a full optimizer state back (sharding it under FSDP), or say it belongs to another optimizer."""
-    try:
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+# ----- sharded (DCP) checkpoints, read in one process -------------------------------------------
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{name: earlier name} for each parameter name that is another name of an earlier one (a tied head)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
         else:
-            optimizer.load_state_dict(state)
-    except (ValueError, KeyError, TinyLMError) as exc:
-        raise TinyLMError(
-            f"The optimizer state in {where} does not fit optimizer {name!r}; "
-            "resume with the optimizer the run was trained with."
-        ) from exc
+            first[id(p)] = name
+    return aliases
 
 
-def save_training(
-    run_dir: Path,
-    name: str,
-    parts: TrainingParts,
-    counters: dict[str, Any],
-    meta: dict[str, Any],
-) -> None:
-    """Checkpoint NAME of a training run: weights, optimizer, loss scaler, every rank's RNG (each rank resumes
-    its own) and `counters` (step, best validation loss, history, data position). Collective; rank 0 writes."""
-    weights = model_state(parts.model, parts.fsdp)
-    optim = optimizer_state(parts.model, parts.optimizer, parts.fsdp)
-    rng = gather_objects(rng_state(), parts.runtime)
-    if parts.runtime.is_main:  # rank 0's RNG also at the top level, as single-process runs store it
-        state = {
-            **counters,
-            "optimizer": optim,
-            "scaler": parts.scaler.state_dict(),
-            **rng[0],
-            "rng_ranks": rng,
-        }
-        save_checkpoint(run_dir, name, weights, state, meta)
+def check_shards(ckpt: Path) -> None:
+    """Raise CorruptFile naming the first file of sharded checkpoint `ckpt` that is unreadable or too short."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as exc:  # truncated or garbage pickle
+        raise CorruptFile(
+            f"{ckpt / SHARDED} is corrupt ({type(exc).__name__}); use another checkpoint."
+        ) from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = ckpt / name
+        if not path.is_file() or path.stat().st_size < size:
+            raise CorruptFile(f"{path} is missing or cut short; use another checkpoint.")
 
 
-def load_training_weights(ckpt: Path, model: nn.Module) -> dict[str, Any]:
-    """Load checkpoint `ckpt`'s weights into an unwrapped model and return its training state (checked whole)."""
-    read_json(ckpt / META)  # the whole checkpoint must be intact, not only what resuming reads
-    state = load_train_state(ckpt)
-    load_weights(model, ckpt / WEIGHTS)
-    return state
+def load_sharded_weights(model: nn.Module, ckpt: Path) -> None:
+    """Load the weights of sharded checkpoint `ckpt` into a whole model in this process alone (its optimizer
+    state is not read)."""
+    import torch.distributed.checkpoint as dcp
+
+    check_shards(ckpt)
+    aliases = tied_aliases(model)
+    state = {"model": {k: v for k, v in model.state_dict().items() if k not in aliases}}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+            dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    except (Exception, dcp.api.CheckpointException) as exc:
+        raise CorruptFile(
+            f"Checkpoint {ckpt} does not fit this model or is corrupt ({_first_line(exc)}); use another checkpoint."
+        ) from None
+    model.load_state_dict(state["model"], strict=False)
 
 
-def restore_training(parts: TrainingParts, state: dict[str, Any], ckpt: Path, optimizer_name: str) -> None:
-    """Put the optimizer, loss scaler and this rank's RNG of checkpoint `ckpt` back (after its weights)."""
-    load_optimizer_state(parts.model, parts.optimizer, state["optimizer"], parts.fsdp, ckpt, optimizer_name)
-    parts.scaler.load_state_dict(state["scaler"])
-    ranks = state.get("rng_ranks") or [state]  # older checkpoints hold rank 0's only
-    set_rng_state(ranks[parts.runtime.rank] if parts.runtime.rank < len(ranks) else ranks[0])
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1][:200] if text else type(exc).__name__
 
 
-@dataclass
-class TrainingParts:
-    """What a training checkpoint holds besides counters: the model, its optimizer and loss scaler."""
+def load_checkpoint_weights(model: nn.Module, ckpt: Path) -> None:
+    """Load checkpoint `ckpt`'s weights into a whole model: its model.safetensors (also what `consolidate`
+    writes into a sharded checkpoint) or else its shards."""
+    if (ckpt / WEIGHTS).is_file():
+        load_weights(model, ckpt / WEIGHTS)
+    else:
+        load_sharded_weights(model, ckpt)
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    runtime: Runtime
-    fsdp: bool
+
+def consolidate(run_dir: str | Path, checkpoint: str = "last", out: str | Path | None = None) -> Path:
+    """Write sharded checkpoint CHECKPOINT of a run as one model.safetensors (in the checkpoint's own
+    directory by default), the file generate, export and serve load directly; returns its path."""
+    run_dir = Path(run_dir)
+    record = RunRecord.read(run_dir)
+    ckpt = checkpoint_dir(run_dir, checkpoint)
+    target = Path(out) if out else ckpt / WEIGHTS
+    if not is_sharded(ckpt):
+        raise TinyLMError(f"Checkpoint {ckpt} is not sharded; its {WEIGHTS} is already the single file.")
+    if target.exists():
+        raise TinyLMError(f"{target} already exists; remove it or choose another --out.")
+    model = build_model(record)
+    load_sharded_weights(model, ckpt)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_state_dict(model.state_dict(), tmp)
+        os.replace(tmp, target)
+        _fsync(target.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise TinyLMError(f"Cannot write {target} ({exc.strerror or exc}); choose another --out.") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
 
 
 # ----- the run record -------------------------------------------------------------------------
@@ -440,18 +501,22 @@ class RunLog:
         for sink in self.sinks:
             sink(row)
 
-    def truncate(self, step: int) -> None:
-        """Drop rows written after the checkpoint we resume from."""
+    def truncate(self, step: int) -> list[dict[str, Any]]:
+        """Drop rows written after the checkpoint we resume from; return the rows kept (none on other ranks)."""
         path = self.run_dir / METRICS
-        if self.enabled and path.is_file():
-            rows = []
-            for line in path.read_text().splitlines():
-                try:
-                    if line and json.loads(line).get("step", 0) <= step:
-                        rows.append(line)
-                except json.JSONDecodeError:  # a row cut short by a crash
-                    continue
-            atomic_write_text(path, "".join(r + "\n" for r in rows))
+        if not (self.enabled and path.is_file()):
+            return []
+        lines, rows = [], []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line) if line else None
+            except json.JSONDecodeError:  # a row cut short by a crash
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                lines.append(line)
+                rows.append(row)
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+        return rows
 
 
 def make_sinks(run_dir: Path, record: RunRecord) -> list[Sink]:
@@ -546,7 +611,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str | torch.
     record = RunRecord.read(run_dir)
     ckpt = checkpoint_dir(run_dir, checkpoint)
     model = build_model(record)
-    load_weights(model, ckpt / WEIGHTS)
+    load_checkpoint_weights(model, ckpt)
     meta = read_json(ckpt / META) if (ckpt / META).is_file() else {}
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     return LoadedRun(model.to(device).eval(), tokenizer, record, meta, run_dir)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, did_you_mean
 
 
 @dataclass
@@ -127,6 +127,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     eval_interval: int = 250  # steps between validation runs (step mode)
     eval_batches: int = 20  # batches per validation estimate during training
+    eval_tokens: int = 0  # > 0: validation token budget per estimate instead (rounded up to whole batches)
     log_interval: int = 10  # steps between metrics.jsonl rows
     save_interval: int = 0  # > 0: also keep a step_N checkpoint every this many steps
     keep_last: int = 0  # > 0: keep only this many step_N / epoch_N checkpoints
@@ -135,7 +136,8 @@ class TrainConfig:
     dtype: str = "auto"  # "auto", "fp32", "bf16" or "fp16" (mixed precision)
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
-    fsdp: bool = False  # shard with FSDP2 under torchrun instead of DDP
+    fsdp: bool = False  # shard with FSDP2 under torchrun instead of DDP (and checkpoint each rank's shards)
+    async_save: bool = False  # write checkpoints in the background while training continues
     tensorboard: bool = False  # also log metrics to RUN_DIR/tensorboard
     wandb: bool = False  # also log metrics to Weights & Biases
 
@@ -183,6 +185,36 @@ class TrainConfig:
             raise TinyLMError(f"min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1].")
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.save_interval < 0 or self.keep_last < 0:
             raise TinyLMError("warmup_steps, max_grad_norm, save_interval and keep_last cannot be negative.")
+        if self.eval_tokens < 0:
+            raise TinyLMError(f"eval_tokens ({self.eval_tokens}) cannot be negative (0 uses eval_batches).")
+
+
+@dataclass
+class PrepareConfig:
+    """How `tinylm prepare` reads, splits, tokenizes and shards a corpus."""
+
+    tokenizer: str = "char"  # "char" (the corpus's characters), "bpe" (byte-level, trained here) or "gpt2"
+    vocab_size: int = 4096  # BPE vocabulary size
+    val_fraction: float = 0.1  # held out: whole documents (every 10th), or the tail of a single document
+    text_field: str = "text"  # the field of JSONL, Parquet and Hugging Face rows that holds the text
+    tokenizer_sample: int = 100_000_000  # characters the BPE learns from: the first ones of the training text
+    shard_tokens: int = 100_000_000  # tokens per shard file (200 MB of uint16, as modded-nanogpt's shards)
+
+    def __post_init__(self) -> None:
+        _check_choice("tokenizer", self.tokenizer, ("char", "bpe", "gpt2"))
+        if not 0.0 < self.val_fraction < 1.0:
+            raise TinyLMError(f"--val-fraction ({self.val_fraction}) must be between 0 and 1.")
+        for name in ("vocab_size", "tokenizer_sample", "shard_tokens"):
+            if getattr(self, name) <= 0:
+                raise TinyLMError(f"{name} ({getattr(self, name)}) must be a positive integer.")
+        if not self.text_field:
+            raise TinyLMError("--text-field cannot be empty.")
+
+
+# Sampling ranges whose arithmetic stays finite: logits of any magnitude below 1e33 divided by the smallest
+# temperature and penalty stay below float32's 3.4e38 (a temperature of 1e-40 made them infinite).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MIN_PENALTY, MAX_PENALTY = 1e-2, 100.0
 
 
 @dataclass
@@ -204,21 +236,56 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise TinyLMError(f"max_new_tokens ({self.max_new_tokens}) cannot be negative.")
-        if self.do_sample and self.temperature <= 0:
+        if self.do_sample and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
             raise TinyLMError(
-                f"temperature ({self.temperature}) must be > 0 when sampling; use greedy decoding instead."
+                f"temperature ({self.temperature}) must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE} "
+                "when sampling (lower ones overflow the logits); use greedy decoding instead."
             )
         if self.top_k < 0:
             raise TinyLMError(f"top_k ({self.top_k}) cannot be negative (0 turns it off).")
         if not 0.0 < self.top_p <= 1.0:
             raise TinyLMError(f"top_p ({self.top_p}) must be in (0, 1].")
-        if self.repetition_penalty <= 0:
-            raise TinyLMError(f"repetition_penalty ({self.repetition_penalty}) must be > 0.")
+        if not MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY:
+            raise TinyLMError(
+                f"repetition_penalty ({self.repetition_penalty}) must be between {MIN_PENALTY} and {MAX_PENALTY}."
+            )
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample
+
+
+@dataclass
+class ServeConfig:
+    """Scheduling and request limits of `tinylm serve`: the one home of their defaults (server and CLI).
+
+    Each limit is checked before any work on the request; exceeding one is an HTTP 4xx naming it.
+    """
+
+    max_batch: int = 16  # sequences decoded together in one step
+    max_queue: int = 256  # sequences allowed to wait for a row; more get HTTP 429
+    max_body_bytes: int = 1_000_000  # request body size; larger gets HTTP 413 before it is parsed
+    max_prompt_tokens: int = 0  # tokens per prompt; 0 = the model's context (longer prompts keep their end)
+    max_tokens: int = 4096  # largest max_tokens a request may ask for (it may exceed the context)
+    max_n: int = 16  # choices per request
+    max_logprobs: int = 20  # alternatives reported per token
+    max_stop: int = 4  # stop strings per request
+    max_stop_chars: int = 64  # characters per stop string
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            least = 0 if f.name in ("max_queue", "max_prompt_tokens", "max_logprobs", "max_stop") else 1
+            if getattr(self, f.name) < least:
+                raise TinyLMError(
+                    f"{f.name} ({getattr(self, f.name)}) must be at least {least} "
+                    f"(tinylm serve {self.flag(f.name)})."
+                )
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The `tinylm serve` flag that sets field `name`."""
+        return "--max-tokens-limit" if name == "max_tokens" else "--" + name.replace("_", "-")
 
 
 # Each application's own sampling defaults (tinylm complete / story / ask); options a caller gives replace them.
@@ -375,6 +442,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_batches=5,
     ),
 }
+DEFAULT_PRESET = "tiny"  # what `train` and `info` use without --preset: a test-sized model, which they name
 
 
 # The vocabulary each preset is meant for (its tutorial's tokenizer: GPT-2's 50,257 subwords or Tiny
@@ -414,17 +482,20 @@ def field_names(cls: type) -> set[str]:
 
 
 def build_configs(
-    preset: str = "tiny", overrides: dict[str, Any] | None = None, vocab_size: int = 0
+    preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None, vocab_size: int = 0
 ) -> tuple[ModelConfig, TrainConfig]:
     """Model and training configs from a preset, with `overrides` applied to whichever owns each key."""
     if preset not in PRESETS:
-        raise TinyLMError(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+        raise TinyLMError(
+            f"Unknown preset {preset!r}.{did_you_mean(preset, PRESETS)} Choose one of: {', '.join(PRESETS)}."
+        )
     values = {**PRESETS[preset], **(overrides or {})}
-    unknown = set(values) - field_names(ModelConfig) - field_names(TrainConfig)
+    keys = field_names(ModelConfig) | field_names(TrainConfig)
+    unknown = sorted(set(values) - keys)
     if unknown:
         raise TinyLMError(
-            f"Unknown config key(s) {', '.join(sorted(unknown))}; valid keys are "
-            f"{', '.join(sorted(field_names(ModelConfig) | field_names(TrainConfig)))}."
+            f"Unknown config key(s) {', '.join(unknown)}.{did_you_mean(unknown[0], keys)} Valid keys are "
+            f"{', '.join(sorted(keys))}."
         )
     model_kwargs = {k: v for k, v in values.items() if k in field_names(ModelConfig)}
     if vocab_size:
@@ -450,7 +521,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise TinyLMError(f"--set expects key=value, got {pair!r}.")
         if key not in types:
             raise TinyLMError(
-                f"Unknown config key {key!r} in --set; see `tinylm info --preset NAME --json` for keys."
+                f"Unknown config key {key!r} in --set.{did_you_mean(key, types)} "
+                "See `tinylm info --preset NAME --json` for the keys."
             )
         out[key] = _coerce(key, raw.strip(), str(types[key]))
     return out
@@ -492,6 +564,7 @@ __all__ = [
     "APP_SAMPLING",
     "PRESETS",
     "PRESET_VOCAB",
+    "DEFAULT_PRESET",
     "preset_vocab_size",
     "build_configs",
     "finetune_config",

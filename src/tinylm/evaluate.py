@@ -28,6 +28,7 @@ class EvalResult:
     tokens: int
     chars: int = 0
     bytes: int = 0
+    max_tokens: int | None = None  # the token budget it was given (None: every token)
 
     @property
     def loss(self) -> float:
@@ -88,11 +89,18 @@ def evaluate_tokens(
     chars: int = 0,
     n_bytes: int = 0,
     autocast: ContextManager | None = None,
+    max_tokens: int | None = None,
     progress: bool = False,
 ) -> EvalResult:
-    """Score every token of `tokens` (after the first) given its preceding context in the window."""
+    """Score every token of `tokens` (after the first) given its preceding context in the window, or
+    only the first `max_tokens` of them; chars and n_bytes describe the whole of `tokens`."""
     if len(tokens) < 2:
         raise TinyLMError("Need at least two tokens to evaluate.")
+    whole = len(tokens) - 1  # predicted tokens: the first token is never predicted
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise TinyLMError(f"The token budget must be at least 1, not {max_tokens}.")
+        tokens = tokens[: max_tokens + 1]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -119,8 +127,13 @@ def evaluate_tokens(
         bar.update(1)
     bar.close()
     model.train(was_training)
-    scored = count / (len(tokens) - 1)  # the first token is never predicted
-    return EvalResult(nll, count, round(chars * scored), round(n_bytes * scored))
+    scored = count / whole
+    return EvalResult(nll, count, round(chars * scored), round(n_bytes * scored), max_tokens)
+
+
+def scored_tokens(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Targets that carry a loss in these (x, y) batches (labels other than IGNORE)."""
+    return sum(int((y != IGNORE).sum()) for _, y in batches)
 
 
 @torch.no_grad()

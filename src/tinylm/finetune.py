@@ -1,5 +1,5 @@
 """Fine-tuning a trained run on new text, prompt/response pairs or chats, optionally with LoRA: a batch
-source, a `model_init` and a RunRecord handed to the same training loop as `tinylm train`."""
+source, the base weights, an `adapt` (LoRA) and a RunRecord handed to the same training loop as `tinylm train`."""
 
 from __future__ import annotations
 
@@ -10,13 +10,10 @@ from typing import Any
 
 from tinylm.chat import split_chat
 from tinylm.checkpoint import (
-    WEIGHTS,
     FinetuneParent,
     RunRecord,
     checkpoint_dir,
     load_run,
-    load_state_dict_file,
-    load_weights,
     save_checkpoint,
     save_state_dict,
 )
@@ -33,7 +30,7 @@ from tinylm.data import (
     token_batches,
 )
 from tinylm.errors import TinyLMError
-from tinylm.lora import LoRAConfig, apply_lora
+from tinylm.lora import LoRAConfig, apply_lora, lora_state_dict
 from tinylm.model import Transformer
 from tinylm.runtime import Runtime, main_process_first, teardown
 from tinylm.tokenizer import Tokenizer, load_tokenizer, tokenizer_hash
@@ -132,12 +129,11 @@ def finetune(
     parent = record.finetune
     assert parent is not None
     tokenizer = load_tokenizer(Path(parent.base) / "tokenizer.json")
-    base_weights = checkpoint_dir(Path(parent.base), parent.checkpoint) / WEIGHTS
+    lora = record.lora
 
-    def model_init(model: Transformer) -> None:
-        load_weights(model, base_weights)
-        if record.lora is not None:
-            apply_lora(model, record.lora)
+    def adapt(model: Transformer) -> None:
+        if lora is not None:
+            apply_lora(model, lora)
 
     def batches_for(record: RunRecord, runtime: Runtime) -> tuple[BatchSource, list[Batch]]:
         block, rank, world = record.model.block_size, runtime.rank, runtime.world_size
@@ -150,14 +146,15 @@ def finetune(
         out,
         tokenizer,
         batches_for,
-        model_init=model_init,
+        adapt=adapt,
+        init_from=None if resume else checkpoint_dir(Path(parent.base), parent.checkpoint),
         resume_from="last" if resume else None,
+        keep_global_batch="batch_size" not in (overrides or {}),
         progress=progress,
         log=log,
     )
-    if record.lora is not None and result.rank == 0:
-        weights = load_state_dict_file(checkpoint_dir(out, "last") / WEIGHTS)
-        save_state_dict({k: v for k, v in weights.items() if ".lora_" in k}, out / "adapter.safetensors")
+    if lora is not None and result.rank == 0:
+        save_state_dict(lora_state_dict(load_run(out).model), out / "adapter.safetensors")
     return result
 
 
@@ -218,7 +215,11 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out else Path(f"{Path(run_dir).as_posix().rstrip('/')}-merged")
     if (out / "config.json").is_file():
         raise TinyLMError(f"{out} already holds a run; choose another --out.")
-    record = replace(run.record, lora=None, merged_from=str(Path(run_dir).resolve()))
+    model_cfg = run.record.model
+    if model_cfg.tie_embeddings and model.lm_head.weight is not model.tok_emb.weight:
+        # an adapter on the tied head changed the output projection only: the merged model has its own head
+        model_cfg = replace(model_cfg, tie_embeddings=False)
+    record = replace(run.record, model=model_cfg, lora=None, merged_from=str(Path(run_dir).resolve()))
     record.write(out, run.tokenizer)
     save_checkpoint(out, "last", model.state_dict(), None, {**run.meta, "merged": True})
     return out

@@ -22,16 +22,31 @@ from tinylm.errors import TinyLMError
 from tinylm.generate import generate
 from tinylm.hub import offline_reason
 
+WINDOWS_PER_PASS = 64  # context windows scored together when a continuation runs past the context
+
 
 @torch.no_grad()
 def continuation_logprob(model: nn.Module, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-    """log P(continuation | context) and whether greedy decoding would produce exactly the continuation."""
-    tokens = (context + continuation)[-(model.cfg.block_size + 1) :]
-    n = len(continuation)
+    """log P(continuation | context) and whether greedy decoding would produce exactly the continuation.
+
+    Each continuation token is scored after the (at most block_size) tokens before it: in one forward pass
+    when the context and continuation fit the context window, else one window per token past it, in batches.
+    """
+    block, n = model.cfg.block_size, len(continuation)
+    if not context or not continuation:
+        raise TinyLMError(
+            "Scoring a continuation needs at least one context token and one continuation token."
+        )
+    tokens = (context + continuation)[-(block + n) :]  # every token any window can see
     device = next(model.parameters()).device
-    x = torch.tensor([tokens[:-1]], device=device)
-    logprobs = F.log_softmax(model(x)[0, -n:].float(), dim=-1)  # (n, V)
-    target = torch.tensor(tokens[-n:], device=device)
+    first = len(tokens) - n  # index of the first continuation token in `tokens`
+    head = tokens[: min(len(tokens) - 1, block)]  # the first window: targets up to index block
+    logits = [model(torch.tensor([head], device=device))[0, first - 1 :].float()]  # (targets in head, V)
+    if len(tokens) - 1 > block:  # targets past the first window: the block tokens before each
+        later = torch.tensor(tokens, device=device).unfold(0, block, 1)[1 : len(tokens) - block]  # (m, block)
+        logits += [model(batch)[:, -1].float() for batch in later.split(WINDOWS_PER_PASS)]
+    logprobs = F.log_softmax(torch.cat(logits), dim=-1)  # (n, V)
+    target = torch.tensor(continuation, device=device)
     score = logprobs.gather(-1, target[:, None]).sum().item()
     return score, bool((logprobs.argmax(-1) == target).all())
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinylm.errors import TinyLMError
+from tinylm.model.transformer import Init, mark_init
 
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "fc", "proj", "w1", "w2", "w3")
 
@@ -41,6 +42,7 @@ class LoRALinear(nn.Module):
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        mark_init(mark_init(self, Init(bound=1 / math.sqrt(base.in_features)), "lora_a"), Init(), "lora_b")
         self.scale = alpha / rank
         self.drop = nn.Dropout(dropout)
 
@@ -71,6 +73,7 @@ class ExpertLoRA(nn.Module):
         E, n, m = weight.shape
         self.lora_a = nn.Parameter(torch.randn(E, n, rank, device=weight.device) / math.sqrt(n))
         self.lora_b = nn.Parameter(torch.zeros(E, rank, m, device=weight.device))
+        mark_init(mark_init(self, Init(std=1 / math.sqrt(n)), "lora_a"), Init(), "lora_b")  # as drawn above
         self.scale = alpha / rank
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ before the same "Q: ... A:" lines as `tinylm ask` without an index:
     Q: Where was Velmora Dask born?
     A:
 
-Truncation rule (`build_prompt`): the answer keeps min(max_new_tokens, block_size // 4) tokens of
-the context free; the template and question must fit in the rest (else an error); passages are
+Truncation rule (`pack_passages`, the one rule for `tinylm ask --index`, `answer()` and `tinylm serve
+--index`): the answer keeps min(max_new_tokens, block_size // 4) tokens of the context free; the
+prompt without passages must fit in the rest (for `build_prompt`, else an error); passages are
 added best first while they fit whole; the first passage that does not fit is cut to the tokens
 left (its beginning kept, when at least `MIN_PIECE` tokens are left) and the rest are dropped.
 
@@ -31,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,28 @@ def answer_reserve(block_size: int, max_new_tokens: int) -> int:
     return max(0, min(max_new_tokens, block_size // 4))
 
 
+def pack_passages(
+    texts: Sequence[str],
+    render: Callable[[list[str]], str],
+    tokenizer: Tokenizer,
+    block_size: int,
+    max_new_tokens: int,
+) -> list[str]:
+    """The passages (best first) that `render` can hold within the context, by the truncation rule in this
+    module's docstring; the last one may be cut. `render(passages)` is the whole prompt with them."""
+    budget = block_size - answer_reserve(block_size, max_new_tokens)
+    kept: list[str] = []
+    for text in texts:
+        if len(tokenizer.encode(render([*kept, text]))) <= budget:
+            kept.append(text)
+            continue
+        cut = _cut_to_fit(render, kept, text, tokenizer, budget)
+        if cut is not None:
+            kept.append(cut)
+        break
+    return kept
+
+
 def build_prompt(
     question: str,
     passages: Sequence[Passage | str],
@@ -307,17 +330,8 @@ def build_prompt(
             f"The question takes {len(tokenizer.encode(bare))} tokens with the template, more than the "
             f"{budget} this model's context of {block_size} leaves; ask a shorter question."
         )
-    kept: list[str] = []
-    for text in texts:
-        whole = _render(question, [*kept, text])
-        if len(tokenizer.encode(whole)) <= budget:
-            kept.append(text)
-            continue
-        cut = _cut_to_fit(question, kept, text, tokenizer, budget)
-        if cut is not None:
-            kept.append(cut)
-        break
-    return _render(question, kept)
+    render = lambda kept: _render(question, kept)  # noqa: E731
+    return render(pack_passages(texts, render, tokenizer, block_size, max_new_tokens))
 
 
 def _render(question: str, texts: Sequence[str]) -> str:
@@ -325,13 +339,15 @@ def _render(question: str, texts: Sequence[str]) -> str:
     return RAG_TEMPLATE.format(context=context, question=question)
 
 
-def _cut_to_fit(question: str, kept: list[str], text: str, tokenizer: Tokenizer, budget: int) -> str | None:
+def _cut_to_fit(
+    render: Callable[[list[str]], str], kept: list[str], text: str, tokenizer: Tokenizer, budget: int
+) -> str | None:
     """The longest beginning of `text` (whole tokens, at least MIN_PIECE) that still fits, or None."""
     ids = tokenizer.encode(" ".join(text.split()))
 
     def piece(n: int) -> str | None:
         cut = tokenizer.decode(ids[:n]).rstrip("\ufffd").strip()
-        fits = cut and len(tokenizer.encode(_render(question, [*kept, cut]))) <= budget
+        fits = cut and len(tokenizer.encode(render([*kept, cut]))) <= budget
         return cut if fits else None
 
     lo, hi = MIN_PIECE, len(ids) - 1  # binary search for the largest n that fits (fit shrinks with n)
@@ -419,8 +435,9 @@ def answer(
 ) -> Answer:
     """Retrieve k passages (or use `passages`), optionally re-rank them (by `rerank_model`, a model with the
     same tokenizer, else `model`) and keep the best `keep`, build the prompt and generate the answer line
-    (greedy by default)."""
-    from tinylm.generate import generate
+    (greedy by default): the first non-empty line the model writes."""
+    from tinylm.apps import first_line
+    from tinylm.config import sample_config
 
     if not question.strip():
         raise TinyLMError("The question is empty; ask something.")
@@ -434,8 +451,9 @@ def answer(
     block_size = model.cfg.block_size
     prompt = build_prompt(question, passages, tokenizer, block_size, max_new_tokens)
     sampling.setdefault("do_sample", False)
-    sampling.setdefault("stop", ("\n",))
-    text = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, **sampling)[0].text
+    text = first_line(
+        model, tokenizer, prompt, sample_config(None, max_new_tokens=max_new_tokens, **sampling)
+    )
     used = sum(1 for _ in _kept_passages(prompt))
     return Answer(question, text.strip(), prompt, list(passages)[:used], retrieved=len(passages))
 
@@ -462,31 +480,30 @@ def index_tokenizer(run_dir: str | Path | None, tokenizer_file: str | Path | Non
 
 @dataclass
 class IndexRetriever:
-    """`tinylm serve --index`: puts the passages retrieved for a query in front of any prompt."""
+    """`tinylm serve --index`: puts the passages retrieved for a query in front of any prompt, packed by
+    `pack_passages` (the rule of `tinylm ask --index`)."""
 
     index: Index
     tokenizer: Tokenizer
+    block_size: int
     k: int = 3
 
-    def augment(self, query: str, prompt: str, budget: int) -> tuple[str, list[dict]]:
-        """("Context:\n{passages}\n\n" + prompt, within `budget` tokens, best passages first; their sources)."""
-        kept: list[Passage] = []
-        for passage in self.index.search(query, self.k) if query.strip() else []:
-            text = _context_block([*kept, passage]) + prompt
-            if len(self.tokenizer.encode(text)) > budget:
-                break
-            kept.append(passage)
-        sources = [{"file": p.file, "passage": p.passage_no, "score": p.score} for p in kept]
-        return (_context_block(kept) + prompt if kept else prompt), sources
+    def augment(self, query: str, prompt: str, max_new_tokens: int) -> tuple[str, list[dict]]:
+        """("Context:\n{passages}\n\n" + prompt, leaving the answer its room; the sources of the passages kept)."""
+        passages = self.index.search(query, self.k) if query.strip() else []
+        render = lambda texts: _context_block(texts) + prompt if texts else prompt  # noqa: E731
+        texts = [p.text for p in passages]
+        kept = pack_passages(texts, render, self.tokenizer, self.block_size, max_new_tokens)
+        sources = [{"file": p.file, "passage": p.passage_no, "score": p.score} for p in passages[: len(kept)]]
+        return render(kept), sources
 
 
-def _context_block(passages: Sequence[Passage]) -> str:
-    return "Context:\n" + "\n".join(" ".join(p.text.split()) for p in passages) + "\n\n"
+def _context_block(texts: Sequence[str]) -> str:
+    return "Context:\n" + "\n".join(" ".join(t.split()) for t in texts) + "\n\n"
 
 
 def load_retriever(
     index_dir: str | Path, tokenizer: Tokenizer, block_size: int, k: int = 3
 ) -> IndexRetriever:
     """The retriever `tinylm serve --index INDEX_DIR` uses (checked against the model's tokenizer)."""
-    del block_size  # the server passes each request's token budget to `augment`
-    return IndexRetriever(Index.load(index_dir, tokenizer), tokenizer, k)
+    return IndexRetriever(Index.load(index_dir, tokenizer), tokenizer, block_size, k)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import signal
+import sys
 import threading
 import warnings
 from contextlib import AbstractContextManager as ContextManager
@@ -177,16 +179,40 @@ def teardown(clean: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def shard(model: nn.Module) -> None:
+    """FSDP2 in place: each block its own group, the rest (embeddings, head, final norm) the root's. On the
+    meta device this allocates nothing; `to_empty` then gives each rank only its shards."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def local_part(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The tensor this process holds of parameter p (its shard under FSDP) and where it starts in p's
+    flattened elements."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        return p, 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if tuple(p.placements) != (Shard(0),):
+        raise TinyLMError(f"Cannot initialise a parameter placed as {p.placements}; FSDP shards on dim 0.")
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = math.prod(p.shape[1:])
+    return p.to_local(), offset[0] * row
+
+
 def wrap_model(model: nn.Module, runtime: Runtime, *, fsdp: bool = False, compile: bool = False) -> nn.Module:
-    """Apply FSDP2 or DDP (under torchrun) and torch.compile from outside the model, before the optimizer
-    is built. FSDP2 shards `model` in place, so load weights into it before calling this."""
+    """Apply FSDP2 (`shard`, unless done already) or DDP under torchrun, and torch.compile, from outside the
+    model, before the optimizer is built."""
     wrapped: nn.Module = model
     if runtime.distributed and fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+        shard(model)
     elif runtime.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -233,15 +259,24 @@ class EagerFallback(nn.Module):
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM only set `received` (the signal number), so a loop can stop at a
-    step boundary; later signals are remembered too and never interrupt a checkpoint write."""
+    """While active, SIGINT and SIGTERM only set `received` (the first one's number), so a loop can stop at
+    the next micro-batch boundary and save. A second signal prints `second` (what is being done and how to
+    abort) and restores the default actions, so a third ends the process at once; a checkpoint being
+    written is then abandoned, and the previous one stays intact."""
 
-    def __init__(self) -> None:
+    def __init__(self, second: str = "", announce: bool = True) -> None:
         self.received: int | None = None
+        self.second, self.announce = second, announce
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received = self.received or signum
+        if self.received is None:
+            self.received = signum
+            return
+        if self.announce and self.second:
+            print(self.second, file=sys.stderr, flush=True)
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_DFL)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -267,10 +302,30 @@ def all_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def any_rank(flag: bool, runtime: Runtime) -> bool:
-    """Whether `flag` is set on any process (so every rank takes the same branch)."""
+    """Whether `flag` is set on any process (so every rank takes the same branch). A CPU tensor (gloo), so a
+    GPU's queue is not waited for: cheap enough to ask between micro-batches."""
     if not runtime.distributed:
         return flag
-    return all_mean(torch.tensor(float(flag), device=runtime.device)).item() > 0
+    return all_mean(torch.tensor(float(flag))).item() > 0
+
+
+def broadcast(obj: Any, runtime: Runtime) -> Any:
+    """Rank 0's `obj` on every process (`obj` itself in a single process)."""
+    if not runtime.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(runtime: Runtime) -> None:
+    """Wait for every process (a no-op in a single process)."""
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def gather_objects(obj: Any, runtime: Runtime) -> list[Any]:

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+import numpy as np
 
 from tinylm.errors import TinyLMError
 
 EOT = "<|endoftext|>"
+CHAR_SEPARATOR = "\n\n"  # what separates documents for a character tokenizer (it has no end-of-text token)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
 @runtime_checkable
@@ -35,16 +45,19 @@ class CharTokenizer:
     """One token per character; the vocabulary is the corpus's sorted set of characters.
 
     Characters outside the vocabulary are an error that names them (no silent unknown token),
-    so a prompt never turns into different text than the user typed.
+    so a prompt never turns into different text than the user typed. Encoding is a table lookup in
+    NumPy (two ASCII characters per lookup), not a Python loop.
     """
 
     kind = "char"
+    context_free = True  # a text may be cut anywhere and encoded in pieces
 
     def __init__(self, chars: Iterable[str]) -> None:
         self.chars = sorted(set(chars))
         if not self.chars:
             raise TinyLMError("A character tokenizer needs at least one character of text.")
         self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self._tables: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def train(cls, text: str) -> CharTokenizer:
@@ -58,16 +71,54 @@ class CharTokenizer:
     def eot_id(self) -> int | None:
         return self.stoi.get("\n")
 
+    def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids by code point up to the largest one in the vocabulary, ids of ASCII byte pairs); a
+        character outside the vocabulary maps to the table dtype's largest value, never an id."""
+        if self._tables is None:
+            codes = np.array([ord(c) for c in self.chars], dtype=np.int64)
+            dtype = np.dtype(np.uint16 if len(codes) < 2**16 else np.uint32)  # room for the mark
+            by_code = np.full(int(codes[-1]) + 1, np.iinfo(dtype).max, dtype=dtype)
+            by_code[codes] = np.arange(len(codes))
+            # ASCII characters sort first, so their ids are below 128: two of them fit one uint32
+            ascii_ids = np.full(256, _UNKNOWN16, dtype=np.uint32)
+            low = codes[codes < 128]
+            ascii_ids[low] = by_code[low]
+            pair = np.arange(2**16, dtype=np.uint32)
+            pairs = (ascii_ids[pair & 0xFF] | (ascii_ids[pair >> 8] << 16)).astype("<u4")
+            self._tables = (by_code, pairs)
+        return self._tables
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """The ids of `text` as a NumPy array (uint16 while the vocabulary fits, else uint32)."""
+        by_code, pairs = self._lookup()
+        dtype = token_dtype(self.vocab_size)
+        if text.isascii():  # two characters per lookup, no decoding
+            raw = text.encode("ascii")
+            ids = np.empty(len(raw), dtype="<u2")
+            even = len(raw) - len(raw) % 2
+            np.take(pairs, np.frombuffer(raw, dtype="<u2", count=even // 2), out=ids[:even].view("<u4"))
+            if even < len(raw):
+                ids[-1] = pairs[raw[-1]] & 0xFFFF
+            if len(ids) and ids.max() >= 128:
+                self._unknown(text)
+            return ids.astype(dtype, copy=False)
+        # surrogatepass: a lone surrogate (JSON's "\ud800") is a character outside the vocabulary, not a crash
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        ids = np.take(by_code, codes, mode="clip")  # beyond the table: checked on the next line
+        if len(codes) and (codes.max() >= len(by_code) or ids.max() == np.iinfo(by_code.dtype).max):
+            self._unknown(text)
+        return ids.astype(dtype, copy=False)
+
     def encode(self, text: str) -> list[int]:
-        try:
-            return [self.stoi[c] for c in text]
-        except KeyError:
-            unknown = sorted({c for c in text if c not in self.stoi})
-            shown = ", ".join(repr(c) for c in unknown[:10])
-            raise TinyLMError(
-                f"Text has {len(unknown)} character(s) outside this model's vocabulary: {shown}; "
-                "remove them or train on a corpus that contains them."
-            ) from None
+        return self.encode_array(text).tolist()
+
+    def _unknown(self, text: str) -> None:
+        unknown = sorted(set(text) - self.stoi.keys())
+        shown = ", ".join(repr(c) for c in unknown[:10])
+        raise TinyLMError(
+            f"Text has {len(unknown)} character(s) outside this model's vocabulary: {shown}; "
+            "remove them or train on a corpus that contains them."
+        )
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -76,16 +127,22 @@ class CharTokenizer:
         Path(path).write_text(json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False))
 
 
+_UNKNOWN16 = 0xFFFF  # the ASCII pair table's mark for a character outside the vocabulary
+
+
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer: byte-level BPE trained here, or GPT-2's."""
+
+    context_free = False  # its pre-tokenizer looks at neighbouring characters: cut only where safe
 
     def __init__(self, tok: object, kind: str) -> None:
         self.tok = tok
         self.kind = kind
 
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> HFTokenizer:
-        """Train a GPT-2-style byte-level BPE on the corpus; `<|endoftext|>` is token 0."""
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, progress: bool = False) -> HFTokenizer:
+        """Train a GPT-2-style byte-level BPE on texts (any iterable: it is read once, in batches);
+        `<|endoftext|>` is token 0. `progress` shows the trainer's own bars."""
         from tokenizers import Tokenizer as _Tok
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -100,7 +157,7 @@ class HFTokenizer:
             vocab_size=vocab_size,
             special_tokens=[EOT],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
+            show_progress=progress,
         )
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok, "bpe")
@@ -138,6 +195,12 @@ class HFTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts)]
 
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """Each text's ids as an array, encoded in parallel by the Rust tokenizer's threads (no GIL)."""
+        fast = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)  # no offsets: faster
+        dtype = token_dtype(self.vocab_size)
+        return [np.array(e.ids, dtype=dtype) for e in fast(texts)]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
@@ -149,6 +212,7 @@ class TiktokenTokenizer:
     """GPT-2's tokenizer through OpenAI's tiktoken (used when transformers cannot load it)."""
 
     kind = "gpt2"
+    context_free = False
 
     def __init__(self, encoding: str = "gpt2") -> None:
         try:
@@ -175,6 +239,33 @@ class TiktokenTokenizer:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"type": "tiktoken", "encoding": self.encoding}))
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def encode_arrays(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Each text's ids as an array, on every core: the Rust tokenizer's threads for BPE and GPT-2, a
+    thread pool for the character lookup (NumPy releases the GIL while it looks up)."""
+    global _POOL
+    if isinstance(tok, HFTokenizer):
+        return tok.encode_arrays(texts)
+    if isinstance(tok, CharTokenizer):
+        if len(texts) < 2 or (os.cpu_count() or 1) < 2:
+            return [tok.encode_array(t) for t in texts]
+        _POOL = _POOL or ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="tinylm-encode")
+        return list(_POOL.map(tok.encode_array, texts))
+    dtype = token_dtype(tok.vocab_size)
+    return [np.array(tok.encode(t), dtype=dtype) for t in texts]
+
+
+def document_separator(tok: Tokenizer) -> tuple[str, np.ndarray]:
+    """What goes between two documents: the end-of-text token, or for characters (which have none)
+    CHAR_SEPARATOR; returned as (the text it stands for, "" for a special token; its ids)."""
+    dtype = token_dtype(tok.vocab_size)
+    if isinstance(tok, CharTokenizer) or tok.eot_id is None:
+        return CHAR_SEPARATOR, np.array(tok.encode(CHAR_SEPARATOR), dtype=dtype)
+    return "", np.array([tok.eot_id], dtype=dtype)
 
 
 def gpt2_tokenizer() -> Tokenizer:

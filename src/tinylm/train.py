@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import signal
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,25 +18,26 @@ import torch.nn.functional as F
 
 from tinylm import runtime as rt
 from tinylm.checkpoint import (
+    META,
     CorruptFile,
     RunLog,
     RunRecord,
-    TrainingParts,
     check_run_dir,
     checkpoint_dir,
-    load_training_weights,
     newest_good_checkpoint,
     prune_checkpoints,
+    read_json,
     recover_checkpoints,
-    restore_training,
-    save_training,
+    tied_aliases,
 )
+from tinylm.checkpointer import Checkpointer, TrainingParts, load_start_weights, restore_training
 from tinylm.config import TrainConfig, build_configs
 from tinylm.data import Batch, BatchSource, TokenData, token_batches
 from tinylm.errors import TinyLMError
-from tinylm.evaluate import mean_loss
+from tinylm.evaluate import mean_loss, scored_tokens
 from tinylm.history import LossHistory
 from tinylm.model import Transformer
+from tinylm.model.transformer import init_parameters
 from tinylm.optim import batch_shape_at, build_optimizer, lr_at
 from tinylm.progress import progress_bar, show_step, write
 from tinylm.tokenizer import Tokenizer
@@ -43,10 +46,16 @@ EVAL_SHARE_WARNING = (
     0.25  # warn when validation would take this share of the training compute (presets: < 0.1)
 )
 BatchesFor = Callable[[RunRecord, rt.Runtime], tuple[BatchSource, list[Batch]]]
+Adapt = Callable[[Transformer], None]  # changes a model's structure before it is sharded, e.g. LoRA
+SECOND_SIGNAL = (
+    "Still stopping: finishing this micro-batch and saving checkpoint 'last' so the run can resume. "
+    "Press Ctrl-C again to quit at once without it (the previous checkpoint stays intact)."
+)
 
 
 class TrainingInterrupted(TinyLMError):
-    """SIGINT / SIGTERM during training: `last` was saved at a step boundary and the run can be resumed."""
+    """SIGINT / SIGTERM during training: `last` was saved at the last completed step (a step cut short between
+    micro-batches is discarded) and the run can be resumed; the Trainer is done."""
 
     def __init__(self, message: str, signum: int = 2) -> None:
         super().__init__(message)
@@ -74,7 +83,7 @@ class TrainResult:
     seconds: float
     tokens_per_sec: float
     resume_command: str = ""
-    train_losses: list[dict] = field(default_factory=list)  # {step, loss}
+    train_losses: list[dict] = field(default_factory=list)  # {step, loss}, every log_interval steps
     val_losses: list[dict] = field(default_factory=list)  # {step, epoch, loss}
     epoch_losses: list[dict] = field(default_factory=list)  # {epoch, train_loss, val_loss}
 
@@ -91,7 +100,7 @@ class TrainResult:
         """The result of `trainer`'s session that started at `start_step` and took `seconds`."""
         h, source = trainer.history, trainer.source
         epochs = h.epoch_losses
-        loss, kind = (h.train_losses[-1]["loss"], "last step") if h.train_losses else (math.nan, "none")
+        loss, kind = (h.last_train, "last step") if h.last_train is not None else (math.nan, "none")
         if epochs and source.epoch_done(trainer.step) == epochs[-1]["epoch"]:
             loss, kind = epochs[-1]["train_loss"], f"epoch {epochs[-1]['epoch']} average"
         tokens = (trainer.step - start_step) * trainer.tokens_per_step
@@ -128,7 +137,8 @@ class Trainer:
         tokenizer: Tokenizer,
         runtime: rt.Runtime,
         *,
-        model_init: Callable[[Transformer], None] | None = None,
+        adapt: Adapt | None = None,
+        init_from: Path | None = None,
         resume_from: Path | None = None,
         progress: bool = True,
         log: Callable[[str], None] | None = None,
@@ -137,31 +147,39 @@ class Trainer:
         self.run_dir, self.tokenizer, self.rt = Path(run_dir), tokenizer, runtime
         self.progress = progress and runtime.is_main
         self.log = (log or write) if runtime.is_main else (lambda msg: None)
-        self.model = Transformer(record.model).to(runtime.device)
-        if model_init is not None:  # e.g. load pre-trained weights, wrap LoRA adapters
-            model_init(self.model)
-            self.log(_trainable_share(self.model))
-        rt.seed_rank(self.cfg.seed, runtime)  # after the model is built alike on every rank
-        self.model.grad_checkpointing = self.cfg.grad_checkpointing
-        state = load_training_weights(resume_from, self.model) if resume_from else None  # before FSDP shards
         fsdp = runtime.distributed and self.cfg.fsdp
+        self.model, renames = build_model(record, runtime, fsdp=fsdp, adapt=adapt)
+        if init_from is not None:  # e.g. a fine-tuning run's base weights
+            load_start_weights(self.model, init_from, fsdp, renames)
+        if adapt is not None or init_from is not None:
+            self.log(_trainable_share(self.model))
+        # each rank its own dropout stream from here; rank 0 the single-process one
+        rt.seed_rank(self.cfg.seed, runtime)
+        self.model.grad_checkpointing = self.cfg.grad_checkpointing
         self.wrapped = rt.wrap_model(self.model, runtime, fsdp=fsdp, compile=self.cfg.compile)
         self.optimizer = build_optimizer(self.model, self.cfg)
         scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
         self.parts = TrainingParts(self.model, self.optimizer, scaler, runtime, fsdp)
+        self.checkpointer = Checkpointer(self.run_dir, self.parts, async_save=self.cfg.async_save)
         self.step, self.best_val, self.history = 0, math.inf, LossHistory()
+        self._last_saved = -1  # the step `last` was saved at in this session
         self.run_log = RunLog(self.run_dir, record, enabled=runtime.is_main)
-        if state is not None:  # the rest of the checkpoint: optimizer, RNG, data position, counters
-            restore_training(self.parts, state, resume_from, self.cfg.optimizer)
+        if resume_from is not None:  # weights, optimizer, RNG, then data position and counters
+            state = restore_training(self.parts, resume_from, self.cfg.optimizer)
             self.source.load_state_dict(state.get("data", {}))
             self.step, self.best_val = state["step"], state["best_val"]
-            self.history = LossHistory.from_dict(state["history"])
-            self.run_log.truncate(self.step)
+            self._last_saved = self.step if resume_from.name in ("last", ".last.old") else -1
+            rows = self.run_log.truncate(self.step)
+            if "losses" in state:
+                self.history = LossHistory.resumed(state["losses"], rows)
+            else:  # a checkpoint of an earlier version, which kept the histories whole
+                self.history = LossHistory.from_old_checkpoint(state.get("history", {}), self.source.epoch_of)
 
     # ----- the loop -----------------------------------------------------------------------
     def train(self, stop_after: int | None = None) -> TrainResult:
         """Train until total_steps (or `stop_after` more steps); evaluate, log and checkpoint on the way.
-        SIGINT / SIGTERM stop the loop at the next step boundary, after saving `last`."""
+        SIGINT / SIGTERM stop the loop at the next micro-batch boundary (a step cut short is discarded), save
+        `last` and raise TrainingInterrupted."""
         _refuse_finished(self.step, self.source.total_steps)
         if self.rt.is_main:
             check_run_dir(self.run_dir, sum(p.numel() for p in self.model.parameters()))
@@ -170,40 +188,64 @@ class Trainer:
         end = total if stop_after is None else min(total, self.step + stop_after)
         start_time, start_step = time.perf_counter(), self.step
         bar = progress_bar(total, initial=self.step, desc=self.source.label(self.step), enabled=self.progress)
-        with rt.StopSignals() as signals:  # also shields the saves below from a second Ctrl-C
-            while self.step < end and not rt.any_rank(signals.received is not None, self.rt):
-                t0 = time.perf_counter()
-                stats = self.train_step(self.step)
-                self.step += 1
-                stats["tokens_per_sec"] = self.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-                show_step(bar, self.source.label(self.step), stats)
-                self._after_step(stats)
-            bar.close()
-            if signals.received is not None:
-                self.save("last")
-                raise TrainingInterrupted.saved(
-                    self.step, self.record.resume_command(self.run_dir), signals.received
-                )
-            if not self.history.evaluated_at(self.step):
-                self.checkpoint(self.evaluate(), epoch=None)  # e.g. --stop-after between evaluations
+        with rt.StopSignals(SECOND_SIGNAL, announce=self.rt.is_main) as signals:  # shields the saves below
+            try:
+                stopped = self._steps(end, bar, lambda: rt.any_rank(signals.received is not None, self.rt))
+                bar.close()
+                if stopped:  # every rank, at the same step boundary
+                    if self._last_saved != self.step:
+                        self.save("last")
+                    self.checkpointer.wait()
+                    raise TrainingInterrupted.saved(
+                        self.step,
+                        self.record.resume_command(self.run_dir),
+                        signals.received or signal.SIGTERM,
+                    )
+                if not self.history.evaluated_at(self.step):
+                    self.checkpoint(self.evaluate(), epoch=None)  # e.g. --stop-after between evaluations
+            finally:
+                self.checkpointer.wait()  # a save in the background ends before training does
         return TrainResult.of(self, start_step, time.perf_counter() - start_time)
 
-    def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches: forward, backward, clip, update."""
+    def _steps(self, end: int, bar: Any, stop: Callable[[], bool]) -> bool:
+        """Optimizer steps until `end`, or until `stop()` says so (asked between micro-batches, the same on every
+        rank); whether it did."""
+        while self.step < end:
+            if stop():
+                return True
+            t0 = time.perf_counter()
+            stats = self.train_step(self.step, stop)
+            if stats is None:
+                return True
+            self.step += 1
+            stats["tokens_per_sec"] = self.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+            show_step(bar, self.source.label(self.step), stats)
+            self._after_step(stats)
+        return False
+
+    def train_step(self, step: int, stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+        """One optimizer step over grad_accum micro-batches: forward, backward, clip, update. When `stop()` turns
+        true between micro-batches the step is discarded (gradients dropped, RNG rewound) and None returned, so
+        the state is still that after step `step - 1`."""
         lr = lr_at(step, self.source.total_steps, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        micro, scaler = self.micro_batches(step), self.parts.scaler
+        n, scaler = self.cfg.grad_accum, self.parts.scaler
+        rewind = rt.rng_state() if stop is not None and n > 1 else None  # dropout draws of a discarded step
         total = torch.zeros((), device=self.rt.device)  # summed on device: no sync per micro-batch
-        for i, (x, y) in enumerate(micro):
+        for i, (x, y) in enumerate(self.micro_batches(step)):
+            if i and rewind is not None and stop is not None and stop():
+                self.optimizer.zero_grad(set_to_none=True)
+                rt.set_rng_state(rewind)
+                return None
             x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
-            last = i == len(micro) - 1  # gradients are synchronised across ranks once per step
+            last = i == n - 1  # gradients are synchronised across ranks once per step
             with contextlib.nullcontext() if last else rt.skip_grad_sync(self.wrapped), self.rt.autocast():
                 logits, aux = self.wrapped(x, return_aux=True)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                objective = (loss + self.record.model.moe_aux_weight * aux) / len(micro)
+                objective = (loss + self.record.model.moe_aux_weight * aux) / n
             scaler.scale(objective).backward()
-            total += loss.detach() / len(micro)
+            total += loss.detach() / n
         if self.rt.distributed:  # log the global-batch loss, as a single process would see it
             total = rt.all_mean(total)
         scaler.unscale_(self.optimizer)
@@ -216,16 +258,19 @@ class Trainer:
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
+        stats = {"loss": loss_value, "lr": lr, "grad_norm": norm_value}
+        if self.rt.device.type == "cuda":  # the allocator's high-water mark, read on the host: no sync
+            stats["max_mem_gb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**30
+        return stats
 
-    def micro_batches(self, step: int) -> list[Batch]:
-        """The grad_accum micro-batches of optimizer step `step` (a pure function of the seed), cropped
-        to the batch-size / sequence-length ramps' shape at this step when those are on."""
-        batches = [self.source.batch(step, m) for m in range(self.cfg.grad_accum)]
-        if self.cfg.batch_size_start or self.cfg.block_size_start:
-            rows, length = batch_shape_at(step, self.cfg, self.cfg.batch_size, self.record.model.block_size)
-            batches = [(x[:rows, :length], y[:rows, :length]) for x, y in batches]
-        return batches
+    def micro_batches(self, step: int) -> Iterator[Batch]:
+        """The grad_accum micro-batches of optimizer step `step` (a pure function of the seed), each made when
+        it is used, cropped to the batch-size / sequence-length ramps' shape at this step when those are on."""
+        if not (self.cfg.batch_size_start or self.cfg.block_size_start):
+            return (self.source.batch(step, m) for m in range(self.cfg.grad_accum))
+        rows, length = batch_shape_at(step, self.cfg, self.cfg.batch_size, self.record.model.block_size)
+        crops = (self.source.batch(step, m) for m in range(self.cfg.grad_accum))
+        return ((x[:rows, :length], y[:rows, :length]) for x, y in crops)
 
     def evaluate(self) -> float:
         """Mean validation loss over the fixed validation batches (averaged over ranks); recorded."""
@@ -234,7 +279,11 @@ class Trainer:
             loss = rt.all_mean(torch.tensor(loss, device=self.rt.device)).item()
         epoch = self.source.epoch_of(self.step)
         self.history.add_val(self.step, epoch, loss)
-        self.run_log.write({"type": "eval", "step": self.step, "epoch": epoch, "val_loss": loss})
+        tokens = scored_tokens(self.val_batches) * self.rt.world_size  # eval_tokens, in whole batches
+        row = {"type": "eval", "step": self.step, "epoch": epoch, "val_loss": loss, "val_tokens": tokens}
+        if self.cfg.eval_tokens > 0:
+            row["eval_tokens"] = self.cfg.eval_tokens  # the budget, beside the tokens it scored
+        self.run_log.write(row)
         return loss
 
     def checkpoint(self, val_loss: float, epoch: int | None) -> None:
@@ -244,44 +293,77 @@ class Trainer:
             self.best_val = val_loss
             self.save("best")
         if epoch is not None:
-            self.save(f"epoch_{epoch}")
+            self.save(f"epoch_{epoch}", after=self._pruner("epoch_"))
         self.save("last")
-        if epoch is not None and self.cfg.keep_last and self.rt.is_main:
-            prune_checkpoints(self.run_dir, "epoch_", self.cfg.keep_last)
 
-    def save(self, name: str) -> None:
-        """Checkpoint NAME: weights, optimizer, step, data position, RNG states and histories (rank 0 writes)."""
+    def save(self, name: str, after: Callable[[], None] | None = None) -> None:
+        """Checkpoint NAME: weights, optimizer, step, data position, RNG states and the few numbers that continue
+        the loss histories (collective; see Checkpointer). `after` runs on rank 0 once it is in place."""
         step, source = self.step, self.source
-        counters = {"step": step, "best_val": self.best_val, "history": self.history.to_dict()}
+        counters = {"step": step, "best_val": self.best_val, "losses": self.history.resume_state()}
         meta = {"step": step, "epoch": source.epoch_of(step), "val_loss": self.history.last_val()}
         counters["data"], meta["total_steps"] = source.state_dict(), source.total_steps
-        save_training(self.run_dir, name, self.parts, counters, meta)
+        self.checkpointer.save(name, counters, meta, after)
+        if name == "last":
+            self._last_saved = step
+
+    def close(self) -> None:
+        """Finish a save still being written and stop the background writer."""
+        self.checkpointer.close()
 
     # ----- bookkeeping --------------------------------------------------------------------
+    def _pruner(self, prefix: str) -> Callable[[], None] | None:
+        keep, run_dir = self.cfg.keep_last, self.run_dir
+        return (lambda: prune_checkpoints(run_dir, prefix, keep)) if keep else None
+
     def _after_step(self, stats: dict[str, float]) -> None:
         step, cfg = self.step, self.cfg
-        self.history.add_train(step, stats["loss"])
-        if step % cfg.log_interval == 0 or step == 1:
+        logged = step % cfg.log_interval == 0 or step == 1
+        self.history.add_train(step, stats["loss"], logged)
+        if logged:
             self.run_log.write({"type": "train", "step": step, **stats})
         if self.source.evaluates_at(step, cfg.eval_interval):
             val, epoch = self.evaluate(), self.source.epoch_done(step)
             if epoch is None:
                 self.log(f"step {step}: train loss {stats['loss']:.4f}, val loss {val:.4f}")
             else:
-                avg = self.history.end_epoch(epoch, val, self.source.epoch_of)
+                avg = self.history.end_epoch(epoch, val)
                 self.run_log.write(
                     {"type": "epoch", "step": step, "epoch": epoch, "train_loss": avg, "val_loss": val}
                 )
                 self.log(f"{self.source.label(step - 1)}: average loss {avg:.4f}, validation loss {val:.4f}")
             self.checkpoint(val, epoch)
         if cfg.save_interval and step % cfg.save_interval == 0:
-            self.save(f"step_{step:07d}")
-            if cfg.keep_last and self.rt.is_main:
-                prune_checkpoints(self.run_dir, "step_", cfg.keep_last)
+            self.save(f"step_{step:07d}", after=self._pruner("step_"))
 
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum * self.record.model.block_size * self.rt.world_size
+
+
+def build_model(
+    record: RunRecord, runtime: rt.Runtime, *, fsdp: bool = False, adapt: Adapt | None = None
+) -> tuple[Transformer, dict[str, str]]:
+    """The run's model, built on the meta device, adapted (e.g. LoRA), sharded under FSDP, and only then given
+    memory and initial values: each rank allocates and draws only its shards, and the weights equal those of
+    one process with the same seed. Also the names its parameters had before `adapt` -> their names now."""
+    with torch.device("meta"):
+        model = Transformer(record.model)
+        before = {id(p): name for name, p in model.named_parameters()}
+        if adapt is not None:
+            adapt(model)
+    renames = {before[id(p)]: name for name, p in model.named_parameters() if id(p) in before}
+    ties = tied_aliases(model)
+    if fsdp:
+        rt.shard(model)
+    model.to_empty(device=runtime.device)
+    for alias, name in ties.items():  # to_empty gives each name its own tensor: tie them again
+        path, _, attr = alias.rpartition(".")
+        if model.get_parameter(alias) is not model.get_parameter(name):
+            setattr(model.get_submodule(path), attr, model.get_parameter(name))
+    model.reset_buffers()
+    init_parameters(model, record.train.seed, local=rt.local_part)
+    return model, renames
 
 
 def _trainable_share(model: Transformer) -> str:
@@ -308,21 +390,25 @@ def _refuse_non_finite(loss: float, step: int, run_dir: Path) -> None:
 
 
 # ----- entry points -----------------------------------------------------------------------------
-def fit_warmup(cfg: TrainConfig, total_steps: int) -> TrainConfig:
-    """A warmup as long as the run would never reach the peak lr: use a tenth of the run instead."""
+def fit_warmup(cfg: TrainConfig, total_steps: int, warn: bool = True) -> TrainConfig:
+    """A warmup as long as the run would never reach the peak lr: use a tenth of the run instead (and say so
+    when `warn`: once per run, not per rank)."""
     if cfg.warmup_steps < total_steps:
         return cfg
     warmup = max(1, total_steps // 10)
-    warnings.warn(
-        f"warmup_steps ({cfg.warmup_steps}) is not shorter than the run ({total_steps} steps); using {warmup}."
-    )
+    if warn:
+        warnings.warn(
+            f"warmup_steps ({cfg.warmup_steps}) is not shorter than the run ({total_steps} steps); using {warmup}."
+        )
     return replace(cfg, warmup_steps=warmup)
 
 
-def eval_share(source: BatchSource, cfg: TrainConfig) -> float:
-    """Validation forward passes as a fraction of training compute (a forward + backward ~ 3 forwards)."""
+def eval_share(source: BatchSource, cfg: TrainConfig, n_batches: int | None = None) -> float:
+    """Validation forward passes as a fraction of training compute (a forward + backward ~ 3 forwards);
+    n_batches: validation batches per estimate (default eval_batches; eval_tokens may set another count)."""
     evals = sum(1 for s in range(1, source.total_steps + 1) if source.evaluates_at(s, cfg.eval_interval))
-    return evals * cfg.eval_batches / (3 * source.total_steps * cfg.grad_accum)
+    n = cfg.eval_batches if n_batches is None else n_batches
+    return evals * n / (3 * source.total_steps * cfg.grad_accum)
 
 
 def run_training(
@@ -331,33 +417,42 @@ def run_training(
     tokenizer: Tokenizer,
     batches_for: BatchesFor,
     *,
-    model_init: Callable[[Transformer], None] | None = None,
+    adapt: Adapt | None = None,
+    init_from: Path | None = None,
     resume_from: str | None = None,
+    keep_global_batch: bool = True,
     stop_after: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Set up the runtime, the batch source and a Trainer (resumed from checkpoint `resume_from`), train."""
+    """Set up the runtime, the batch source and a Trainer (from the weights of checkpoint `init_from`, or resumed
+    from checkpoint `resume_from`), and train. Resumed on another number of processes, batch_size per process
+    is rescaled to keep the global batch (unless `keep_global_batch` is False: the caller set batch_size)."""
     runtime = rt.setup(record.train.device, record.train.dtype, record.train.seed)
     clean = False  # whether every rank ends here the same way, so they can wait for each other
+    trainer = None
     try:
-        source, val_batches = batches_for(record, runtime)
-        record = replace(record, train=fit_warmup(record.train, source.total_steps))
-        share = eval_share(source, record.train)
-        if share > EVAL_SHARE_WARNING and runtime.is_main:
-            warnings.warn(
-                f"Validation (eval_batches={record.train.eval_batches}) will take about {100 * share:.0f}% of the "
-                "training time; lower eval_batches or raise eval_interval to spend less."
-            )
         ckpt = None
         if resume_from is not None:
             if runtime.is_main:
                 recover_checkpoints(run_dir)
+            rt.barrier(runtime)
             ckpt = checkpoint_dir(run_dir, resume_from)
+            if keep_global_batch:
+                record = _keep_global_batch(record, _saved_world_size(ckpt), runtime)
+        source, val_batches = batches_for(record, runtime)
+        record = replace(record, train=fit_warmup(record.train, source.total_steps, warn=runtime.is_main))
+        share = eval_share(source, record.train, len(val_batches))
+        if share > EVAL_SHARE_WARNING and runtime.is_main:
+            knob = "eval_tokens" if record.train.eval_tokens > 0 else "eval_batches"
+            warnings.warn(
+                f"Validation ({len(val_batches)} batches, {knob}={getattr(record.train, knob)}) will take about "
+                f"{100 * share:.0f}% of the training time; lower {knob} or raise eval_interval to spend less."
+            )
         try:
             trainer = Trainer(
                 record, source, val_batches, run_dir, tokenizer, runtime,
-                model_init=model_init, resume_from=ckpt, progress=progress, log=log,
+                adapt=adapt, init_from=init_from, resume_from=ckpt, progress=progress, log=log,
             )  # fmt: skip
         except CorruptFile as exc:
             raise TinyLMError(f"{exc} {_newest_good(run_dir, resume_from or '', record)}") from None
@@ -369,7 +464,40 @@ def run_training(
         clean = True
         return result
     finally:
+        if trainer is not None:
+            trainer.close()
         rt.teardown(clean)
+
+
+def _saved_world_size(ckpt: Path) -> int:
+    """How many processes wrote checkpoint `ckpt` (1 for checkpoints of earlier versions)."""
+    try:
+        return int(read_json(ckpt / META).get("world_size", 1))
+    except CorruptFile:  # reported in full when the trainer loads it
+        return 1
+
+
+def _keep_global_batch(record: RunRecord, saved: int, runtime: rt.Runtime) -> RunRecord:
+    """`record` with batch_size per process rescaled so a run written by `saved` processes keeps its global
+    batch (and so its loss curve) on this number of processes."""
+    world, batch = runtime.world_size, record.train.batch_size
+    if saved == world:
+        return record
+    if batch * saved % world:
+        if runtime.is_main:
+            warnings.warn(
+                f"The checkpoint was written by {saved} process(es) with batch_size {batch} each; {world} cannot "
+                f"split {batch * saved} sequences evenly, so the global batch becomes {batch * world} and the loss "
+                "curve will differ from the original run's; pass --batch-size to choose."
+            )
+        return record
+    new = batch * saved // world
+    if runtime.is_main:
+        write(
+            f"Resuming a {saved}-process checkpoint on {world} process(es): batch_size {batch} -> {new} per "
+            f"process keeps the global batch at {batch * saved} sequences."
+        )
+    return replace(record, train=replace(record.train, batch_size=new))
 
 
 def _newest_good(run_dir: Path, broken: str, record: RunRecord) -> str:
@@ -432,6 +560,7 @@ def train(
         token_data.tokenizer,
         batches_for,
         resume_from=checkpoint if resume else None,
+        keep_global_batch="batch_size" not in (overrides or {}),
         stop_after=stop_after,
         progress=progress,
         log=log,
@@ -439,9 +568,28 @@ def train(
 
 
 def refuse_existing_run(run_dir: Path) -> None:
-    """Never train over a user's run."""
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise TinyLMError(f"{run_dir} already holds a run; resume it with --resume, or choose another --out.")
+    """Never train over a user's run; say how to continue it: resume a stopped run, extend a finished one."""
+    if not ((run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())):
+        return
+    try:
+        meta = json.loads((run_dir / "checkpoints" / "last" / META).read_text())
+        step, total = int(meta["step"]), int(meta["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TinyLMError(
+            f"{run_dir} already holds a run; resume it with --resume, or choose another --out."
+        ) from None
+    if step >= total:
+        longer = (
+            f"--epochs N (N > {meta['epoch']:g})" if meta.get("epoch") else f"--max-steps N (N > {total})"
+        )
+        raise TinyLMError(
+            f"{run_dir} already holds a finished run ({step} of {total} steps); choose another --out, or train it "
+            f"longer with: tinylm train --resume {run_dir} {longer}."
+        )
+    raise TinyLMError(
+        f"{run_dir} holds a run stopped at step {step} of {total}; continue it with: tinylm train --resume "
+        f"{run_dir}, or choose another --out."
+    )
 
 
-__all__ = ["train", "run_training", "Trainer", "TrainResult", "TrainingInterrupted"]
+__all__ = ["train", "run_training", "build_model", "Trainer", "TrainResult", "TrainingInterrupted"]

@@ -9,18 +9,19 @@ import warnings
 from collections.abc import Sequence
 
 from tinylm.cli import generation, interop, serving, training
-from tinylm.cli.common import emit, fit_threads
+from tinylm.cli.common import Parser, add_common, emit, fit_threads, version_line
 from tinylm.errors import TinyLMError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="tinylm", description="Build, train, evaluate and sample small language models."
-    )
+    """The argument parser with every subcommand; each one takes --json (added here, once)."""
+    parser = Parser(prog="tinylm", description="Build, train, evaluate and sample small language models.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for family in (training, generation, interop, serving):
         family.register(sub)
+    for command in sub.choices.values():
+        add_common(command)
     return parser
 
 

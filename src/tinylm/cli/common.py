@@ -1,4 +1,5 @@
-"""What every command shares: --json, --device and sampling flags, config overrides, the summary line."""
+"""What every command shares: the parser (defaults in --help, "did you mean"), --json, --device and sampling
+flags, config overrides, the summary line."""
 
 from __future__ import annotations
 
@@ -6,7 +7,62 @@ import argparse
 import json
 from typing import Any
 
-from tinylm.errors import TinyLMError
+from tinylm.errors import TinyLMError, did_you_mean
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, unless its help already says where the default comes from."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or "default" in text
+            or action.default in (None, False, argparse.SUPPRESS)
+        ):
+            return text
+        return f"{text} (default {action.default})"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with defaults in --help and a "did you mean" for a mistyped choice (a command, --tokenizer ...)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is not None and value not in action.choices:
+            choices = [str(c) for c in action.choices]
+            raise argparse.ArgumentError(
+                action,
+                f"invalid choice: {value!r}.{did_you_mean(str(value), choices)} Choose from: {', '.join(choices)}.",
+            )
+
+
+def version_line() -> str:
+    """`tinylm --version`: tinylm's version and the PyTorch and Python it runs on."""
+    import platform
+
+    import torch
+
+    from tinylm import __version__
+
+    return f"tinylm {__version__} (PyTorch {torch.__version__}, Python {platform.python_version()})"
+
+
+NAMES = {"learned": "learned positions", "rope": "RoPE", "layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
+NAMES |= {"gelu": "GELU", "swiglu": "SwiGLU", "relu2": "ReLU²"}
+
+
+def describe_model(cfg: Any) -> str:
+    """One line for a ModelConfig, e.g. "LLaMA-style (RoPE, RMSNorm, SwiGLU), 4 layers x 128, 4 heads, context 64"."""
+    style = "LLaMA-style" if cfg.position == "rope" else "GPT-style"
+    parts = ", ".join(NAMES[v] for v in (cfg.position, cfg.norm, cfg.mlp)) + (
+        ", QK-norm" if cfg.qk_norm else ""
+    )
+    moe = f", {cfg.n_expert} experts (top-{cfg.n_expert_active})" if cfg.n_expert else ""
+    return f"{style} ({parts}), {cfg.n_layer} layers x {cfg.n_embd}, {cfg.n_head} heads, context {cfg.block_size}{moe}"
 
 
 def emit(args: argparse.Namespace, summary: dict[str, Any]) -> None:
@@ -16,8 +72,9 @@ def emit(args: argparse.Namespace, summary: dict[str, Any]) -> None:
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    """--json, on every command."""
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    """--json, on every command (build_parser adds it to each one)."""
+    if "--json" not in p._option_string_actions:
+        p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -107,9 +164,15 @@ def add_sampling(p: argparse.ArgumentParser, app: str | None = None) -> None:
         action="append",
         type=unescape,
         help="stop when this string appears (repeatable); \\n, \\t, \\r and \\\\ are decoded, "
-        'so --stop "\\n\\n" stops at a blank line' + (f" (default {d.stop!r})" if d.stop else ""),
+        'so --stop "\\n\\n" stops at a blank line'
+        + (f" (default {d.stop!r})" if d.stop else " (default: none)"),
     )
-    p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed: the same seed gives the same text (default: none, a new text each time)",
+    )
     add_device(p)
     p.add_argument(
         "--checkpoint", default="last", help="checkpoint name in the run (default last; e.g. best)"

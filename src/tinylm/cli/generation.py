@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from tinylm.cli import serving
-from tinylm.cli.common import add_common, add_sampling, sample_config, sampling_options
+from tinylm.cli.common import add_sampling, sample_config, sampling_options
 from tinylm.errors import TinyLMError
 
 
@@ -25,12 +27,13 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=("auto", "fp32", "bf16", "fp16"),
         help="cast the weights for decoding; auto: bf16 on GPUs and on CPUs with bf16 units "
-        "(AVX512-BF16/AMX), else fp32",
+        "(AVX512-BF16/AMX), else fp32 (default: the weights as trained)",
     )
     p.add_argument(
         "--quantize",
         choices=("int8",),
-        help="int8 weight-only quantization of the linear layers (per-channel scales) for CPU decoding",
+        help="int8 weight-only quantization of the linear layers (per-channel scales) for CPU decoding "
+        "(default: none)",
     )
     p.add_argument(
         "--compile",
@@ -44,7 +47,6 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "the window each token (RoPE models only)",
     )
     add_sampling(p)
-    add_common(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -119,7 +121,6 @@ def add_apps(sub: argparse._SubParsersAction) -> None:
         if name == "ask":
             serving.add_rag_flags(p)
         add_sampling(p, app=name)
-        add_common(p)
         p.set_defaults(func=cmd_app)
 
 
@@ -143,81 +144,70 @@ def cmd_app(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
     """`tinylm chat`."""
-    p = sub.add_parser("chat", help="interactive prompt loop with streamed replies")
+    p = sub.add_parser(
+        "chat",
+        help="interactive prompt loop with streamed replies",
+        description="Chat with a run: Ctrl-C stops a reply and keeps the conversation; Ctrl-D or /quit leaves.",
+    )
     p.add_argument("run_dir", help="run directory")
     add_sampling(p)
-    add_common(p)
     p.set_defaults(func=cmd_chat)
 
 
 def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
     from dataclasses import replace
 
-    from tinylm.chat import CHAT_STOP, render_chat
+    from tinylm.chat import CHAT_STOP, HELP, ChatSession
     from tinylm.checkpoint import load_run
-    from tinylm.generate import stream
     from tinylm.runtime import resolve_device
 
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
     cfg = sample_config(args)
-    cfg = replace(cfg, stop=CHAT_STOP + cfg.stop)  # a reply ends where the model starts the next user turn
-    settings = {
-        "/temp": ("temperature", float),
-        "/top_k": ("top_k", int),
-        "/top_p": ("top_p", float),
-        "/max": ("max_new_tokens", int),
-    }
-    print(
-        "tinylm chat: type a message; /temp 0.8, /top_k 50, /top_p 0.9, /max 200 change settings; "
-        "/reset forgets the conversation; /quit leaves."
-    )
-    messages: list[dict[str, str]] = []
-    turns = 0
+    # a reply ends where the model starts the next user turn
+    session = ChatSession(replace(cfg, stop=CHAT_STOP + cfg.stop))
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  line editing and history for input()
+    print(f"tinylm chat: {HELP}")
     while True:
         try:
             line = input("> ")
-        except EOFError:
+        except EOFError:  # Ctrl-D
             break
-        word, _, value = line.strip().partition(" ")
-        if word in ("/quit", "/exit"):
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, not the end of the conversation
+            print("\n(Ctrl-D or /quit leaves)")
+            continue
+        if line.strip() in ("/quit", "/exit"):
             break
-        if word == "/reset":
-            messages.clear()
-            print("(conversation cleared)")
-            continue
-        if word in settings:
-            name, kind = settings[word]
-            try:
-                cfg = replace(cfg, **{name: kind(value)})
-                print(f"{name} = {getattr(cfg, name)}")
-            except (ValueError, TinyLMError) as exc:
-                print(f"error: {exc}")
-            continue
-        if not line.strip():
-            continue
-        reply = _chat_turn(run, messages + [{"role": "user", "content": line}], cfg, render_chat, stream)
-        if reply is not None:
-            messages += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
-            turns += 1
+        shown = session.command(line)
+        if shown is not None:
+            print(shown)
+        elif line.strip():
+            reply = _chat_turn(run, session.prompt(line), session.cfg)
+            if reply is not None:
+                session.add(line, reply)
     print()
-    return {"turns": turns}
+    return {"turns": session.turns, "messages": session.messages}
 
 
-def _chat_turn(run: Any, messages: list[dict[str, str]], cfg: Any, render: Any, stream: Any) -> str | None:
-    """Stream the assistant's reply to `messages`; None (after printing the error) when it fails."""
+def _chat_turn(run: Any, prompt: str, cfg: Any) -> str | None:
+    """Stream the reply to `prompt`: all of it, or as far as it got when Ctrl-C stopped it; None on an error."""
+    from tinylm.generate import stream
+
     pieces: list[str] = []
     try:
         with warnings.catch_warnings():  # a long conversation keeps its most recent context, silently
             warnings.simplefilter("ignore")
-            for piece in stream(run.model, run.tokenizer, render(messages), cfg):
+            for piece in stream(run.model, run.tokenizer, prompt, cfg):
                 piece = piece if pieces else piece.lstrip()
                 pieces.append(piece)
                 print(piece, end="", flush=True)
+        print()
+    except KeyboardInterrupt:  # Ctrl-C: stop this reply, keep the conversation
+        print("\n(reply stopped)")
     except TinyLMError as exc:
         print(f"error: {exc}")
         return None
-    print()
-    return "".join(pieces).strip()
+    return "".join(pieces)
 
 
 def add_attention(sub: argparse._SubParsersAction) -> None:
@@ -226,9 +216,8 @@ def add_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--prompt", required=True, help="prompt to continue")
     p.add_argument("--tokens", type=int, default=5, help="generated tokens to show (default 5)")
-    p.add_argument("--out", default="attention.png", help="PNG path (default attention.png)")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/attention.png)")
     p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
-    add_common(p)
     p.set_defaults(func=cmd_attention)
 
 
@@ -239,7 +228,8 @@ def cmd_attention(args: argparse.Namespace) -> dict[str, Any]:
     if args.tokens < 1:
         raise TinyLMError(f"--tokens must be at least 1, not {args.tokens}.")
     run = load_run(args.run_dir, args.checkpoint)
-    path = visualize_generation_attention(run.model, run.tokenizer, args.prompt, args.tokens, args.out)
+    out = args.out or Path(args.run_dir) / "attention.png"
+    path = visualize_generation_attention(run.model, run.tokenizer, args.prompt, args.tokens, out)
     print(f"Saved {path}")
     return {"out": str(path)}
 

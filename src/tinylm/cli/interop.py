@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from tinylm.cli.common import add_common, add_device
+from tinylm.cli.common import add_device
 from tinylm.errors import TinyLMError
 
 
@@ -24,7 +24,6 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output directory (hf) or FILE.gguf (gguf)")
     p.add_argument("--checkpoint", default="last", help="checkpoint name (default last)")
-    add_common(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -50,7 +49,6 @@ def add_import_hf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="Hugging Face model directory (config.json + weights + tokenizer)")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--tokenizer", help="directory with the tokenizer files, when SRC has none")
-    add_common(p)
     p.set_defaults(func=cmd_import_hf)
 
 
@@ -67,10 +65,9 @@ def add_harness(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("harness", help="run LM Evaluation Harness tasks on a run (needs lm_eval)")
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--tasks", required=True, help="comma-separated harness task names, e.g. hellaswag")
-    p.add_argument("--limit", type=int, help="at most this many examples per task")
+    p.add_argument("--limit", type=int, help="at most this many examples per task (default: all)")
     add_device(p)
     p.add_argument("--checkpoint", default="last", help="checkpoint to evaluate (default last)")
-    add_common(p)
     p.set_defaults(func=cmd_harness)
 
 

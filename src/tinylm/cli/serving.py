@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tinylm.cli.common import add_common, add_device, sampling_options
+from tinylm.cli.common import add_device, sampling_options
 from tinylm.errors import TinyLMError
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
     """`tinylm serve`."""
+    from tinylm.config import ServeConfig
+
+    d = ServeConfig()
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web playground for a run")
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -21,40 +24,57 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     add_device(p)
     p.add_argument("--model-name", help="model id clients send (default: the run directory's name)")
     p.add_argument(
-        "--max-batch", type=int, default=16, help="sequences decoded together in one step (default 16)"
+        "--max-batch",
+        type=int,
+        default=d.max_batch,
+        help=f"sequences decoded together in one step (default {d.max_batch})",
     )
     p.add_argument(
         "--max-queue",
         type=int,
-        default=256,
-        help="sequences allowed to wait; more get HTTP 429 (default 256)",
+        default=d.max_queue,
+        help=f"sequences allowed to wait; more get HTTP 429 (default {d.max_queue})",
     )
+    limits = p.add_argument_group("request limits (a request over one gets HTTP 4xx naming it)")
+    for flag, name, what in (
+        ("--max-body-bytes", "max_body_bytes", "request body size in bytes; larger gets HTTP 413"),
+        ("--max-prompt-tokens", "max_prompt_tokens", "tokens per prompt; 0 = the model's context"),
+        (
+            "--max-tokens-limit",
+            "max_tokens",
+            "largest max_tokens a request may ask for (may pass the context)",
+        ),
+        ("--max-n", "max_n", "choices per request (n x prompts)"),
+        ("--max-logprobs", "max_logprobs", "log-probability alternatives per token"),
+        ("--max-stop", "max_stop", "stop strings per request"),
+        ("--max-stop-chars", "max_stop_chars", "characters per stop string"),
+    ):
+        limits.add_argument(
+            flag, type=int, default=getattr(d, name), dest=name, help=f"{what} (default {getattr(d, name)})"
+        )
+    p.add_argument("--no-access-log", action="store_true", help="do not log one line per request to stderr")
     p.add_argument("--index", help="retrieval index (tinylm index --out) to add passages to prompts")
-    add_common(p)
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     try:
-        from tinylm.serve import load_app, run_app
+        from tinylm.serve import bind, load_app, run_app
     except ImportError:
         raise TinyLMError('tinylm serve needs FastAPI and uvicorn: pip install -e ".[serve]".') from None
+    from tinylm.config import ServeConfig, field_names
 
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise TinyLMError("--max-batch must be at least 1 and --max-queue at least 0.")
-    app = load_app(
-        args.run_dir,
-        args.checkpoint,
-        args.device,
-        args.model_name,
-        args.max_batch,
-        args.max_queue,
-        args.index,
-    )
+    limits = ServeConfig(**{name: getattr(args, name) for name in field_names(ServeConfig)})
+    sock = bind(args.host, args.port)  # a taken port fails here, before anything says it serves
+    try:
+        app = load_app(args.run_dir, args.checkpoint, args.device, args.model_name, limits, args.index)
+    except BaseException:
+        sock.close()
+        raise
     url = f"http://{args.host}:{args.port}"
     print(f"Serving {args.run_dir} at {url}: playground at {url}/, OpenAI API at {url}/v1 (Ctrl-C stops)")
     sys.stdout.flush()
-    run_app(app, args.host, args.port)
+    run_app(app, sock, access_log=not args.no_access_log)
     return {"url": url, "run_dir": args.run_dir}
 
 
@@ -73,7 +93,6 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=3, help="passages meant to fit one prompt (default 3)")
     p.add_argument("--k1", type=float, default=1.5, help="BM25 term-frequency saturation (default 1.5)")
     p.add_argument("--b", type=float, default=0.75, help="BM25 length normalization (default 0.75)")
-    add_common(p)
     p.set_defaults(func=cmd_index)
 
 

@@ -1,4 +1,5 @@
-"""The data layer: sources (readers) -> shards (tokens on disk) -> batches (what training draws)."""
+"""The data layer: sources (readers) -> splits -> encoding -> shards (tokens on disk) -> batches (what
+training draws); `prepare` (build) runs the first four."""
 
 from tinylm.data.batches import (
     ADVICE,
@@ -10,16 +11,20 @@ from tinylm.data.batches import (
     PairBatches,
     RandomWindows,
     SlidingWindowDataset,
+    WindowOrder,
     check_length,
     pad_batch,
     token_batches,
     windows,
 )
-from tinylm.data.shards import TokenData, prepare, token_dtype
-from tinylm.data.sources import BUILTINS, Source, cache_dir, load_source, read_text_file
+from tinylm.data.build import prepare
+from tinylm.data.shards import ShardedTokens, TokenData
+from tinylm.data.sources import BUILTINS, Input, cache_dir, read_chunks, read_text_file, resolve_inputs
+from tinylm.tokenizer import token_dtype
 
 __all__ = [
-    "ADVICE", "BUILTINS", "IGNORE", "Batch", "BatchSource", "EpochWindows", "Example", "PairBatches",
-    "RandomWindows", "SlidingWindowDataset", "Source", "TokenData", "cache_dir", "check_length",
-    "load_source", "pad_batch", "prepare", "read_text_file", "token_batches", "token_dtype", "windows",
+    "ADVICE", "BUILTINS", "IGNORE", "Batch", "BatchSource", "EpochWindows", "Example", "Input", "PairBatches",
+    "RandomWindows", "ShardedTokens", "SlidingWindowDataset", "TokenData", "WindowOrder", "cache_dir",
+    "check_length", "pad_batch", "prepare", "read_chunks", "read_text_file", "resolve_inputs", "token_batches",
+    "token_dtype", "windows",
 ]  # fmt: skip

@@ -1,83 +1,203 @@
-"""Text -> tokens on disk (train.bin / val.bin + tokenizer.json + meta.json), and reading them back."""
+"""Tokens on disk: fixed-size shard files (raw uint16/uint32, no header) listed in meta.json, the
+directory's manifest; a split is the concatenation of its shards, read through memmaps."""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from tinylm.data.sources import load_source
 from tinylm.errors import TinyLMError
-from tinylm.tokenizer import HFTokenizer, Tokenizer, build_tokenizer, load_tokenizer, tokenizer_hash
+from tinylm.tokenizer import Tokenizer, load_tokenizer, tokenizer_hash
+
+FORMAT = 2  # meta.json "format": 2 lists shards; without it, a directory holds train.bin and val.bin
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 while every id fits, else uint32."""
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+def shard_name(split: str, index: int) -> str:
+    """The file name of a split's index-th shard."""
+    return f"{split}-{index:05d}.bin"
 
 
-def _encode(tok: Tokenizer, text: str) -> np.ndarray:
-    # Large texts are encoded in line-aligned chunks so the Rust tokenizer can use its threads.
-    if isinstance(tok, HFTokenizer) and len(text) > 1_000_000:
-        lines = text.splitlines(keepends=True)
-        chunks = ["".join(lines[i : i + 2000]) for i in range(0, len(lines), 2000)]
-        return np.fromiter((i for ids in tok.encode_batch(chunks) for i in ids), dtype=np.int64)
-    return np.asarray(tok.encode(text), dtype=np.int64)
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (where the platform allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-def prepare(
-    inputs: list[str],
-    out: str | Path,
-    tokenizer: str | Tokenizer = "char",
-    vocab_size: int = 0,
-    val_fraction: float = 0.1,
-) -> dict:
-    """Tokenize the inputs (with a new tokenizer of that kind, or a given one) and write train.bin,
-    val.bin, tokenizer.json and meta.json into `out`."""
-    if not inputs:
-        raise TinyLMError("Give at least one input: a text file, a directory, a built-in name or hf:NAME.")
-    if not 0.0 < val_fraction < 1.0:
-        raise TinyLMError(f"--val-fraction ({val_fraction}) must be between 0 and 1.")
-    sources = [load_source(s) for s in inputs]
-    text = "\n\n".join(s.text for s in sources)
-    if not text.strip():
-        raise TinyLMError(f"The input ({', '.join(inputs)}) is empty: there is no text to train on.")
-    official_val = [s.val_text for s in sources if s.val_text]
-    if official_val and len(official_val) == len(sources):
-        train_text, val_text = text, "\n\n".join(official_val)
-    else:  # contiguous split: first (1 - val_fraction) for training, the rest for validation
-        cut = int(len(text) * (1.0 - val_fraction))
-        train_text, val_text = text[:cut], text[cut:]
-    if isinstance(tokenizer, str):
-        tok = build_tokenizer(
-            tokenizer, [train_text, val_text] if tokenizer == "char" else [train_text], vocab_size
+class ShardWriter:
+    """Appends one split's tokens to fixed-size shard files in a directory; each full shard is fsynced."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.directory, self.split, self.dtype, self.shard_tokens = (
+            Path(directory),
+            split,
+            dtype,
+            shard_tokens,
         )
-    else:
-        tok = tokenizer
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(tok.vocab_size)
-    meta = {
-        "tokenizer": tok.kind,
-        "vocab_size": tok.vocab_size,
-        "dtype": dtype.name,
-        "sources": [s.name for s in sources],
-        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        "split": "official"
-        if official_val and len(official_val) == len(sources)
-        else f"contiguous {1 - val_fraction:g}/{val_fraction:g}",
-    }
-    for split, part in (("train", train_text), ("val", val_text)):
-        ids = _encode(tok, part)
-        ids.astype(dtype).tofile(out / f"{split}.bin")
-        meta[f"{split}_tokens"] = int(ids.size)
-        meta[f"{split}_chars"] = len(part)
-        meta[f"{split}_bytes"] = len(part.encode("utf-8"))
-    tok.save(out / "tokenizer.json")
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    return meta
+        self.counts: list[int] = []  # tokens per shard written so far
+        self._file = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens written so far."""
+        return sum(self.counts)
+
+    def write(self, ids: np.ndarray) -> None:
+        """Append tokens (any integer dtype whose values fit)."""
+        ids = np.ascontiguousarray(ids, dtype=self.dtype)
+        while len(ids):
+            if self._file is None:
+                self._file = open(self.directory / shard_name(self.split, len(self.counts)), "wb")
+                self.counts.append(0)
+            take = ids[: self.shard_tokens - self.counts[-1]]
+            self._file.write(memoryview(take).cast("B"))
+            self.counts[-1] += len(take)
+            ids = ids[len(take) :]
+            if self.counts[-1] == self.shard_tokens:
+                self._close_file()
+
+    def flush(self) -> list[int]:
+        """Make what was written durable (fsync); the token count of each shard."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return list(self.counts)
+
+    def restore(self, counts: list[int]) -> None:
+        """Continue after an interruption: the shards as `counts` says (later bytes and shards dropped)."""
+        self._close_file()
+        self.counts = [n for n in counts]
+        for stray in self.directory.glob(f"{self.split}-*.bin"):
+            if int(stray.stem.rsplit("-", 1)[1]) >= len(counts):
+                stray.unlink()
+        if self.counts:
+            last = self.directory / shard_name(self.split, len(self.counts) - 1)
+            os.truncate(last, self.counts[-1] * self.dtype.itemsize)
+            if self.counts[-1] < self.shard_tokens:
+                self._file = open(last, "ab")
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) written so far (a copy)."""
+        if self._file is not None:
+            self._file.flush()
+        return np.asarray(self.view()[start:stop]).copy()
+
+    def view(self) -> np.ndarray | ShardedTokens:
+        """The tokens written so far, read as one sequence."""
+        return open_tokens(
+            [self.directory / shard_name(self.split, i) for i in range(len(self.counts))],
+            self.counts,
+            self.dtype,
+        )
+
+    def truncate(self, tokens: int) -> None:
+        """Keep only the first `tokens` tokens (shards after them are deleted)."""
+        self._close_file()
+        while self.counts and self.tokens - self.counts[-1] >= tokens:
+            (self.directory / shard_name(self.split, len(self.counts) - 1)).unlink()
+            self.counts.pop()
+        if self.counts:
+            keep = tokens - (self.tokens - self.counts[-1])
+            last = self.directory / shard_name(self.split, len(self.counts) - 1)
+            os.truncate(last, keep * self.dtype.itemsize)
+            self.counts[-1] = keep
+            if keep < self.shard_tokens:  # append to it again
+                self._file = open(last, "ab")
+
+    def close(self) -> list[dict]:
+        """Flush and fsync; the manifest entries {file, tokens} of this split."""
+        self._close_file()
+        return [{"file": shard_name(self.split, i), "tokens": n} for i, n in enumerate(self.counts)]
+
+
+class ShardedTokens:
+    """Several shard files read as one token sequence: len(), slices and integer-array indexing (as a
+    memmap offers) across shard boundaries; each shard is memory-mapped on first use."""
+
+    ndim = 1
+
+    def __init__(self, files: list[Path], counts: list[int], dtype: np.dtype) -> None:
+        self.files, self.counts, self.dtype = list(files), list(counts), np.dtype(dtype)
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (n_shards + 1,)
+        self._maps: dict[int, np.memmap] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def __getstate__(self) -> dict:  # DataLoader workers re-open the maps, they do not copy them
+        return {**self.__dict__, "_maps": {}}
+
+    def _shard(self, i: int) -> np.memmap:
+        if i not in self._maps:
+            self._maps[i] = np.memmap(self.files[i], dtype=self.dtype, mode="r", shape=(self.counts[i],))
+        return self._maps[i]
+
+    def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray | np.integer:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            return self._range(start, max(start, stop))
+        flat = np.asarray(index, dtype=np.int64)
+        if flat.ndim == 0:
+            i = int(flat) + (len(self) if flat < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"index {int(flat)} is out of bounds for {len(self)} tokens")
+            shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+            return self._shard(shard)[i - self.starts[shard]]
+        return self._gather(flat)
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        parts = []
+        for shard in range(max(first, 0), len(self.counts)):
+            lo, hi = self.starts[shard], self.starts[shard + 1]
+            if lo >= stop:
+                break
+            parts.append(self._shard(shard)[max(start, lo) - lo : min(stop, hi) - lo])
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+
+    def _gather(self, index: np.ndarray) -> np.ndarray:
+        flat = index.ravel()
+        if len(flat) and (flat.min() < 0 or flat.max() >= len(self)):
+            raise IndexError(f"an index is out of bounds for {len(self)} tokens")
+        shard = np.searchsorted(self.starts, flat, side="right") - 1
+        out = np.empty(len(flat), dtype=self.dtype)
+        for s in np.unique(shard):
+            mine = shard == s
+            out[mine] = self._shard(int(s))[flat[mine] - self.starts[s]]
+        return out.reshape(index.shape)
+
+
+def open_tokens(files: list[Path], counts: list[int], dtype: np.dtype) -> np.ndarray | ShardedTokens:
+    """One split's tokens: a memmap when it is one shard (exactly what older versions read), else a
+    ShardedTokens over the shards."""
+    files, counts = [f for f, n in zip(files, counts) if n], [n for n in counts if n]
+    if not files:
+        return np.zeros(0, dtype=dtype)
+    if len(files) == 1:
+        return np.memmap(files[0], dtype=dtype, mode="r", shape=(counts[0],))
+    return ShardedTokens(files, counts, dtype)
 
 
 class TokenData:
@@ -96,24 +216,38 @@ class TokenData:
             raise TinyLMError(
                 f"{meta_path} is corrupt (not valid JSON); run `tinylm prepare` again."
             ) from None
-        self.tokenizer = load_tokenizer(self.path / "tokenizer.json")
+        self.tokenizer: Tokenizer = load_tokenizer(self.path / "tokenizer.json")
 
     @property
     def tokenizer_hash(self) -> str:
         """A content hash of this directory's tokenizer (see `tokenizer_hash`)."""
         return tokenizer_hash(self.tokenizer)
 
-    def split(self, name: str) -> np.ndarray:
-        """The tokens of "train" or "val" as a read-only memmap."""
-        file = self.path / f"{name}.bin"
-        if not file.is_file():
-            raise TinyLMError(f"{file} is missing; run `tinylm prepare` again.")
-        if file.stat().st_size == 0:
-            return np.zeros(0, dtype=self.meta["dtype"])
-        return np.memmap(file, dtype=self.meta["dtype"], mode="r")
+    def split(self, name: str) -> np.ndarray | ShardedTokens:
+        """The tokens of "train" or "val" as one read-only sequence (a memmap, or shards read as one)."""
+        dtype = np.dtype(self.meta["dtype"])
+        entries = self.meta.get("shards", {}).get(name)
+        if entries is None:  # a directory from before shards: NAME.bin
+            entries = [{"file": f"{name}.bin", "tokens": None}]
+        files, counts = [], []
+        for entry in entries:
+            file = self.path / entry["file"]
+            if not file.is_file():
+                raise TinyLMError(f"{file} is missing; run `tinylm prepare` again.")
+            size = file.stat().st_size
+            tokens = size // dtype.itemsize if entry["tokens"] is None else entry["tokens"]
+            if size != tokens * dtype.itemsize:
+                raise TinyLMError(
+                    f"{file} holds {size:,} bytes, not the {tokens:,} tokens meta.json lists; run `tinylm prepare` again."
+                )
+            files.append(file)
+            counts.append(tokens)
+        return open_tokens(files, counts, dtype)
 
     def chars(self, name: str) -> int:
+        """Characters of text the split holds (for bits per character)."""
         return int(self.meta.get(f"{name}_chars", 0))
 
     def bytes(self, name: str) -> int:
+        """UTF-8 bytes of text the split holds (for bits per byte)."""
         return int(self.meta.get(f"{name}_bytes", 0))

@@ -1,12 +1,23 @@
-"""Where text comes from: files, folders, built-in corpora and Hugging Face datasets."""
+"""Where text comes from, read as a stream of documents: files (.txt, .jsonl, .parquet, each optionally
+.gz or .zst), folders, globs, built-in corpora and Hugging Face datasets (streamed). Nothing here holds a
+whole corpus: text files arrive in chunks, records one at a time."""
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import glob
 import hashlib
+import io
+import json
 import os
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, NamedTuple
+
+import numpy as np
 
 from tinylm.errors import TinyLMError
 
@@ -18,15 +29,38 @@ BUILTINS = {
         sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
     ),
 }
+FORMATS = {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet"}  # what a folder's files may be
+COMPRESSIONS = (".gz", ".zst")
+READ_BYTES = 1 << 20  # bytes per read from a text file (a character piece: no re-cutting)
+VAL_SPLITS = ("validation", "valid", "val")  # a Hugging Face dataset's held-out split, by these names
 
 
-@dataclass
-class Source:
-    """One loaded text source: its text and where it came from."""
+@dataclass(frozen=True)
+class Input:
+    """One thing to read: a local file of some format, or a Hugging Face dataset."""
 
-    name: str
+    name: str  # as shown to the user
+    kind: str  # "text", "jsonl", "parquet" or "hf"
+    path: Path | None = None
+    compression: str = ""  # "", ".gz" or ".zst"
+    size: int = 0  # bytes on disk (0 for hf)
+    origin: str = ""  # the command-line input it came from (a folder, a glob, ...)
+
+    def fingerprint(self) -> list:
+        """What identifies this input's content cheaply: its path, size and modification time."""
+        if self.path is None:
+            return [self.name]
+        stat = self.path.stat()
+        return [str(self.path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+class Chunk(NamedTuple):
+    """A piece of one document's text, in reading order."""
+
     text: str
-    val_text: str | None = None  # an official validation split, when the source has one
+    first: bool  # this chunk starts a new document
+    split: str = ""  # "train" or "val" when the source has an official split, else ""
+    raw: bytes | None = None  # text's exact UTF-8 bytes when the reader has them (text files)
 
 
 def cache_dir() -> Path:
@@ -34,23 +68,29 @@ def cache_dir() -> Path:
 
 
 def read_text_file(path: Path) -> str:
-    """Read UTF-8 text or say why not."""
+    """Read UTF-8 text or say why not (for small files: prompts, evaluation texts)."""
     if not path.is_file():
         what = "is a directory, not a text file" if path.is_dir() else "does not exist"
         raise TinyLMError(f"{path} {what}; pass a UTF-8 text file.")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise TinyLMError(
-            f"{path} is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8 first."
-        ) from None
+        raise _not_utf8(path, exc.start) from None
+
+
+def _not_utf8(name: object, offset: int) -> TinyLMError:
+    return TinyLMError(f"{name} is not UTF-8 text (bad byte at offset {offset}); convert it to UTF-8 first.")
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(READ_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def load_builtin(name: str) -> Source:
+def builtin_path(name: str) -> Path:
     """A built-in corpus from $TINYLM_DATA_DIR, the cache, or its canonical URL (checksum verified)."""
     spec = BUILTINS[name]
     candidates = (
@@ -63,7 +103,7 @@ def load_builtin(name: str) -> Source:
                 raise TinyLMError(
                     f"{path} does not match the expected checksum of {name!r}; delete or replace it."
                 )
-            return Source(name, read_text_file(path))
+            return path
     target = candidates[-1]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".part")
@@ -78,54 +118,293 @@ def load_builtin(name: str) -> Source:
         tmp.unlink()
         raise TinyLMError(f"The download of {name!r} failed its checksum; try again.")
     tmp.replace(target)
-    return Source(name, read_text_file(target))
+    return target
 
 
-def load_hf(spec: str) -> Source:
-    """`hf:NAME[:CONFIG]` through Hugging Face `datasets`: its train split, and validation if it has one."""
-    from tinylm.hub import offline_reason
+# ----- resolving the command line's inputs -------------------------------------------------------
+def _file_kind(path: Path) -> tuple[str, str] | None:
+    """(format, compression) from the file name, or None when a folder should skip it."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else ""
+    kind = FORMATS.get(suffixes[-1]) if suffixes else None
+    return (kind, compression) if kind else None
 
+
+def file_input(path: Path, name: str | None = None, origin: str = "") -> Input:
+    """A file given by name: its format from its suffix; any other file is plain text."""
+    suffix = path.suffix.lower()
+    kind, compression = _file_kind(path) or ("text", suffix if suffix in COMPRESSIONS else "")
+    if kind == "parquet" and compression:
+        raise TinyLMError(f"{path}: Parquet compresses its own columns; pass the .parquet file uncompressed.")
+    return Input(name or str(path), kind, path, compression, path.stat().st_size, origin or name or str(path))
+
+
+def _folder(path: Path, origin: str) -> list[Input]:
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and _file_kind(p)
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise TinyLMError(
+            f"Directory {path} holds no .txt files (nor .jsonl or .parquet, plain or .gz/.zst compressed)."
+        )
+    return [file_input(f, origin=origin) for f in files]
+
+
+def resolve_inputs(specs: list[str]) -> list[Input]:
+    """Each command-line input as files to read in order: a file, a folder (its .txt/.jsonl/.parquet
+    files, recursively, sorted), a glob, a built-in corpus name, or hf:NAME[:CONFIG]."""
+    if not specs:
+        raise TinyLMError("Give at least one input: a text file, a directory, a built-in name or hf:NAME.")
+    inputs: list[Input] = []
+    for spec in specs:
+        path = Path(spec)
+        if spec.startswith("hf:"):
+            _hf_parts(spec)
+            inputs.append(Input(spec, "hf", origin=spec))
+        elif path.is_file():
+            inputs.append(file_input(path))
+        elif path.is_dir():
+            inputs += _folder(path, spec)
+        elif glob.has_magic(spec):
+            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
+            files = [m for m in matches if m.is_file()]
+            if not files:
+                raise TinyLMError(f"The pattern {spec!r} matches no files.")
+            inputs += [file_input(f, origin=spec) for f in files]
+        elif spec in BUILTINS:
+            inputs.append(file_input(builtin_path(spec), name=spec))
+        else:
+            raise TinyLMError(
+                f"Input {spec!r} is not a file, a directory, a glob, a built-in corpus "
+                f"({', '.join(BUILTINS)}) or hf:NAME."
+            )
+    return inputs
+
+
+# ----- reading documents -------------------------------------------------------------------------
+def read_chunks(inp: Input, text_field: str = "text", opened: dict | None = None) -> Iterator[Chunk]:
+    """The documents of one input as chunks in reading order: a text file is one document, a JSONL
+    line or a Parquet / Hugging Face row is one document (its `text_field`). `opened` keeps Hugging
+    Face datasets opened by an earlier pass, so a second pass streams without resolving them again."""
+    if inp.kind == "text":
+        yield from _text_chunks(inp)
+    elif inp.kind == "jsonl":
+        yield from _jsonl_chunks(inp, text_field)
+    elif inp.kind == "parquet":
+        yield from _parquet_chunks(inp, text_field)
+    else:
+        yield from _hf_chunks(inp.name, text_field, {} if opened is None else opened)
+
+
+@contextlib.contextmanager
+def _open_binary(inp: Input) -> Iterator[IO[bytes]]:
+    """The file's bytes, decompressed on the fly."""
+    assert inp.path is not None
+    if inp.compression == ".gz":
+        import gzip
+
+        with gzip.open(inp.path, "rb") as f:
+            yield f
+    elif inp.compression == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise TinyLMError(
+                f"Reading {inp.name} needs the zstandard package: pip install 'tinylm[data]'."
+            ) from None
+        with open(inp.path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
+            yield f  # type: ignore[misc]
+    else:
+        with open(inp.path, "rb") as f:
+            yield f
+
+
+def _read_errors(inp: Input) -> tuple[type[BaseException], ...]:
+    """What a corrupt compressed file raises while it is read."""
+    errors: list[type[BaseException]] = [EOFError]
+    if inp.compression == ".gz":
+        import gzip
+        import zlib
+
+        errors += [gzip.BadGzipFile, zlib.error]
+    elif inp.compression == ".zst":
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    return tuple(errors)
+
+
+def _text_chunks(inp: Input) -> Iterator[Chunk]:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, first, carry = 0, True, b""  # carry: the bytes of a character cut by the last read
+    with _open_binary(inp) as f:
+        while True:
+            try:
+                raw = f.read(READ_BYTES)
+            except _read_errors(inp) as exc:
+                raise TinyLMError(f"{inp.name} is not a valid {inp.compression} file ({exc}).") from None
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(inp.name, offset - len(carry) + exc.start) from None
+            offset += len(raw)
+            data = carry + raw if carry else raw
+            carry = decoder.getstate()[0]
+            if text:
+                yield Chunk(text, first, "", data[: len(data) - len(carry)] if carry else data)
+                first = False
+            if not raw:
+                return
+
+
+def count_chars(inp: Input) -> tuple[int, bool]:
+    """A text file's characters, and whether any is not a space, counted on its UTF-8 bytes without
+    decoding them (the encoding pass checks that they are valid UTF-8)."""
+    chars, nonblank = 0, False
+    with _open_binary(inp) as f:
+        while True:
+            try:
+                raw = f.read(READ_BYTES)
+            except _read_errors(inp) as exc:
+                raise TinyLMError(f"{inp.name} is not a valid {inp.compression} file ({exc}).") from None
+            if not raw:
+                return chars, nonblank
+            continuation = (
+                0 if raw.isascii() else np.count_nonzero((np.frombuffer(raw, np.uint8) & 0xC0) == 0x80)
+            )
+            chars += len(raw) - int(continuation)
+            nonblank = nonblank or not raw.isspace()
+
+
+def _jsonl_chunks(inp: Input, text_field: str) -> Iterator[Chunk]:
+    with _open_binary(inp) as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, 1):  # noqa: B007 (lineno names the line in errors)
+                if line.strip():
+                    record = json_record(line, inp.name, lineno)
+                    text = _field(record, text_field, inp.name, f"line {lineno}")
+                    if text:
+                        yield Chunk(text, True)
+        except UnicodeDecodeError:
+            raise TinyLMError(
+                f"{inp.name} line {lineno + 1} is not UTF-8 text; convert it to UTF-8 first."
+            ) from None
+        except _read_errors(inp) as exc:
+            raise TinyLMError(f"{inp.name} is not a valid {inp.compression} file ({exc}).") from None
+
+
+def json_record(line: str, name: str, lineno: int) -> object:
+    """One JSONL line, or an error naming the file and line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TinyLMError(f"{name} line {lineno} is not valid JSON ({exc.msg}).") from None
+
+
+def _field(record: object, text_field: str, name: str, where: str) -> str:
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        has = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+        raise TinyLMError(
+            f"{name} {where} has no text field {text_field!r} (it has: {has}); "
+            "pass --text-field NAME to read another field."
+        )
+    return text
+
+
+def _parquet_chunks(inp: Input, text_field: str) -> Iterator[Chunk]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TinyLMError(f"Reading {inp.name} needs pyarrow: pip install 'tinylm[data]'.") from None
+    try:
+        parquet = pq.ParquetFile(inp.path)
+    except Exception as exc:  # pyarrow raises its own error types for a file that is not Parquet
+        raise TinyLMError(f"{inp.name} is not a valid Parquet file ({exc}).") from None
+    columns = parquet.schema_arrow.names
+    if text_field not in columns:
+        raise TinyLMError(
+            f"{inp.name} has no column {text_field!r} (it has: {', '.join(columns)}); "
+            "pass --text-field NAME to read another column."
+        )
+    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if text:
+                yield Chunk(str(text), True)
+
+
+def _hf_parts(spec: str) -> tuple[str, str | None]:
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not parts[1]:
         raise TinyLMError(f"Write Hugging Face datasets as hf:NAME or hf:NAME:CONFIG, not {spec!r}.")
-    offline = offline_reason()  # before importing datasets, which reads offline mode once
+    return parts[1], parts[2] if len(parts) == 3 else None
+
+
+def _load_hf(spec: str):  # -> datasets.IterableDatasetDict
+    """`hf:NAME[:CONFIG]` opened with streaming (nothing is downloaded whole); NAME may be a local folder."""
+    from tinylm.hub import offline_reason
+
+    name, config = _hf_parts(spec)
+    offline = None if Path(name).is_dir() else offline_reason()  # before importing datasets
     try:
         import datasets
     except ImportError:
         raise TinyLMError(
-            "Hugging Face datasets need the `datasets` package: pip install 'tinylm[datasets]'."
+            "Hugging Face datasets need the `datasets` package: pip install 'tinylm[data]'."
         ) from None
     try:
-        ds = datasets.load_dataset(parts[1], parts[2] if len(parts) == 3 else None)
+        return datasets.load_dataset(name, config, streaming=True)
     except Exception as exc:  # no network, unknown name, ...
         if offline:
             raise TinyLMError(
                 f"{spec!r} is not in the local Hugging Face cache and {offline}; connect to the network "
-                "(the first download is cached) or pass a local text file."
+                "or pass local files."
             ) from None
         raise TinyLMError(
             f"Could not load {spec!r} from the Hugging Face hub ({type(exc).__name__}: {str(exc)[:200]}); "
-            "check the name and your network, or pass a local text file."
+            "check the name and your network, or pass local files."
         ) from None
-    column = "text" if "text" in ds["train"].column_names else ds["train"].column_names[0]
-    val = ds.get("validation")
-    return Source(spec, "".join(ds["train"][column]), "".join(val[column]) if val is not None else None)
 
 
-def load_source(spec: str) -> Source:
-    """A text file, a directory of .txt files, a built-in name or hf:NAME[:CONFIG]."""
-    if spec.startswith("hf:"):
-        return load_hf(spec)
-    path = Path(spec)
-    if path.is_file():
-        return Source(str(path), read_text_file(path))
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        if not files:
-            raise TinyLMError(f"Directory {path} holds no .txt files.")
-        return Source(str(path), "\n\n".join(read_text_file(f) for f in files))
-    if spec in BUILTINS:
-        return load_builtin(spec)
-    raise TinyLMError(
-        f"Input {spec!r} is not a file, a directory, a built-in corpus ({', '.join(BUILTINS)}) or hf:NAME."
-    )
+def _hf_chunks(spec: str, text_field: str, opened: dict) -> Iterator[Chunk]:
+    """A dataset's train split, then its validation split (its official held-out set) if it has one."""
+    if spec not in opened:
+        opened[spec] = _load_hf(spec)
+    ds = opened[spec]
+    if "train" not in ds:
+        raise TinyLMError(f"{spec!r} has no train split (it has: {', '.join(ds)}).")
+    val = next((s for s in VAL_SPLITS if s in ds), None)
+    plan = [("train" if val else "", "train")] + ([("val", val)] if val else [])
+    for split, key in plan:
+        part = ds[key]
+        columns = list(part.features) if part.features else None
+        if columns is not None and text_field not in columns:
+            raise TinyLMError(
+                f"{spec!r} has no column {text_field!r} (it has: {', '.join(columns)}); "
+                "pass --text-field NAME to read another column."
+            )
+        rows = iter(part)
+        for number, row in enumerate(_guarded(rows, spec), 1):
+            text = _field(row, text_field, f"{spec} ({key})", f"row {number}")
+            if text:
+                yield Chunk(text, True, split)
+
+
+def _guarded(rows: Iterator[dict], spec: str) -> Iterator[dict]:
+    """Rows of a streamed dataset; a failure on the way (network, corrupt shard) as one clear error."""
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise TinyLMError(
+                f"Reading {spec!r} failed ({type(exc).__name__}: {str(exc)[:200]}); check your network "
+                "and run prepare again."
+            ) from None
+        yield row

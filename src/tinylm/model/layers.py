@@ -141,6 +141,13 @@ class KVCache(nn.Module):
         if isinstance(positions, int):
             return self._write_prefix(positions, k, v)
         B, H, T, D = k.shape
+        if (
+            self.rolling and T > 1 and int(positions.max()) >= self.max_len
+        ):  # one sync per chunk, not per token
+            raise TinyLMError(
+                f"A chunk of {T} tokens reaching position {int(positions.max())} does not fit a rolling KV cache "
+                f"of {self.max_len} in one step; feed the tokens past position {self.max_len - 1} one at a time."
+            )
         slots = positions % self.max_len if self.rolling else positions
         if positions.dim() == 1:  # shared by every row: an index_put that inductor does in place
             self.k[:, :, slots] = k.to(self.k.dtype)
@@ -228,7 +235,7 @@ class CausalSelfAttention(nn.Module):
         self.wo = mark(nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias), HIDDEN_MATRIX, RESIDUAL_OUT)
         self.qk_norm_eps = cfg.norm_eps if cfg.qk_norm else None  # QK-norm: None = off
         # value embeddings (modded-nanogpt): v <- value_mix[0] * v + value_mix[1] * ve, learned from (0.5, 0.5)
-        self.value_mix = nn.Parameter(torch.full((2,), 0.5)) if value_embed else None
+        self.value_mix = nn.Parameter(torch.empty(2)) if value_embed else None  # set by init_rules
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.record_weights = False  # set from outside (viz) to keep the attention probabilities

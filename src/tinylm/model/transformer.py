@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -17,6 +20,7 @@ from tinylm.model.layers import (
     CausalSelfAttention,
     KVCache,
     MoE,
+    RMSNorm,
     Rope,
     make_norm,
     parameters_with_role,
@@ -35,7 +39,7 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.ff = MoE(cfg) if cfg.n_expert else MLP(cfg)
         # embed_skip (modded-nanogpt): x <- x0_mix[0] * x + x0_mix[1] * x0 first, learned from (1, 0)
-        self.x0_mix = nn.Parameter(torch.tensor([1.0, 0.0])) if cfg.embed_skip else None
+        self.x0_mix = nn.Parameter(torch.empty(2)) if cfg.embed_skip else None  # LEARNED_MIXES
 
     def forward(
         self,
@@ -83,7 +87,7 @@ class Transformer(nn.Module):
         tables = [value_table(i, cfg) for i in range(cfg.n_layer)]
         self.blocks = nn.ModuleList(Block(cfg, table is not None) for table in tables)
         # U-net skips: block i's output is added, times skip_weights[half-1-i], to block n_layer-1-i's input
-        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.unet_skips else None
+        self.skip_weights = nn.Parameter(torch.empty(cfg.n_layer // 2)) if cfg.unet_skips else None
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -92,21 +96,18 @@ class Transformer(nn.Module):
             inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta)
             self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.grad_checkpointing = False  # switched on from outside by the trainer
-        self.reset_parameters()
+        if self.tok_emb.weight.device.type != "meta":  # on meta (sharded training) the trainer initialises
+            self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """N(0, 0.02) weights, zero biases; weights marked RESIDUAL_OUT get 0.02 / sqrt(2 * n_layer) (GPT-2)."""
-        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
-        residual = {id(p) for p in parameters_with_role(self, RESIDUAL_OUT)}
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif p.dim() >= 2:
-                nn.init.normal_(p, mean=0.0, std=residual_std if id(p) in residual else 0.02)
-        if self.cfg.zero_init:  # zero_init: every block starts as the identity, an untied head at uniform
-            head = [] if self.cfg.tie_embeddings else [self.lm_head.weight]
-            for p in [*parameters_with_role(self, RESIDUAL_OUT), *head]:
-                nn.init.zeros_(p)
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Every parameter by `init_rules`, drawn per (seed, name) (seed None: one draw from torch's generator)."""
+        init_parameters(self, int(torch.randint(0, 2**62, ())) if seed is None else seed)
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (RoPE frequencies), e.g. after `to_empty`."""
+        if self.cfg.position == "rope":
+            freqs = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta)
+            self.rope_inv_freq = freqs.to(self.rope_inv_freq.device)
 
     def forward(
         self,
@@ -210,6 +211,104 @@ class Transformer(nn.Module):
             held = (key, self.make_caches(batch, rolling=rolling))
             self.__dict__["_decode_caches"] = held  # a plain attribute: not part of the module tree
         return held[1]
+
+
+# ----- initialisation: the rules, and draws that any shard can make alone --------------------------
+INIT_BLOCK = 1 << 20  # elements per independently seeded block of draws
+
+
+@dataclass(frozen=True)
+class Init:
+    """How a parameter starts: N(0, std) draws if std > 0, else U(-bound, bound) if bound > 0, else the
+    given `values` element by element if any, else all `value`."""
+
+    std: float = 0.0
+    bound: float = 0.0
+    value: float = 0.0
+    values: tuple[float, ...] = ()
+
+
+# the speedrun options' learned mixing weights and where they start: value embeddings mix v and ve
+# half and half, embed_skip starts at the block's own input, U-net skips at weight 1
+LEARNED_MIXES = {
+    "value_mix": Init(values=(0.5, 0.5)),
+    "x0_mix": Init(values=(1.0, 0.0)),
+    "skip_weights": Init(value=1.0),
+}
+
+
+def mark_init(module: nn.Module, init: Init, param: str = "weight") -> nn.Module:
+    """Give `module`'s own parameter `param` its own start (e.g. LoRA's zero B), overriding the defaults."""
+    module.param_inits = {**getattr(module, "param_inits", {}), param: init}
+    return module
+
+
+def init_rules(model: Transformer) -> dict[str, Init]:
+    """The initialisation of every parameter, by name (the one place these rules live): a start a module
+    marked with `mark_init`; else zero biases, unit norm weights, and N(0, 0.02) matrices, embeddings and
+    experts, with weights marked RESIDUAL_OUT at 0.02 / sqrt(2 * n_layer) (GPT-2); with `zero_init` those
+    and an untied head start at zero (every block the identity, the head uniform); LEARNED_MIXES."""
+    cfg = model.cfg
+    residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+    residual = {id(p) for p in parameters_with_role(model, RESIDUAL_OUT)}
+    rules = {}
+    for name, p in model.named_parameters():
+        path, _, own = name.rpartition(".")
+        owner = model.get_submodule(path)
+        if own in getattr(owner, "param_inits", {}):
+            rules[name] = owner.param_inits[own]
+        elif own == "bias":
+            rules[name] = Init(value=0.0)
+        elif isinstance(owner, (nn.LayerNorm, RMSNorm)):
+            rules[name] = Init(value=1.0)
+        elif own in LEARNED_MIXES:
+            rules[name] = LEARNED_MIXES[own]
+        elif cfg.zero_init and (id(p) in residual or name == "lm_head.weight"):  # a tied head is tok_emb's
+            rules[name] = Init(value=0.0)
+        elif p.dim() >= 2:
+            rules[name] = Init(std=residual_std if id(p) in residual else 0.02)
+        else:
+            raise TinyLMError(f"No initialisation rule for parameter {name}; add one in init_rules.")
+    return rules
+
+
+def init_values(init: Init, numel: int, start: int, stop: int, key: str) -> torch.Tensor:
+    """Elements [start, stop) of a parameter's flattened initial values (float32, CPU). Draws come in
+    blocks of INIT_BLOCK elements, each from a generator seeded by (key, block), so a shard is drawn
+    without the rest and every shard agrees with the whole."""
+    if init.std <= 0 and init.bound <= 0:
+        return (
+            torch.tensor(init.values[start:stop]) if init.values else torch.full((stop - start,), init.value)
+        )
+    out = torch.empty(stop - start)
+    for block in range(start // INIT_BLOCK, (stop - 1) // INIT_BLOCK + 1):
+        lo, hi = block * INIT_BLOCK, min(numel, (block + 1) * INIT_BLOCK)
+        digest = hashlib.blake2b(f"{key}/{block}".encode(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        values = torch.empty(hi - lo)
+        if init.std > 0:
+            values.normal_(0.0, init.std, generator=gen)
+        else:
+            values.uniform_(-init.bound, init.bound, generator=gen)
+        a, b = max(start, lo), min(stop, hi)
+        out[a - start : b - start] = values[a - lo : b - lo]
+    return out
+
+
+Local = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def init_parameters(model: Transformer, seed: int, local: Local | None = None) -> None:
+    """Set every parameter to its initial values for `seed`: the same numbers on any device and under any
+    sharding. `local(p)` gives the part of p this process holds and its offset in p's flattened elements
+    (default: all of p)."""
+    rules = init_rules(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            part, offset = local(p) if local is not None else (p, 0)
+            if part.numel():
+                values = init_values(rules[name], p.numel(), offset, offset + part.numel(), f"{seed}/{name}")
+                part.copy_(values.view(part.shape))
 
 
 def value_table(layer: int, cfg: ModelConfig) -> int | None:

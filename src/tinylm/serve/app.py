@@ -1,32 +1,47 @@
-"""The HTTP app: OpenAI-compatible routes over the engine, server-sent events, and the playground."""
+"""The HTTP app: OpenAI-compatible routes over the engine, server-sent events, metrics and the playground.
+
+A request passes, in order: the body limit (BodyLimit, before any parsing), JSON and schema
+(pydantic: fixed ranges), the operator's limits (ServeConfig: n, max_tokens, logprobs, stop strings,
+before any work), tokenization and retrieval on a worker thread (never on the event loop) with the
+prompt limit, then the engine's queue. Every refusal or failure leaves as OpenAI's error body, and
+one request's failure never reaches another request.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tinylm.chat import CHAT_STOP, render_chat
 from tinylm.checkpoint import LoadedRun
-from tinylm.config import SampleConfig
+from tinylm.config import SampleConfig, ServeConfig, sample_config
 from tinylm.errors import TinyLMError
-from tinylm.serve.engine import Engine, Event, QueueFull, Ticket
+from tinylm.serve.engine import Engine, EngineDead, Event, QueueFull, Ticket
 from tinylm.serve.errors import APIError, error_body, install_error_handlers
+from tinylm.serve.metrics import AccessLog, BodyLimit, Metrics
 from tinylm.serve.playground import attention_data, run_card
 from tinylm.serve.retrieval import Retriever
 from tinylm.serve.schemas import AttentionRequest, ChatRequest, CompletionRequest, SamplingRequest
 
 STATIC = Path(__file__).parent / "static"
+POLL_SECONDS = 0.5  # how often a waiting request checks that its client and the engine are still there
+INLINE_CHARS = 2048  # prompts up to this many characters are tokenized on the event loop (microseconds)
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "max_tokens")
 
 
 @dataclass
@@ -40,119 +55,262 @@ class Job:
     sources: list[dict] = field(default_factory=list)
 
 
-class Server:
-    """The state behind the routes: the run, its engine, and request preparation."""
+class Inbox:
+    """One request's events on the event loop; awaited with a timeout but without a task per event."""
 
-    def __init__(self, run: LoadedRun, engine: Engine, name: str, retriever: Retriever | None) -> None:
-        self.run, self.engine, self.name, self.retriever = run, engine, name, retriever
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.items, self.waiter = loop, deque(), None
+
+    def put(self, event: Event) -> None:
+        self.items.append(event)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self, timeout: float) -> Event | None:
+        """The next event, or None when `timeout` seconds pass without one."""
+        if not self.items:
+            self.waiter = waiter = self.loop.create_future()
+            handle = self.loop.call_later(timeout, lambda: waiter.done() or waiter.set_result(None))
+            try:
+                await waiter
+            finally:
+                handle.cancel()
+                self.waiter = None
+        return self.items.popleft() if self.items else None
+
+
+class Mailbox:
+    """Events from the engine thread to one event loop: a single wake-up of the loop per burst of events
+    (one decode step's), not one per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock = loop, threading.Lock()
+        self.pending: list[tuple[Inbox, Event]] = []
+        self.scheduled = False
+
+    def sink(self, inbox: Inbox) -> Callable[[Event], None]:
+        """What the engine calls with each event of the request that reads `inbox` (any thread)."""
+
+        def post(event: Event) -> None:
+            with self.lock:
+                self.pending.append((inbox, event))
+                if self.scheduled:
+                    return
+                self.scheduled = True
+            self.loop.call_soon_threadsafe(self._deliver)
+
+        return post
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for inbox, event in items:
+            inbox.put(event)
+
+
+def _characters(text: str, param: str) -> None:
+    """Refuse a lone UTF-16 surrogate (JSON's "\\ud800" decodes to one): it is no character, and tokenizers
+    cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(
+            f"The {param} holds {text[exc.start]!r}, a lone UTF-16 surrogate, which is not a character.",
+            400,
+            param=param,
+            code="unsupported_characters",
+        ) from None
+
+
+def _limit(message: str, param: str | None) -> APIError:
+    return APIError(message, 400, param=param, code="limit_exceeded")
+
+
+class Server:
+    """The state behind the routes: the run, its engine, the limits, and request preparation."""
+
+    def __init__(
+        self,
+        run: LoadedRun,
+        engine: Engine,
+        name: str,
+        retriever: Retriever | None,
+        limits: ServeConfig,
+    ) -> None:
+        self.run, self.engine, self.name, self.retriever, self.limits = run, engine, name, retriever, limits
         self.block_size = run.model.cfg.block_size
+        self.max_prompt_tokens = limits.max_prompt_tokens or self.block_size
         self.created = int(time.time())
         self.cancelled = 0  # requests whose client went away before they finished
+        self.metrics = Metrics(engine)
+        self.mailbox: Mailbox | None = None  # made on the event loop by the first request
 
-    def check_model(self, req: SamplingRequest) -> None:
-        if req.model != self.name:
+    # ----- checks before any work (on the event loop: cheap) ----------------------------------
+    def check_model(self, model: str) -> None:
+        if model != self.name:
             raise APIError(
-                f"The model {req.model!r} does not exist; this server serves {self.name!r}.",
+                f"The model {model!r} does not exist; this server serves {self.name!r}.",
                 404,
                 "invalid_request_error",
                 "model",
                 "model_not_found",
             )
 
+    def check(self, req: SamplingRequest, prompts: int, logprobs: int | None, logprobs_param: str) -> None:
+        """The operator's limits (ServeConfig), each refusal naming its limit and flag."""
+        self.check_model(req.model)
+        lim = self.limits
+        if req.n * prompts > lim.max_n:
+            raise _limit(
+                f"n ({req.n}) x {prompts} prompt(s) asks for {req.n * prompts} choices; this server allows "
+                f"at most {lim.max_n} per request (tinylm serve --max-n).",
+                "n",
+            )
+        if req.max_tokens is not None and req.max_tokens > lim.max_tokens:
+            raise _limit(
+                f"max_tokens ({req.max_tokens}) is above this server's limit of {lim.max_tokens} "
+                "(tinylm serve --max-tokens-limit).",
+                "max_tokens",
+            )
+        if logprobs is not None and logprobs > lim.max_logprobs:
+            raise _limit(
+                f"{logprobs_param} ({logprobs}) is above this server's limit of {lim.max_logprobs} "
+                "(tinylm serve --max-logprobs).",
+                logprobs_param,
+            )
+        stops = req.stops()
+        if len(stops) > lim.max_stop:
+            raise _limit(
+                f"{len(stops)} stop strings given; this server takes at most {lim.max_stop} "
+                "(tinylm serve --max-stop).",
+                "stop",
+            )
+        if any(len(s) > lim.max_stop_chars for s in stops):
+            raise _limit(
+                f"A stop string is longer than this server's limit of {lim.max_stop_chars} characters "
+                "(tinylm serve --max-stop-chars).",
+                "stop",
+            )
+
+    def sample_configs(self, req: SamplingRequest, n: int, stops: tuple[str, ...]) -> list[SampleConfig]:
+        """n SampleConfigs (choice i: seed + i); fields the request leaves out take SampleConfig's defaults."""
+        max_tokens = req.max_tokens or min(SampleConfig.max_new_tokens, self.limits.max_tokens)
+        greedy = req.temperature == 0
+        base = dict(
+            max_new_tokens=max_tokens,
+            temperature=None if greedy else req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            repetition_penalty=req.repetition_penalty,
+            greedy=greedy,
+            stop=stops + req.stops(),
+        )
+        try:
+            return [
+                sample_config(None, **base, seed=None if req.seed is None else req.seed + i) for i in range(n)
+            ]
+        except TinyLMError as exc:  # a range SampleConfig refuses (e.g. a temperature too small to be finite)
+            word = str(exc).split(" ", 1)[0]
+            raise APIError(str(exc), 400, param=word if word in SAMPLING_FIELDS else None) from None
+
+    # ----- preparation (on a worker thread: tokenizing and retrieval may take a while) -----------
     def encode(self, text: str, param: str) -> list[int]:
         """Prompt ids as generate.encode_prompt makes them, refusing text the vocabulary cannot hold."""
+        _characters(text, param)
         try:
             ids = self.run.tokenizer.encode(text) if text else []
         except TinyLMError as exc:
             raise APIError(str(exc), 400, param=param, code="unsupported_characters") from None
+        if len(ids) > self.max_prompt_tokens:
+            raise APIError(
+                f"The prompt has {len(ids)} tokens; this server takes at most {self.max_prompt_tokens} per "
+                "prompt (the model's context unless tinylm serve --max-prompt-tokens says otherwise).",
+                400,
+                param=param,
+                code="context_length_exceeded",
+            )
         eot = self.run.tokenizer.eot_id
         return ids or [eot if eot is not None else 0]
 
-    def job(self, req: SamplingRequest, texts: list[str], param: str, stops: tuple[str, ...] = ()) -> Job:
-        """Encode each prompt, check it fits the context with max_tokens, and build n configs per prompt."""
-        self.check_model(req)
+    def prepare(
+        self, req: SamplingRequest, texts: list[str], param: str, cfgs: list[SampleConfig], query: str | None
+    ) -> Job:
+        """Retrieve passages (with --index), encode each prompt, and pair each with its n configs."""
+        for text in texts:
+            _characters(text, param)  # before retrieval too
         sources: list[dict] = []
         if self.retriever is not None and req.retrieval is not False:
-            texts, sources = self._retrieve(req, texts)
-        encoded = [self.encode(t, param) for t in texts]
-        prompts, cfgs = [], []
-        for ids in encoded:
-            room = self.block_size - len(ids)
-            max_tokens = req.max_tokens if req.max_tokens is not None else room
-            if max_tokens > room or room < 1:
-                raise APIError(
-                    f"This model's context is {self.block_size} tokens; the prompt has {len(ids)} and "
-                    f"max_tokens is {max_tokens}. Shorten the prompt or lower max_tokens.",
-                    400,
-                    param="max_tokens",
-                    code="context_length_exceeded",
+            augmented = []
+            for text in texts:
+                prompt, used = self.retriever.augment(
+                    text if query is None else query, text, cfgs[0].max_new_tokens
                 )
-            for i in range(req.n):
-                prompts.append(ids)
-                cfgs.append(self.sample_config(req, max_tokens, i, stops))
-        return Job(prompts, cfgs, sum(len(ids) for ids in encoded), sources=sources)
+                augmented.append(prompt)
+                sources.extend(used)
+            texts = augmented
+        encoded = [self.encode(t, param) for t in texts]
+        prompts = [ids for ids in encoded for _ in range(req.n)]
+        return Job(prompts, cfgs * len(encoded), sum(map(len, encoded)), sources=sources)
 
-    @staticmethod
-    def sample_config(
-        req: SamplingRequest, max_tokens: int, choice: int, stops: tuple[str, ...]
-    ) -> SampleConfig:
-        greedy = req.temperature == 0
+    async def prepare_off_loop(
+        self, req: SamplingRequest, texts: list[str], param: str, cfgs: list[SampleConfig], query: str | None
+    ) -> Job:
+        """prepare() on a worker thread, so the event loop keeps serving while long prompts are tokenized
+        or passages retrieved; short prompts without retrieval (microseconds of work) skip the hop."""
+        if self.retriever is None and sum(map(len, texts)) <= INLINE_CHARS:
+            return self.prepare(req, texts, param, cfgs, query)
+        return await asyncio.to_thread(self.prepare, req, texts, param, cfgs, query)
+
+    def submit(self, job: Job) -> tuple[Ticket, Inbox]:
+        """Queue the job's sequences; their events arrive in the returned inbox."""
+        loop = asyncio.get_running_loop()
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = Mailbox(loop)
+        inbox = Inbox(loop)
         try:
-            return SampleConfig(
-                max_new_tokens=max_tokens,
-                temperature=1.0 if greedy else req.temperature,
-                top_k=req.top_k,
-                top_p=req.top_p,
-                repetition_penalty=req.repetition_penalty,
-                do_sample=not greedy,
-                seed=None if req.seed is None else req.seed + choice,
-                stop=stops + req.stops(),
-            )
-        except TinyLMError as exc:
-            raise APIError(str(exc), 400) from None
-
-    def _retrieve(self, req: SamplingRequest, texts: list[str]) -> tuple[list[str], list[dict]]:
-        query = req.messages[-1].content if isinstance(req, ChatRequest) else texts[0]
-        budget = self.block_size - (req.max_tokens or 0)
-        out, sources = [], []
-        for text in texts:
-            prompt, used = self.retriever.augment(
-                query if isinstance(req, ChatRequest) else text, text, budget
-            )
-            out.append(prompt)
-            sources.extend(used)
-        return out, sources
-
-    def submit(self, job: Job) -> tuple[Ticket, asyncio.Queue]:
-        """Queue the job's sequences; their events arrive on the returned asyncio queue."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731
-        try:
-            return self.engine.submit(job.prompts, job.cfgs, sink, job.logprobs), queue
+            return self.engine.submit(job.prompts, job.cfgs, self.mailbox.sink(inbox), job.logprobs), inbox
         except QueueFull as exc:
             raise APIError(str(exc), 429, "rate_limit_error", code="queue_full") from None
+        except EngineDead as exc:
+            raise APIError(str(exc), 503, "server_error", code="engine_stopped") from None
+
+    def failure(self, event: Event) -> APIError:
+        """The error ending a request whose sequence failed (the engine stopping, or this sequence alone)."""
+        if not self.engine.alive:
+            return APIError(event.error or "The engine stopped.", 503, "server_error", code="engine_stopped")
+        return APIError(f"Generation failed: {event.error}", 500, "server_error", code="generation_failed")
 
 
 async def _events(
-    server: Server, ticket: Ticket, queue: asyncio.Queue, n: int, request: Request | None
+    server: Server, ticket: Ticket, inbox: Inbox, n: int, request: Request | None, started: float
 ) -> AsyncIterator[Event]:
-    """Events of all n choices until each has finished; the client going away cancels the rest."""
-    finished = 0
+    """Events of all n choices until each has finished; the client going away cancels the rest, and the
+    engine stopping ends them with errors (nobody waits for a dead engine)."""
+    unfinished, last = set(range(n)), {}
+    metrics = server.metrics
     try:
-        while finished < n:
-            if request is None:
-                event = await queue.get()
-            else:  # a non-streaming client: notice it leaving while we wait
-                try:
-                    event = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-            finished += event.finish_reason is not None
+        while unfinished:
+            event = await inbox.get(POLL_SECONDS)
+            if event is None:  # nothing for a while: is anyone still there?
+                if not server.engine.alive:
+                    for i in sorted(unfinished):
+                        yield Event(i, finish_reason="error", error=server.engine.dead_message())
+                    unfinished.clear()
+                    return
+                if request is not None and await request.is_disconnected():
+                    return
+                continue
+            now = time.perf_counter()
+            if not last:
+                metrics.ttft.observe(now - started)
+            elif event.index in last:
+                metrics.token_latency.observe(now - last[event.index])
+            last[event.index] = now
+            if event.finish_reason is not None:
+                unfinished.discard(event.index)
             yield event
     finally:
-        if finished < n:
+        if unfinished:
             ticket.cancel()
             server.cancelled += 1
 
@@ -173,14 +331,20 @@ class _Choice:
     """The accumulated text, log-probabilities and finish reason of one choice."""
 
     def __init__(self, strip_leading: bool) -> None:
-        self.text, self.tokens, self.finish_reason, self.count = "", [], None, 0
+        self.pieces: list[str] = []
+        self.tokens, self.finish_reason, self.count, self.length = [], None, 0, 0
         self.strip_leading = strip_leading  # chat replies follow "Assistant:" and start with a space
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
     def add(self, event: Event) -> str:
         piece = event.text
-        if self.strip_leading and not self.text:
+        if self.strip_leading and not self.length:
             piece = piece.lstrip(" ")
-        self.text += piece
+        self.pieces.append(piece)
+        self.length += len(piece)
         if event.token is not None:
             self.tokens.append(event.token)
         self.count = event.completion_tokens
@@ -213,14 +377,14 @@ def _chat_logprobs(tokens: list) -> dict:
 def create_app(
     run: LoadedRun,
     name: str | None = None,
-    max_batch: int = 16,
-    max_queue: int = 256,
+    limits: ServeConfig | None = None,
     retriever: Retriever | None = None,
     engine: Engine | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `run` under the model id `name` (default: the run directory's name)."""
-    engine = engine or Engine(run.model, run.tokenizer, max_batch, max_queue)
-    server = Server(run, engine, name or run.path.name, retriever)
+    limits = limits or ServeConfig()
+    engine = engine or Engine(run.model, run.tokenizer, limits.max_batch, limits.max_queue)
+    server = Server(run, engine, name or run.path.name, retriever, limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -238,8 +402,20 @@ def create_app(
         return FileResponse(STATIC / "index.html")
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": server.name, "active": engine.active, "waiting": engine.waiting}
+    async def health() -> Any:
+        body = {
+            "status": "ok" if engine.alive else "error",
+            "model": server.name,
+            "active": engine.active,
+            "waiting": engine.waiting,
+        }
+        if not engine.alive:
+            return JSONResponse({**body, "error": engine.dead_message()}, status_code=503)
+        return body
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def model_card() -> dict[str, Any]:
         return {"id": server.name, "object": "model", "created": server.created, "owned_by": "tinylm"}
@@ -258,17 +434,25 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
+        started = time.perf_counter()
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        job = server.job(req, texts, "prompt")
+        server.check(req, len(texts), req.logprobs, "logprobs")
+        cfgs = server.sample_configs(req, req.n, ())
+        job = await server.prepare_off_loop(req, texts, "prompt", cfgs, None)
         job.logprobs = req.logprobs
-        return await _respond(server, job, req, request, chat=False, echo=texts if req.echo else None)
+        echo = texts if req.echo else None
+        return await _respond(server, job, req, request, chat=False, echo=echo, started=started)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request) -> Any:
+        started = time.perf_counter()
+        server.check(req, 1, req.top_logprobs if req.logprobs else None, "top_logprobs")
+        cfgs = server.sample_configs(req, req.n, CHAT_STOP)
         prompt = render_chat([m.model_dump() for m in req.messages])
-        job = server.job(req, [prompt], "messages", CHAT_STOP)
+        query = req.messages[-1].content
+        job = await server.prepare_off_loop(req, [prompt], "messages", cfgs, query)
         job.logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return await _respond(server, job, req, request, chat=True)
+        return await _respond(server, job, req, request, chat=True, started=started)
 
     @app.get("/v1/playground/run")
     async def playground_run() -> dict[str, Any]:
@@ -276,14 +460,53 @@ def create_app(
 
     @app.post("/v1/playground/attention")
     async def playground_attention(req: AttentionRequest) -> dict[str, Any]:
-        server.encode(req.prompt, "prompt")  # refuse characters outside the vocabulary as the API does
+        # refuse characters outside the vocabulary (and prompts over the limit) as the API does
+        await asyncio.to_thread(server.encode, req.prompt, "prompt")
         future = engine.call(lambda: attention_data(run, req.prompt, req.n_tokens))
         try:
             return await asyncio.wrap_future(future)
         except TinyLMError as exc:
             raise APIError(str(exc), 400, param="n_tokens") from None
+        except EngineDead as exc:
+            raise APIError(str(exc), 503, "server_error", code="engine_stopped") from None
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _with_limits(
+                get_openapi(title=app.title, version="1", routes=app.routes), limits
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    routes = frozenset(getattr(r, "path", "") for r in app.routes)
+    app.add_middleware(AccessLog, metrics=server.metrics, routes=routes)  # outermost: sees 413s too
     return app
+
+
+def _with_limits(schema: dict[str, Any], limits: ServeConfig) -> dict[str, Any]:
+    """The OpenAPI schema with this server's limits written into the request bodies (clients and fuzzers see
+    them; the server checks them anyway)."""
+    bounds = {
+        "n": {"maximum": limits.max_n},
+        "max_tokens": {"maximum": limits.max_tokens},
+        "logprobs": {"maximum": limits.max_logprobs},
+        "top_logprobs": {"maximum": limits.max_logprobs},
+        "stop": {"maxItems": limits.max_stop, "maxLength": limits.max_stop_chars},
+    }
+    for model in schema.get("components", {}).get("schemas", {}).values():
+        for name, extra in bounds.items():
+            prop = model.get("properties", {}).get(name)
+            for branch in [prop] if prop and "anyOf" not in prop else (prop or {}).get("anyOf", []):
+                kind = branch.get("type")
+                if kind == "integer":
+                    branch.update({k: v for k, v in extra.items() if k == "maximum"})
+                elif kind == "array":
+                    branch["maxItems"] = extra["maxItems"]
+                    branch.setdefault("items", {})["maxLength"] = extra["maxLength"]
+                elif kind == "string" and "maxLength" in extra:
+                    branch["maxLength"] = extra["maxLength"]
+    return schema
 
 
 async def _respond(
@@ -293,22 +516,23 @@ async def _respond(
     request: Request,
     chat: bool,
     echo: list[str] | None = None,
+    started: float = 0.0,
 ) -> Any:
-    ticket, queue = server.submit(job)
+    ticket, inbox = server.submit(job)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     head = {"id": rid, "created": int(time.time()), "model": server.name}
     if job.sources:
         head["sources"] = job.sources
     n = len(job.prompts)
     if req.stream:
-        stream = _stream(server, job, req, ticket, queue, head, chat)
+        stream = _stream(server, job, req, ticket, inbox, head, chat, started)
         return StreamingResponse(
             stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
     choices = [_Choice(chat) for _ in range(n)]
-    async for event in _events(server, ticket, queue, n, request):
+    async for event in _events(server, ticket, inbox, n, request, started):
         if event.error:
-            raise APIError(f"Generation failed: {event.error}", 500, "server_error")
+            raise server.failure(event)
         choices[event.index].add(event)
     if any(c.finish_reason is None for c in choices):  # the client left
         return JSONResponse(error_body("The client closed the request.", "invalid_request_error"), 499)
@@ -340,9 +564,10 @@ async def _stream(
     job: Job,
     req: SamplingRequest,
     ticket: Ticket,
-    queue: asyncio.Queue,
+    inbox: Inbox,
     head: dict,
     chat: bool,
+    started: float,
 ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per event with new text, then usage (if asked) and [DONE]."""
     n = len(job.prompts)
@@ -358,12 +583,13 @@ async def _stream(
                     "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}],
                 }
             )
-    async for event in _events(server, ticket, queue, n, None):
+    async for event in _events(server, ticket, inbox, n, None, started):
         if event.error:
-            yield _sse(error_body(f"Generation failed: {event.error}", "server_error"))
+            failure = server.failure(event)
+            yield _sse(error_body(failure.message, failure.type, None, failure.code))
             break
         choice = choices[event.index]
-        offset = len(choice.text)
+        offset = choice.length
         piece = choice.add(event)
         if not piece and event.token is None and event.finish_reason is None:
             continue

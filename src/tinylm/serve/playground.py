@@ -6,9 +6,12 @@ import json
 from typing import Any
 
 from tinylm.checkpoint import LoadedRun
-from tinylm.config import to_dict
+from tinylm.config import SampleConfig, to_dict
 from tinylm.model.transformer import parameter_summary
 from tinylm.viz import generation_attention
+
+# the sampling fields the page has inputs for; their starting values are SampleConfig's, the one home of defaults
+PAGE_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
 
 
 def _curve(rows: list[dict], key: str, limit: int = 400) -> list[list[float]]:
@@ -42,6 +45,7 @@ def run_card(run: LoadedRun, name: str) -> dict[str, Any]:
         "val_loss": val_loss,
         "train_curve": _curve(train, "loss"),
         "val_curve": _curve(evals, "val_loss"),
+        "sampling": {k: getattr(SampleConfig(), k) for k in PAGE_SAMPLING},  # the page's starting values
     }
 
 

@@ -18,8 +18,9 @@ from tinylm.tokenizer import Tokenizer
 class Retriever(Protocol):
     """Adds retrieved passages to a prompt."""
 
-    def augment(self, query: str, prompt: str, budget: int) -> tuple[str, list[dict]]:
-        """(prompt with the passages for `query` added, fitting `budget` tokens; their sources)."""
+    def augment(self, query: str, prompt: str, max_new_tokens: int) -> tuple[str, list[dict]]:
+        """(prompt with the passages for `query` added, packed by tinylm.rag's rule so the context keeps
+        room for the answer of max_new_tokens; their sources)."""
         ...
 
 

@@ -8,6 +8,11 @@ let attention = null; // {context, generated, attention: [step][layer][head][pos
 
 const show = (s) => s.replace(/\n/g, "⏎").replace(/ /g, "␣") || "∅";
 const pct = (lp) => (100 * Math.exp(lp)).toFixed(1) + "%";
+// a generated token's probability as one of five bands (classes .p0-.p4 in style.css), pale to strong
+const PROB_BANDS = [[0.8, "p0", "≥ 80%"], [0.5, "p1", "50–80%"], [0.2, "p2", "20–50%"], [0.05, "p3", "5–20%"], [0, "p4", "< 5%"]];
+const band = (p) => PROB_BANDS.find(([low]) => p >= low) || PROB_BANDS[PROB_BANDS.length - 1];
+// the inputs the run card's "sampling" (the server's SampleConfig) fills in
+const SAMPLING_INPUTS = { max_new_tokens: "max_tokens", temperature: "temperature", top_k: "top_k", top_p: "top_p", repetition_penalty: "repetition_penalty" };
 
 async function init() {
   const models = await (await fetch("/v1/models")).json();
@@ -17,8 +22,18 @@ async function init() {
   $("stop").addEventListener("click", () => controller && controller.abort());
   $("layer").addEventListener("change", drawHeatmap);
   $("head").addEventListener("change", drawHeatmap);
+  drawProbLegend();
   loadRunCard();
   pollHealth();
+}
+
+function drawProbLegend() {
+  for (const [, cls, label] of PROB_BANDS) {
+    const key = document.createElement("span");
+    key.className = `tok ${cls}`;
+    key.textContent = label;
+    $("prob-legend").appendChild(key);
+  }
 }
 
 async function pollHealth() {
@@ -118,11 +133,10 @@ async function* sseChunks(resp) {
 
 function tokenSpan(text, logprob, top) {
   const span = document.createElement("span");
-  span.className = text.includes("\n") ? "tok nl" : "tok";
-  span.textContent = text;
   const p = Math.exp(logprob);
-  // confident tokens pale, surprising ones strong orange
-  span.style.background = `rgba(255, 140, 40, ${(0.08 + 0.6 * (1 - p)).toFixed(3)})`;
+  span.className = `tok ${band(p)[1]}` + (text.includes("\n") ? " nl" : "");
+  span.textContent = text;
+  span.dataset.p = p.toFixed(4);
   span.title = `${show(text)}: ${pct(logprob)}`;
   span.addEventListener("mouseenter", () => detail(span, text, logprob, top));
   return span;
@@ -221,6 +235,9 @@ function viridis(t) {
 
 async function loadRunCard() {
   const card = await (await fetch("/v1/playground/run")).json();
+  for (const [field, id] of Object.entries(SAMPLING_INPUTS)) {
+    if ($(id).value === "" && card.sampling && card.sampling[field] != null) $(id).value = card.sampling[field];
+  }
   const cfg = card.config || {};
   const facts = {
     model: card.model,
