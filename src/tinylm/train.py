@@ -24,6 +24,7 @@ from tinylm.checkpoint import (
     RunRecord,
     check_run_dir,
     checkpoint_dir,
+    materialise,
     newest_good_checkpoint,
     prune_checkpoints,
     read_json,
@@ -357,12 +358,7 @@ def build_model(
     ties = tied_aliases(model)
     if fsdp:
         rt.shard(model)
-    model.to_empty(device=runtime.device)
-    for alias, name in ties.items():  # to_empty gives each name its own tensor: tie them again
-        path, _, attr = alias.rpartition(".")
-        if model.get_parameter(alias) is not model.get_parameter(name):
-            setattr(model.get_submodule(path), attr, model.get_parameter(name))
-    model.reset_buffers()
+    materialise(model, runtime.device, ties)
     init_parameters(model, record.train.seed, local=rt.local_part)
     return model, renames
 
