@@ -213,3 +213,12 @@ def test_lora_on_the_tied_head_loads_and_merges_into_an_untied_model(tiny_run, p
     idx = torch.randint(0, base.model_cfg.vocab_size, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(merged.model(idx), tuned.model(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_a_fine_tune_does_not_inherit_the_base_runs_ramps():
+    """Ramps crop each batch to a few tokens: on prompt/response pairs every target would be masked (NaN loss)."""
+    from tinylm.config import TrainConfig, finetune_config
+
+    base = TrainConfig(batch_size=8, batch_size_start=2, block_size_start=8, ramp_steps=100)
+    tuned = finetune_config(base)
+    assert (tuned.batch_size_start, tuned.block_size_start, tuned.ramp_steps) == (0, 0, 0)

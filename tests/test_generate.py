@@ -111,6 +111,14 @@ def test_stream_and_generate_stop_the_same_way(tiny_run):
     assert "".join(stream(run.model, run.tokenizer, "A", cfg)) == cut
 
 
+def test_stream_yields_as_it_goes_when_nothing_can_end_a_row(tiny_run):
+    """A character model with no stop string: generate() decodes once at the end, stream() token by token."""
+    run = load_run(tiny_run)
+    cfg = SampleConfig(max_new_tokens=40, seed=3)
+    pieces = list(stream(run.model, run.tokenizer, "A", cfg))
+    assert len(pieces) == 40 and "".join(pieces) == generate(run.model, run.tokenizer, "A", cfg)[0].text
+
+
 class _Chars:
     """A stand-in tokenizer: ids are code points."""
 
@@ -446,6 +454,27 @@ def test_text_decoder_is_incremental_and_adds_up_to_decode(shakespeare_text):
     assert "".join(pieces) == tok.decode(ids) == text
     assert max(counting.sizes) <= MAX_HELD_TOKENS + 1  # bounded: independent of the text's length
     assert sum(counting.sizes) < 4 * len(ids)
+
+
+class _Bytes:
+    """A byte-level stand-in tokenizer: ids are bytes, invalid UTF-8 shown as replacement characters."""
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_decoder_never_repeats_shown_text():
+    """After MAX_HELD_TOKENS invalid bytes are shown as replacements, a byte completing the last one's character
+    adds that character alone; it never shows the earlier text again."""
+    from tinylm.generate import MAX_HELD_TOKENS, TextDecoder
+
+    decoder = TextDecoder(_Bytes())
+    stray = [0xFF] * (MAX_HELD_TOKENS - 2) + [0xE2, 0x98]  # junk, then two bytes of the 3-byte "☃"
+    shown = "".join(decoder.push(b) for b in [*b"ok ", *stray])
+    assert (
+        shown == "ok " + "\ufffd" * (MAX_HELD_TOKENS - 2) + "\ufffd"
+    )  # forced out, ending in one replacement
+    assert decoder.push(0x83) == "☃"  # completes it: the new character only (the whole text again before)
 
 
 def test_row_text_holds_back_only_a_possible_stop(shakespeare_text):

@@ -38,5 +38,6 @@ def test_set_vocab_size_is_honoured(capsys):
 def test_train_and_info_describe_every_feed_forward(mlp):
     from tinylm.cli.common import describe_model
 
-    line = describe_model(tiny_config(mlp=mlp, qk_norm=True))
-    assert {"gelu": "GELU", "swiglu": "SwiGLU", "relu2": "ReLU²"}[mlp] in line and "QK-norm" in line
+    line = describe_model(tiny_config(mlp=mlp, qk_norm=True, value_embeds=1))
+    assert {"gelu": "GELU", "swiglu": "SwiGLU", "relu2": "ReLU²"}[mlp] in line
+    assert "; qk_norm value_embeds=1)" in line  # every speedrun option on, as --set names it

@@ -387,3 +387,20 @@ def test_speedrun_parameters_start_by_the_init_rules_on_any_device_and_shard():
     assert whole.blocks[0].attn.value_mix.tolist() == [0.5, 0.5] and whole.blocks[1].attn.value_mix is None
     assert not whole.blocks[0].attn.wo.weight.any() and not whole.lm_head.weight.any()  # zero_init
     assert whole.blocks[0].attn.wq.weight.std() > 0.01 and whole.tok_emb.weight.std() > 0.01
+
+
+def test_init_draws_agree_shard_by_shard_across_block_boundaries(monkeypatch):
+    """Draws come in seeded blocks of INIT_BLOCK elements; any [start, stop) slice drawn alone, across block
+    boundaries, equals that slice of the whole parameter's draws (what each FSDP rank relies on)."""
+    from tinylm.model import transformer as T
+
+    monkeypatch.setattr(T, "INIT_BLOCK", 7)
+    for init in (T.Init(std=0.02), T.Init(bound=0.5), T.Init(values=tuple(range(50)))):
+        whole = T.init_values(init, 50, 0, 50, "3/blocks.0.attn.wq.weight")
+        for start, stop in ((0, 7), (3, 11), (6, 50), (13, 14), (20, 49)):
+            part = T.init_values(init, 50, start, stop, "3/blocks.0.attn.wq.weight")
+            assert torch.equal(part, whole[start:stop]), (init, start, stop)
+    seed3, seed4 = (
+        T.init_values(T.Init(std=0.02), 50, 0, 50, f"{s}/blocks.0.attn.wq.weight") for s in (3, 4)
+    )
+    assert not torch.equal(seed3, seed4)  # another seed (or name) draws other values

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -267,6 +268,35 @@ def test_muon_adamw_takes_the_orthogonalizer_and_normuon_from_the_config(tmp_pat
     state = opt.state_dict()  # the per-neuron second moments are optimizer state: saved and restored
     assert any("second_moment" in s for s in state["muon"]["state"].values())
     opt.load_state_dict(state)
+
+
+def test_a_muon_state_saved_before_the_speedrun_settings_resumes_with_the_configs():
+    """A checkpoint written before orthogonalizer / normuon existed has no such keys in its groups: it loads,
+    takes them from this run's config, and steps exactly as a state that had them."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    opt = build_optimizer(model, TrainConfig(optimizer="muon"))
+    x = torch.randint(0, 65, (2, 8))
+    model(x).logsumexp(-1).mean().backward()
+    opt.step()
+    state = opt.state_dict()
+    old = copy.deepcopy(state)
+    for group in old["muon"]["param_groups"]:
+        for key in ("method", "normuon", "beta2"):
+            del group[key]
+    twins = []
+    for saved in (state, old):
+        twin = copy.deepcopy(model)
+        twin_opt = build_optimizer(twin, TrainConfig(optimizer="muon"))
+        twin_opt.load_state_dict(copy.deepcopy(saved))
+        twin(x).logsumexp(-1).mean().backward()
+        twin_opt.step()
+        twins.append(twin.state_dict())
+    for name, value in twins[0].items():
+        assert torch.equal(value, twins[1][name]), name
+    resumed = build_optimizer(copy.deepcopy(model), TrainConfig(optimizer="muon", normuon=True))
+    resumed.load_state_dict(copy.deepcopy(state))
+    assert resumed.muon.param_groups[0]["normuon"] is True  # the resumed run's config, not the saved group
 
 
 def test_batch_and_sequence_ramps():

@@ -4,9 +4,11 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_config
 from tinylm import checkpoint as ckpt_mod
+from tinylm import runtime as rt
 from tinylm.checkpoint import RunRecord, checkpoint_dir, load_run
-from tinylm.config import build_configs
+from tinylm.config import TrainConfig, build_configs
 from tinylm.data import TokenData, token_batches
 from tinylm.errors import TinyLMError
 from tinylm.model import Transformer
@@ -233,3 +235,20 @@ def test_no_preset_spends_more_than_a_tenth_of_training_on_validation():
         model_cfg, cfg = build_configs(name, vocab_size=65)
         source = RandomWindows(np.zeros(5000, dtype=np.uint16), 8, 1, 0, total_steps=cfg.max_steps)
         assert eval_share(source, cfg) <= 0.1, name
+
+
+def test_ramps_keep_their_global_start_on_another_number_of_processes_and_refuse_epochs():
+    from tinylm.train import _keep_global_batch
+
+    record = RunRecord(tiny_config(), TrainConfig(batch_size=8, batch_size_start=4, ramp_steps=10))
+    one = _keep_global_batch(record, saved=2, runtime=rt.Runtime(torch.device("cpu"), torch.float32))
+    assert (one.train.batch_size, one.train.batch_size_start) == (16, 8)
+    four = rt.Runtime(torch.device("cpu"), torch.float32, rank=1, world_size=4)
+    assert (_keep_global_batch(record, 2, four).train.batch_size_start) == 2
+    with pytest.raises(TinyLMError, match="not --epochs"):
+        TrainConfig(epochs=1, block_size_start=8, ramp_steps=10)
+
+
+def test_tokens_per_second_counts_the_ramped_batches(char_data, tmp_path):
+    trainer = _trainer(char_data, tmp_path, "ramp", batch_size_start=2, block_size_start=8, ramp_steps=4)
+    assert [trainer.tokens_at(s) for s in (0, 1, 4)] == [2 * 8, 4 * 16, 8 * 32]

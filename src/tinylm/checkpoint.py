@@ -593,13 +593,27 @@ class LoadedRun:
 
 
 def build_model(record: RunRecord) -> Transformer:
-    """The run's model architecture, with LoRA adapters when its weights include them."""
-    model = Transformer(record.model)
-    if record.lora is not None:
-        from tinylm.lora import apply_lora
+    """The run's model architecture, with LoRA adapters when its weights include them, in uninitialised CPU
+    memory: every weight is then loaded (strictly), so no time goes into drawing an init to throw away."""
+    with torch.device("meta"):
+        model = Transformer(record.model)
+        if record.lora is not None:
+            from tinylm.lora import apply_lora
 
-        apply_lora(model, record.lora)
+            apply_lora(model, record.lora)
+    materialise(model, torch.device("cpu"), tied_aliases(model))
     return model
+
+
+def materialise(model: Transformer, device: torch.device, ties: dict[str, str]) -> None:
+    """Give a model built on the meta device (uninitialised) memory on `device`, its tied parameters (`ties`,
+    from tied_aliases before any sharding) tied again and its non-persistent buffers computed."""
+    model.to_empty(device=device)
+    for alias, name in ties.items():  # to_empty gives each name its own tensor: tie them again
+        path, _, attr = alias.rpartition(".")
+        if model.get_parameter(alias) is not model.get_parameter(name):
+            setattr(model.get_submodule(path), attr, model.get_parameter(name))
+    model.reset_buffers()
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "last", device: str | torch.device = "cpu") -> LoadedRun:

@@ -160,6 +160,11 @@ class TrainConfig:
             raise TinyLMError(
                 "A batch-size or sequence-length ramp needs ramp_steps > 0 (and never negative)."
             )
+        if (self.batch_size_start or self.block_size_start) and self.epochs:
+            raise TinyLMError(
+                "Batch-size and sequence-length ramps crop each step's batch, so an epoch would skip windows; "
+                "use them with --max-steps, not --epochs."
+            )
         if self.optimizer == "muon" and self.fsdp:
             raise TinyLMError(
                 "optimizer muon orthogonalizes whole matrices, which FSDP shards; train it with DDP (omit --fsdp)."
@@ -459,7 +464,10 @@ def preset_vocab_size(preset: str) -> int:
 
 # Fine-tuning starts from the base run's recipe with these changes. Both learning rates (lr and, for
 # optimizer muon, muon_lr) become FINETUNE_LR_SCALE of the base run's, and scale together with --lr.
-FINETUNE_DEFAULTS: dict[str, Any] = dict(warmup_steps=20, max_steps=200, epochs=0)
+# a fine-tune starts from a trained model: no batch-size / sequence-length ramps (they would crop the pairs)
+FINETUNE_DEFAULTS: dict[str, Any] = dict(
+    warmup_steps=20, max_steps=200, epochs=0, batch_size_start=0, block_size_start=0, ramp_steps=0
+)
 FINETUNE_LR_SCALE = 1 / 3
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -363,7 +364,9 @@ class TextDecoder:
         if text.endswith("\ufffd") and len(self.ids) - self.read < MAX_HELD_TOKENS:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
-        return text[len(shown) :] if text.startswith(shown) else text
+        # the new text, after what was shown; should a later token change shown text (a character shown as
+        # a replacement after MAX_HELD_TOKENS, then completed), only what follows the common start is new
+        return text[len(os.path.commonprefix([shown, text])) :]
 
 
 class RowText:
@@ -439,15 +442,17 @@ def decode_texts(
     use_cache: bool = True,
     compile: bool = False,
     stop_at_eot: bool = True,
+    live: bool = False,
 ) -> Iterator[tuple[list[str], list[RowText]]]:
     """The one decode path: after prompts idx (B, T), per step the new final text of each row.
 
     Yields (pieces, rows) per generated token and once more at the end; stops early when every
-    row has ended (end-of-text or a stop string). generate() and stream() both run on it.
+    row has ended (end-of-text or a stop string). generate() and stream() both run on it. Unless
+    `live` (stream()), a row nothing can end early is decoded once at the end, with no host sync per token.
     """
     eot = end_of_text(tokenizer, stop_at_eot)
     rows = [RowText(tokenizer, cfg.stop, eot) for _ in range(idx.size(0))]
-    if eot is None and not cfg.stop:  # nothing ends a row early: no per-token text work is needed
+    if eot is None and not cfg.stop and not live:  # nothing ends a row early: no per-token text work
         steps = []  # tokens stay on the device until the end: no host sync per token
         for nxt in generate_tokens(model, idx, cfg, use_cache, compile=compile):
             steps.append(nxt)
@@ -484,7 +489,7 @@ def stream(
     cfg = sample_config(cfg, **options)
     device = next(model.parameters()).device
     idx = torch.tensor([encode_prompt(tokenizer, prompt, model.cfg.block_size)], device=device)
-    for pieces, _ in decode_texts(model, tokenizer, idx, cfg, use_cache, compile, stop_at_eot):
+    for pieces, _ in decode_texts(model, tokenizer, idx, cfg, use_cache, compile, stop_at_eot, live=True):
         if pieces[0]:
             yield pieces[0]
 

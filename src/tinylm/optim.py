@@ -192,7 +192,11 @@ class MuonAdamW:
     def load_state_dict(self, state: dict) -> None:
         if set(state) != {"muon", "adamw"}:
             raise TinyLMError("This optimizer state is not from optimizer muon.")
+        # the settings come from this run's config: a state saved before a setting existed lacks its key
+        settings = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.muon.param_groups]
         self.muon.load_state_dict(state["muon"])
+        for group, kept in zip(self.muon.param_groups, settings):
+            group.update(kept)
         self.adamw.load_state_dict(state["adamw"])
 
 

@@ -24,6 +24,7 @@ from tinylm.checkpoint import (
     RunRecord,
     check_run_dir,
     checkpoint_dir,
+    materialise,
     newest_good_checkpoint,
     prune_checkpoints,
     read_json,
@@ -103,7 +104,7 @@ class TrainResult:
         loss, kind = (h.last_train, "last step") if h.last_train is not None else (math.nan, "none")
         if epochs and source.epoch_done(trainer.step) == epochs[-1]["epoch"]:
             loss, kind = epochs[-1]["train_loss"], f"epoch {epochs[-1]['epoch']} average"
-        tokens = (trainer.step - start_step) * trainer.tokens_per_step
+        tokens = sum(trainer.tokens_at(s) for s in range(start_step, trainer.step))
         val = h.last_val()
         val = math.nan if val is None else val
         return cls(
@@ -218,7 +219,7 @@ class Trainer:
             if stats is None:
                 return True
             self.step += 1
-            stats["tokens_per_sec"] = self.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+            stats["tokens_per_sec"] = self.tokens_at(self.step - 1) / max(time.perf_counter() - t0, 1e-9)
             show_step(bar, self.source.label(self.step), stats)
             self._after_step(stats)
         return False
@@ -336,9 +337,10 @@ class Trainer:
         if cfg.save_interval and step % cfg.save_interval == 0:
             self.save(f"step_{step:07d}", after=self._pruner("step_"))
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.cfg.batch_size * self.cfg.grad_accum * self.record.model.block_size * self.rt.world_size
+    def tokens_at(self, step: int) -> int:
+        """Tokens trained by optimizer step `step` on all ranks (fewer while the batch / sequence ramps grow)."""
+        rows, length = batch_shape_at(step, self.cfg, self.cfg.batch_size, self.record.model.block_size)
+        return rows * length * self.cfg.grad_accum * self.rt.world_size
 
 
 def build_model(
@@ -356,12 +358,7 @@ def build_model(
     ties = tied_aliases(model)
     if fsdp:
         rt.shard(model)
-    model.to_empty(device=runtime.device)
-    for alias, name in ties.items():  # to_empty gives each name its own tensor: tie them again
-        path, _, attr = alias.rpartition(".")
-        if model.get_parameter(alias) is not model.get_parameter(name):
-            setattr(model.get_submodule(path), attr, model.get_parameter(name))
-    model.reset_buffers()
+    materialise(model, runtime.device, ties)
     init_parameters(model, record.train.seed, local=rt.local_part)
     return model, renames
 
@@ -497,7 +494,9 @@ def _keep_global_batch(record: RunRecord, saved: int, runtime: rt.Runtime) -> Ru
             f"Resuming a {saved}-process checkpoint on {world} process(es): batch_size {batch} -> {new} per "
             f"process keeps the global batch at {batch * saved} sequences."
         )
-    return replace(record, train=replace(record.train, batch_size=new))
+    start = record.train.batch_size_start  # a batch-size ramp keeps its global start too
+    start = min(new, max(1, start * saved // world)) if start else 0
+    return replace(record, train=replace(record.train, batch_size=new, batch_size_start=start))
 
 
 def _newest_good(run_dir: Path, broken: str, record: RunRecord) -> str:

@@ -58,9 +58,9 @@ NAMES |= {"gelu": "GELU", "swiglu": "SwiGLU", "relu2": "ReLU²"}
 def describe_model(cfg: Any) -> str:
     """One line for a ModelConfig, e.g. "LLaMA-style (RoPE, RMSNorm, SwiGLU), 4 layers x 128, 4 heads, context 64"."""
     style = "LLaMA-style" if cfg.position == "rope" else "GPT-style"
-    parts = ", ".join(NAMES[v] for v in (cfg.position, cfg.norm, cfg.mlp)) + (
-        ", QK-norm" if cfg.qk_norm else ""
-    )
+    parts = ", ".join(NAMES[v] for v in (cfg.position, cfg.norm, cfg.mlp))
+    extras = [x for x in cfg.extras() if not x.startswith("mlp=")]  # the speedrun options, as --set names them
+    parts += f"; {' '.join(extras)}" if extras else ""
     moe = f", {cfg.n_expert} experts (top-{cfg.n_expert_active})" if cfg.n_expert else ""
     return f"{style} ({parts}), {cfg.n_layer} layers x {cfg.n_embd}, {cfg.n_head} heads, context {cfg.block_size}{moe}"
 
