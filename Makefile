@@ -9,8 +9,8 @@ BIN := .venv/bin
 setup:
 	@bash scripts/setup.sh
 
-# Prepare Tiny Shakespeare, train tinylm's best CPU recipe (cpu-llama: LLaMA-style, Muon + AdamW, 225 steps,
-# validation loss about 1.85 in under a minute on 2 idle cores), evaluate it, save its loss plot, print samples.
+# Prepare Tiny Shakespeare, train tinylm's best CPU recipe (cpu-llama: LLaMA-style with QK-norm, Muon + NorMuon + AdamW, 175 steps,
+# validation loss about 1.87 on the full split in about 33 s of CPU), evaluate it, save its loss plot, print samples.
 demo: setup
 	$(BIN)/tinylm prepare shakespeare --tokenizer char --out data/shakespeare-char
 	rm -rf runs/demo

@@ -356,13 +356,17 @@ def nanogpt_workdir(source: str, workdir: str, env: dict[str, str]) -> Path:
     return work
 
 
-def quality_tinylm(preset: str, data: Path, args: argparse.Namespace, env: dict[str, str]) -> dict:
-    """`tinylm train --preset PRESET` timed from process start to exit, then its full-split val loss."""
+def quality_tinylm(recipe: str, data: Path, args: argparse.Namespace, env: dict[str, str]) -> dict:
+    """`tinylm train --preset PRESET [--set key=value ...]` timed from process start to exit, then its
+    full-split val loss; `recipe` is a preset name or "PRESET:key=value,key=value" (e.g. an older recipe)."""
     import shutil
 
-    run_dir = Path(args.workdir) / f"quality-{preset}"
+    preset, _, pairs = recipe.partition(":")
+    run_dir = Path(args.workdir) / (
+        "quality-" + "".join(c if c.isalnum() or c in ".-" else "_" for c in recipe)
+    )
     shutil.rmtree(run_dir, ignore_errors=True)
-    sets = sum((["--set", s] for s in args.set), [])
+    sets = sum((["--set", s] for s in [*args.set, *filter(None, pairs.split(","))]), [])
     cmd = [
         sys.executable,
         "-m",
@@ -654,7 +658,12 @@ def main() -> None:
         default=[],
         help="quality, options: a config override for every run (key=value)",
     )
-    p.add_argument("--presets", nargs="+", default=None, help="quality: tinylm recipes (default: --preset)")
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        default=None,
+        help="quality: tinylm recipes, PRESET or PRESET:key=value,... (default: --preset)",
+    )
     p.add_argument("--nanogpt", help="quality: a nanoGPT checkout; its CPU recipe runs side by side")
     p.add_argument("--reps", type=int, default=3, help="quality: rounds (the recipes take turns in each)")
     p.add_argument(

@@ -112,17 +112,22 @@ def load(kind: str):
             p.wait()
 
 
-def timed(argv: list[str], threads: str | None, scratch: Path) -> tuple[float, str]:
-    """Wall seconds of one command from process start to exit, and the thread choice it printed."""
+def timed(argv: list[str], threads: str | None, scratch: Path) -> tuple[float, float, str]:
+    """Wall seconds of one command from process start to exit, its CPU seconds (user + system, all its
+    threads: spinning counts), and the thread choice it printed."""
+    import resource
     import shutil
 
     shutil.rmtree(scratch / "train", ignore_errors=True)
     env = {"OMP_NUM_THREADS": threads} if threads else {}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     out = checked(tinylm(*argv, env=env))
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     said = [line for line in out.stderr.splitlines() if line.startswith("threads: ")]
-    return wall, said[0] if said else ""
+    return wall, cpu, said[0] if said else ""
 
 
 def main() -> None:
@@ -132,6 +137,9 @@ def main() -> None:
     p.add_argument("--scenarios", nargs="+", default=["idle", "loaded"], choices=["idle", "loaded"])
     p.add_argument(
         "--reps", type=int, default=3, help="repetitions of each (scenario, model, command, variant)"
+    )
+    p.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="default: all three"
     )
     p.add_argument("--workdir", default="/tmp/tinylm-bench-threads")
     p.add_argument("--log", default=str(Path(__file__).with_name("results.jsonl")))
@@ -148,16 +156,18 @@ def main() -> None:
                 for model in args.models:
                     for what in args.commands:
                         argv = command(model, what, paths[model], scratch)
-                        names = list(VARIANTS)
+                        names = list(args.variants)
                         names = names[rep % len(names) :] + names[: rep % len(names)]  # rotate the order
                         for variant in names:
-                            wall, said = timed(argv, VARIANTS[variant], scratch)
+                            wall, cpu, said = timed(argv, VARIANTS[variant], scratch)
                             times.setdefault((scenario, model, what, variant), []).append(wall)
-                            log_row(args.log, scenario, model, what, variant, wall, said)
+                            log_row(args.log, scenario, model, what, variant, wall, cpu, said)
     print_table(times, args)
 
 
-def log_row(log: str, scenario: str, model: str, what: str, variant: str, wall: float, said: str) -> None:
+def log_row(
+    log: str, scenario: str, model: str, what: str, variant: str, wall: float, cpu: float, said: str
+) -> None:
     row = {
         "date": str(date.today()),
         "bench": "threads",
@@ -167,6 +177,7 @@ def log_row(log: str, scenario: str, model: str, what: str, variant: str, wall: 
         "command": what,
         "variant": variant,
         "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
         "choice": said,
         "load_1min": round(os.getloadavg()[0], 2),
     }
@@ -177,17 +188,22 @@ def log_row(log: str, scenario: str, model: str, what: str, variant: str, wall: 
 
 def print_table(times: dict[tuple, list[float]], args: argparse.Namespace) -> None:
     """Median wall seconds per variant; auto against 1 thread (busy target <= 1.2x) and against the best."""
-    one, many, auto = VARIANTS
-    print(f"\n| scenario | model | command | {one} | {many} | {auto} | auto / 1 thread | auto / best |")
-    print("|---|---|---|---|---|---|---|---|")
+    one, _, auto = VARIANTS
+    cols = list(args.variants)
+    print(f"\n| scenario | model | command | {' | '.join(cols)} | auto / 1 thread | auto / best |")
+    print("|---|---|---|" + "---|" * len(cols) + "---|---|")
     for scenario in args.scenarios:
         for model in args.models:
             for what in args.commands:
-                med = {v: statistics.median(times[(scenario, model, what, v)]) for v in VARIANTS}
+                med = {v: statistics.median(times[(scenario, model, what, v)]) for v in cols}
                 best = min(med.values())
+                ratio = {
+                    "1": f"{med[auto] / med[one]:.2f}x" if auto in med and one in med else "-",
+                    "best": f"{med[auto] / best:.2f}x" if auto in med else "-",
+                }
                 print(
-                    f"| {scenario} | {model} | {what} | {med[one]:.1f} | {med[many]:.1f} | {med[auto]:.1f} | "
-                    f"{med[auto] / med[one]:.2f}x | {med[auto] / best:.2f}x |"
+                    f"| {scenario} | {model} | {what} | {' | '.join(f'{med[v]:.1f}' for v in cols)} | "
+                    f"{ratio['1']} | {ratio['best']} |"
                 )
 
 

@@ -294,7 +294,7 @@ def test_train_and_info_name_the_preset(capsys, char_data, tmp_path):
     )
     code, out, _ = run(capsys, "info", "--preset", "cpu-llama")
     assert out.splitlines()[:2] == [
-        "Preset cpu-llama: LLaMA-style (RoPE, RMSNorm, SwiGLU), 4 layers x 128, 4 heads, context 64",
+        "Preset cpu-llama: LLaMA-style (RoPE, RMSNorm, SwiGLU; qk_norm), 4 layers x 128, 4 heads, context 64",
         "38 trainable tensors, 861,440 parameters (vocabulary 65)",
     ]
     code, out, _ = run(capsys, "info", "--json")  # nothing to describe: every preset, one line each

@@ -59,7 +59,8 @@ def describe_model(cfg: Any) -> str:
     """One line for a ModelConfig, e.g. "LLaMA-style (RoPE, RMSNorm, SwiGLU), 4 layers x 128, 4 heads, context 64"."""
     style = "LLaMA-style" if cfg.position == "rope" else "GPT-style"
     parts = ", ".join(NAMES[v] for v in (cfg.position, cfg.norm, cfg.mlp))
-    extras = [x for x in cfg.extras() if not x.startswith("mlp=")]  # the speedrun options, as --set names them
+    # the speedrun options, as --set names them
+    extras = [x for x in cfg.extras() if not x.startswith("mlp=")]
     parts += f"; {' '.join(extras)}" if extras else ""
     moe = f", {cfg.n_expert} experts (top-{cfg.n_expert_active})" if cfg.n_expert else ""
     return f"{style} ({parts}), {cfg.n_layer} layers x {cfg.n_embd}, {cfg.n_head} heads, context {cfg.block_size}{moe}"
