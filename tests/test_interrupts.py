@@ -50,7 +50,7 @@ elif point == "micro":  # during micro-batch 5 of optimizer step `at`
     T.Trainer.micro_batches = micro_batches
 elif point == "eval":  # during the evaluation after `at` steps
     evaluate = T.Trainer.evaluate
-    T.Trainer.evaluate = lambda self: (fire() if self.step == at else None, evaluate(self))[1]
+    T.Trainer.evaluate = lambda self, stop=None: (fire() if self.step == at else None, evaluate(self, stop))[1]
 elif point.startswith("save"):  # 1, 2 or 3 signals while the first checkpoint after `at` steps is half written
     times = {"save": 1, "save-twice": 2, "save-thrice": 3}[point]
     write, save, fired = C.save_state_dict, C.save_checkpoint, []
@@ -102,9 +102,9 @@ def reference(char_data, tmp_path_factory):
     return get
 
 
-def _train_argv(char_data, out, optimizer, mode):
-    """`tinylm train` on the tiny preset with the reference run's optimizer and mode."""
-    argv = [
+def _base_argv(char_data, out):
+    """`tinylm train` on the tiny preset, on the CPU, quietly."""
+    return [
         "train",
         "--data",
         char_data,
@@ -116,7 +116,11 @@ def _train_argv(char_data, out, optimizer, mode):
         "--preset",
         "tiny",
     ]
-    return argv + _sets(_overrides(optimizer, mode))
+
+
+def _train_argv(char_data, out, optimizer, mode):
+    """`tinylm train` on the tiny preset with the reference run's optimizer and mode."""
+    return _base_argv(char_data, out) + _sets(_overrides(optimizer, mode))
 
 
 def _child(char_data, out, optimizer, mode, point, at, sig):
@@ -152,10 +156,20 @@ def test_interrupt_then_resume_is_bitwise_exact(
     assert (SECOND_SIGNAL in proc.stderr) == (point == "save-twice")
     stopped = _meta_step(out)
     assert stopped == at  # a step cut short is discarded: `last` is the state after the steps completed
+    if point == "eval":  # the evaluation was cut short, not waited for: the resumed run does it first
+        assert 6 not in _rows(out, "eval")
     result = train(out=out, resume=True, progress=False)
     assert result.steps == (4 if mode == "accum" else 12)
     assert result.start_step == stopped
     _assert_bitwise_equal(_weights(out), reference(optimizer, mode))
+    if point == "eval":  # ... so the history is the run's left alone: each evaluation and epoch once
+        assert _rows(out, "eval") == [6, 12] and _rows(out, "epoch") == [6, 12]
+
+
+def _rows(out, kind):
+    """The steps of the metrics.jsonl rows of one type."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if r["type"] == kind]
 
 
 def test_a_third_signal_ends_the_run_at_once_and_the_previous_checkpoint_resumes_exactly(
@@ -215,18 +229,7 @@ def test_a_step_of_100000_micro_batches_stops_within_one_and_never_holds_them_al
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def start(out, accum):
-        argv = [
-            "train",
-            "--data",
-            char_data,
-            "--out",
-            out,
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--preset",
-            "tiny",
-        ]
+        argv = _base_argv(char_data, out)
         argv += ["--grad-accum", accum, "--max-steps", 3, "--batch-size", 4, "--set", "eval_batches=1"]
         cmd = [sys.executable, "-m", "tinylm", *map(str, argv)]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import asdict, dataclass
 
@@ -142,15 +142,21 @@ def mean_loss(
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     autocast: ContextManager | None = None,
     progress: bool = False,
-) -> float:
+    stop: Callable[[], bool] | None = None,
+) -> float | None:
     """Average cross-entropy over a few (x, y) batches (IGNORE labels skipped): the quick estimate used
-    during training, with a progress bar once it takes more than a few seconds."""
+    during training, with a progress bar once it takes more than a few seconds. None when `stop()` says so
+    before a batch (an interrupted run leaves its evaluation to the resumed one)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     losses = []
     bar = progress_bar(len(batches), desc="Validating", enabled=progress, delay=SHOW_AFTER)
     for x, y in batches:
+        if stop is not None and stop():
+            bar.close()
+            model.train(was_training)
+            return None
         with autocast or contextlib.nullcontext():
             logits = model(x.to(device))
         losses.append(

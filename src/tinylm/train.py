@@ -49,7 +49,7 @@ EVAL_SHARE_WARNING = (
 BatchesFor = Callable[[RunRecord, rt.Runtime], tuple[BatchSource, list[Batch]]]
 Adapt = Callable[[Transformer], None]  # changes a model's structure before it is sharded, e.g. LoRA
 SECOND_SIGNAL = (
-    "Still stopping: finishing this micro-batch and saving checkpoint 'last' so the run can resume. "
+    "Still stopping: finishing this batch and saving checkpoint 'last' so the run can resume. "
     "Press Ctrl-C again to quit at once without it (the previous checkpoint stays intact)."
 )
 
@@ -191,7 +191,11 @@ class Trainer:
         bar = progress_bar(total, initial=self.step, desc=self.source.label(self.step), enabled=self.progress)
         with rt.StopSignals(SECOND_SIGNAL, announce=self.rt.is_main) as signals:  # shields the saves below
             try:
-                stopped = self._steps(end, bar, lambda: rt.any_rank(signals.received is not None, self.rt))
+                stop = lambda: rt.any_rank(signals.received is not None, self.rt)  # noqa: E731
+                pending = self.source.evaluates_at(self.step, self.cfg.eval_interval) and self.step > 0
+                if pending and not self.history.evaluated_at(self.step):  # a signal cut it short last time
+                    self._due()
+                stopped = self._steps(end, bar, stop)
                 bar.close()
                 if stopped:  # every rank, at the same step boundary
                     if self._last_saved != self.step:
@@ -221,7 +225,9 @@ class Trainer:
             self.step += 1
             stats["tokens_per_sec"] = self.tokens_at(self.step - 1) / max(time.perf_counter() - t0, 1e-9)
             show_step(bar, self.source.label(self.step), stats)
-            self._after_step(stats)
+            # a signal may cut an evaluation short, except the last one (the run would then be finished)
+            if not self._after_step(stats, stop if self.step < self.source.total_steps else None):
+                return True
         return False
 
     def train_step(self, step: int, stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
@@ -273,9 +279,14 @@ class Trainer:
         crops = (self.source.batch(step, m) for m in range(self.cfg.grad_accum))
         return ((x[:rows, :length], y[:rows, :length]) for x, y in crops)
 
-    def evaluate(self) -> float:
-        """Mean validation loss over the fixed validation batches (averaged over ranks); recorded."""
-        loss = mean_loss(self.wrapped, self.val_batches, self.rt.autocast(), progress=self.progress)
+    def evaluate(self, stop: Callable[[], bool] | None = None) -> float | None:
+        """Mean validation loss over the fixed validation batches (averaged over ranks); recorded. None,
+        recording nothing, when `stop()` (asked before each batch, the same on every rank) says so."""
+        loss = mean_loss(
+            self.wrapped, self.val_batches, self.rt.autocast(), progress=self.progress, stop=stop
+        )
+        if loss is None:
+            return None
         if self.rt.distributed:
             loss = rt.all_mean(torch.tensor(loss, device=self.rt.device)).item()
         epoch = self.source.epoch_of(self.step)
@@ -317,16 +328,26 @@ class Trainer:
         keep, run_dir = self.cfg.keep_last, self.run_dir
         return (lambda: prune_checkpoints(run_dir, prefix, keep)) if keep else None
 
-    def _after_step(self, stats: dict[str, float]) -> None:
+    def _after_step(self, stats: dict[str, float], stop: Callable[[], bool] | None = None) -> bool:
+        """Log step `self.step`, then what is due at it; False if `stop()` cut its evaluation short."""
         step, cfg = self.step, self.cfg
         logged = step % cfg.log_interval == 0 or step == 1
         self.history.add_train(step, stats["loss"], logged)
         if logged:
             self.run_log.write({"type": "train", "step": step, **stats})
+        return self._due(stop)
+
+    def _due(self, stop: Callable[[], bool] | None = None) -> bool:
+        """The evaluation (with its checkpoints) and the numbered save due at this step. False, doing neither,
+        when `stop()` cuts the evaluation short: the run saves `last` and the resumed run does them first."""
+        step, cfg = self.step, self.cfg
         if self.source.evaluates_at(step, cfg.eval_interval):
-            val, epoch = self.evaluate(), self.source.epoch_done(step)
+            val = self.evaluate(stop)
+            if val is None:
+                return False
+            epoch = self.source.epoch_done(step)
             if epoch is None:
-                self.log(f"step {step}: train loss {stats['loss']:.4f}, val loss {val:.4f}")
+                self.log(f"step {step}: train loss {self.history.last_train:.4f}, val loss {val:.4f}")
             else:
                 avg = self.history.end_epoch(epoch, val)
                 self.run_log.write(
@@ -336,6 +357,7 @@ class Trainer:
             self.checkpoint(val, epoch)
         if cfg.save_interval and step % cfg.save_interval == 0:
             self.save(f"step_{step:07d}", after=self._pruner("step_"))
+        return True
 
     def tokens_at(self, step: int) -> int:
         """Tokens trained by optimizer step `step` on all ranks (fewer while the batch / sequence ramps grow)."""

@@ -9,6 +9,7 @@ import contextlib
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import urllib.request
@@ -238,46 +239,44 @@ def _read_errors(inp: Input) -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _text_chunks(inp: Input) -> Iterator[Chunk]:
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, first, carry = 0, True, b""  # carry: the bytes of a character cut by the last read
+def _reads(inp: Input) -> Iterator[bytes]:
+    """A file's (decompressed) bytes in reads of READ_BYTES; a damaged compressed file is one sentence."""
     with _open_binary(inp) as f:
         while True:
             try:
                 raw = f.read(READ_BYTES)
             except _read_errors(inp) as exc:
                 raise TinyLMError(f"{inp.name} is not a valid {inp.compression} file ({exc}).") from None
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as exc:
-                raise _not_utf8(inp.name, offset - len(carry) + exc.start) from None
-            offset += len(raw)
-            data = carry + raw if carry else raw
-            carry = decoder.getstate()[0]
-            if text:
-                yield Chunk(text, first, "", data[: len(data) - len(carry)] if carry else data)
-                first = False
             if not raw:
                 return
+            yield raw
+
+
+def _text_chunks(inp: Input) -> Iterator[Chunk]:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, first, carry = 0, True, b""  # carry: the bytes of a character cut by the last read
+    for raw in itertools.chain(_reads(inp), [b""]):  # b"": the end, where a cut character is an error
+        try:
+            text = decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(inp.name, offset - len(carry) + exc.start) from None
+        offset += len(raw)
+        data = carry + raw if carry else raw
+        carry = decoder.getstate()[0]
+        if text:
+            yield Chunk(text, first, "", data[: len(data) - len(carry)] if carry else data)
+            first = False
 
 
 def count_chars(inp: Input) -> tuple[int, bool]:
     """A text file's characters, and whether any is not a space, counted on its UTF-8 bytes without
     decoding them (the encoding pass checks that they are valid UTF-8)."""
     chars, nonblank = 0, False
-    with _open_binary(inp) as f:
-        while True:
-            try:
-                raw = f.read(READ_BYTES)
-            except _read_errors(inp) as exc:
-                raise TinyLMError(f"{inp.name} is not a valid {inp.compression} file ({exc}).") from None
-            if not raw:
-                return chars, nonblank
-            continuation = (
-                0 if raw.isascii() else np.count_nonzero((np.frombuffer(raw, np.uint8) & 0xC0) == 0x80)
-            )
-            chars += len(raw) - int(continuation)
-            nonblank = nonblank or not raw.isspace()
+    for raw in _reads(inp):
+        continuation = 0 if raw.isascii() else np.count_nonzero((np.frombuffer(raw, np.uint8) & 0xC0) == 0x80)
+        chars += len(raw) - int(continuation)
+        nonblank = nonblank or not raw.isspace()
+    return chars, nonblank
 
 
 def _jsonl_chunks(inp: Input, text_field: str) -> Iterator[Chunk]:
