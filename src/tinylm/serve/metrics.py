@@ -109,6 +109,9 @@ class AccessLog:
             )
 
 
+DRAIN_BYTES = 64 * 2**20  # how much of a refused body the server reads (and drops) to answer it cleanly
+
+
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets HTTP 413 before the app parses any of it.
 
@@ -122,7 +125,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
+            return await self._refuse(receive, send, more=True)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -130,9 +133,10 @@ class BodyLimit:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
+            more = message.get("more_body", False)
             if size > self.limit:
-                return await self._refuse(send)
-            if not message.get("more_body", False):
+                return await self._refuse(receive, send, more)
+            if not more:
                 break
         replayed = False
 
@@ -145,7 +149,16 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Callable) -> None:
+    async def _refuse(self, receive: Callable, send: Callable, more: bool) -> None:
+        # the rest of the body is read and dropped first (up to DRAIN_BYTES): closing a connection with unread
+        # request bytes resets it, and a client still sending would lose the 413 and see a broken connection
+        drained = 0
+        while more and drained < DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            more = message.get("more_body", False)
         message = (
             f"The request body is larger than this server's limit of {self.limit:,} bytes "
             "(tinylm serve --max-body-bytes)."
