@@ -141,13 +141,6 @@ class KVCache(nn.Module):
         if isinstance(positions, int):
             return self._write_prefix(positions, k, v)
         B, H, T, D = k.shape
-        if (
-            self.rolling and T > 1 and int(positions.max()) >= self.max_len
-        ):  # one sync per chunk, not per token
-            raise TinyLMError(
-                f"A chunk of {T} tokens reaching position {int(positions.max())} does not fit a rolling KV cache "
-                f"of {self.max_len} in one step; feed the tokens past position {self.max_len - 1} one at a time."
-            )
         slots = positions % self.max_len if self.rolling else positions
         if positions.dim() == 1:  # shared by every row: an index_put that inductor does in place
             self.k[:, :, slots] = k.to(self.k.dtype)
@@ -161,6 +154,21 @@ class KVCache(nn.Module):
         positions = positions.expand(B, T)
         mask = self.pos[:, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, max_len)
         return self.k, self.v, mask
+
+    def check_chunk(self, positions: torch.Tensor) -> None:
+        """Refuse a chunk of several tokens (tensor positions) that a rolling cache cannot hold in one step: its
+        later tokens would overwrite keys its earlier ones attend to. One host sync per chunk (the model
+        checks once, before its layers); single tokens and plain caches cost nothing."""
+        if self.rolling and positions.size(-1) > 1:
+            last = int(positions.max())
+            if last >= self.max_len:
+                raise self._chunk_error(positions.size(-1), f"reaching position {last}")
+
+    def _chunk_error(self, T: int, where: str) -> TinyLMError:
+        return TinyLMError(
+            f"A chunk of {T} tokens {where} does not fit a rolling KV cache of {self.max_len} in one step; "
+            f"feed the tokens past position {self.max_len - 1} one at a time."
+        )
 
     def _write_prefix(
         self, start: int, k: torch.Tensor, v: torch.Tensor
@@ -180,10 +188,7 @@ class KVCache(nn.Module):
             if end > self.max_len:
                 raise TinyLMError(f"Positions up to {end - 1} do not fit a KV cache of {self.max_len}.")
         elif end > self.max_len:  # later tokens of the chunk would overwrite keys its earlier ones attend to
-            raise TinyLMError(
-                f"A chunk of {T} tokens at positions {start}..{end - 1} does not fit a rolling KV cache of "
-                f"{self.max_len} in one step; feed the tokens past position {self.max_len - 1} one at a time."
-            )
+            raise self._chunk_error(T, f"at positions {start}..{end - 1}")
         else:  # a rolling cache given several tokens after position 0, still inside it: the general path
             return self.update(torch.arange(start, end, device=k.device), k, v)
         self.k[:, :, slot : slot + T] = k
@@ -347,15 +352,10 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         E, C, H = cfg.n_expert, cfg.n_embd, cfg.hidden_dim
-        self.n_expert, self.top_k, self.swiglu, self.kind = (
-            E,
-            cfg.n_expert_active,
-            cfg.mlp == "swiglu",
-            cfg.mlp,
-        )
+        self.n_expert, self.top_k, self.kind = E, cfg.n_expert_active, cfg.mlp  # w3 is not None: SwiGLU
         self.gate = mark(nn.Linear(C, E, bias=False), HIDDEN_MATRIX)
         self.w1 = nn.Parameter(torch.empty(E, C, H))  # in-projection (gate of SwiGLU)
-        self.w3 = nn.Parameter(torch.empty(E, C, H)) if self.swiglu else None  # SwiGLU up-projection
+        self.w3 = nn.Parameter(torch.empty(E, C, H)) if cfg.mlp == "swiglu" else None  # SwiGLU up-projection
         self.w2 = nn.Parameter(torch.empty(E, H, C))  # out-projection
         mark(self, RESIDUAL_OUT, param="w2")  # 3-D experts stay with AdamW: no HIDDEN_MATRIX
         self.drop = nn.Dropout(cfg.dropout)

@@ -84,8 +84,8 @@ class Transformer(nn.Module):
         self.value_embeds = nn.ModuleList(
             nn.Embedding(cfg.vocab_size, kv_dim) for _ in range(cfg.value_embeds)
         )
-        tables = [value_table(i, cfg) for i in range(cfg.n_layer)]
-        self.blocks = nn.ModuleList(Block(cfg, table is not None) for table in tables)
+        self.value_tables = tuple(value_table(i, cfg) for i in range(cfg.n_layer))  # per layer, or None
+        self.blocks = nn.ModuleList(Block(cfg, table is not None) for table in self.value_tables)
         # U-net skips: block i's output is added, times skip_weights[half-1-i], to block n_layer-1-i's input
         self.skip_weights = nn.Parameter(torch.empty(cfg.n_layer // 2)) if cfg.unet_skips else None
         self.norm_f = make_norm(cfg)
@@ -145,10 +145,12 @@ class Transformer(nn.Module):
         aux = torch.zeros((), device=idx.device) if return_aux else None
         x0 = x if self.cfg.embed_skip else None
         values = [table(idx) for table in self.value_embeds]  # (B, T, kv_dim) each
+        if caches and not isinstance(pos, int):  # once per chunk, for every layer's cache alike
+            caches[0].check_chunk(positions)
         skips: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             x = self._unet(i, x, skips)
-            table = value_table(i, self.cfg)
+            table = self.value_tables[i]
             ve = values[table] if table is not None else None
             if self.grad_checkpointing and self.training:
                 x, block_aux = checkpoint(block, x, rope, None, pos, x0, ve, use_reentrant=False)
