@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from tinylm.config import APP_SAMPLING, SampleConfig, sample_config
-from tinylm.generate import RowText, encode_prompt, end_of_text, generate, generate_tokens
+from tinylm.errors import TinyLMError
+from tinylm.generate import NOT_FINITE, TextDecoder, encode_prompt, end_of_text, generate, generate_tokens
 from tinylm.tokenizer import Tokenizer
 
 STORY_PROMPT = "Write a short story about {theme}. Once upon a time,"
@@ -39,24 +40,27 @@ def answer_question(model: nn.Module, tokenizer: Tokenizer, question: str, **opt
 def first_line(model: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig) -> str:
     """The first non-empty line of the continuation of `prompt`, stripped: blank lines before it are skipped
     (a model often starts its answer with a newline), then it ends at a newline or one of cfg.stop, within
-    cfg.max_new_tokens tokens in all. The tokens come from the one decode loop, as generate's do."""
-    stops = ("\n", *cfg.stop)
+    cfg.max_new_tokens tokens in all. The tokens come from the one decode loop, as generate's do; each new
+    piece is searched only where a stop string could newly end."""
+    stops = tuple(s for s in ("\n", *cfg.stop) if s)
     idx = torch.tensor(
         [encode_prompt(tokenizer, prompt, model.cfg.block_size)], device=next(model.parameters()).device
     )
-    row = RowText(
-        tokenizer, (), end_of_text(tokenizer)
-    )  # no stop strings here: they apply after the blank lines
-    text = ""
+    decoder, eot = TextDecoder(tokenizer), end_of_text(tokenizer)
+    line, scanned = "", 0  # the answer so far (leading blank space skipped), and how much of it was searched
     for nxt in generate_tokens(model, idx, cfg):
-        text += row.push(int(nxt[0]))
-        line = text.lstrip()
-        cuts = [i for i in (line.find(s) for s in stops if s) if i >= 0]
+        token = int(nxt[0])
+        if token < 0:
+            raise TinyLMError(NOT_FINITE)
+        if token == eot:
+            break
+        piece = decoder.push(token)
+        line = line + piece if line else piece.lstrip()
+        cuts = [i for i in (line.find(s, max(0, scanned - len(s) + 1)) for s in stops) if i >= 0]
         if cuts:
             return line[: min(cuts)].strip()
-        if row.done:  # end of text
-            break
-    return (text + row.finish()).strip()
+        scanned = len(line)
+    return line.strip()
 
 
 APPS = {"complete": complete_text, "story": generate_story, "ask": answer_question}

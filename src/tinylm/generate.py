@@ -19,11 +19,6 @@ from tinylm.progress import progress_bar
 from tinylm.tokenizer import Tokenizer
 
 
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Divide (B, V) logits by the temperature."""
-    return logits / temperature
-
-
 def filter_top_k(logits: torch.Tensor, k: int | torch.Tensor, max_k: int = 0) -> torch.Tensor:
     """Keep the k largest logits per row, set the rest to -inf; k = 0 or k >= V keeps all.
 
@@ -291,11 +286,15 @@ def _check_finite(invalid: torch.Tensor) -> None:
         raise TinyLMError(NOT_FINITE)
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:
-    """Prompt ids; an empty prompt starts from the end-of-text (or newline) token; long prompts keep their end."""
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Prompt ids; an empty prompt starts from the end-of-text (or newline) token."""
     ids = tokenizer.encode(prompt) if prompt else []
-    if not ids:
-        ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+    return ids or [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:
+    """prompt_ids, of which a prompt longer than the context keeps its last block_size (with a warning)."""
+    ids = prompt_ids(tokenizer, prompt)
     if len(ids) > block_size:
         warnings.warn(
             f"Prompt has {len(ids)} tokens, more than the context of {block_size}; keeping the last {block_size}."
@@ -359,10 +358,10 @@ class TextDecoder:
     def push(self, token: int) -> str:
         """Add one token; the new text (possibly "" while a character is incomplete)."""
         self.ids.append(token)
-        shown = self.tokenizer.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
         text = self.tokenizer.decode(self.ids[self.prefix :])
         if text.endswith("\ufffd") and len(self.ids) - self.read < MAX_HELD_TOKENS:
             return ""
+        shown = self.tokenizer.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
         self.prefix, self.read = self.read, len(self.ids)
         # the new text, after what was shown; should a later token change shown text (a character shown as
         # a replacement after MAX_HELD_TOKENS, then completed), only what follows the common start is new

@@ -31,6 +31,7 @@ from tinylm.chat import CHAT_STOP, render_chat
 from tinylm.checkpoint import LoadedRun
 from tinylm.config import SampleConfig, ServeConfig, sample_config
 from tinylm.errors import TinyLMError
+from tinylm.generate import prompt_ids
 from tinylm.serve.engine import Engine, EngineDead, Event, QueueFull, Ticket
 from tinylm.serve.errors import APIError, error_body, install_error_handlers
 from tinylm.serve.metrics import AccessLog, BodyLimit, Metrics
@@ -215,10 +216,10 @@ class Server:
 
     # ----- preparation (on a worker thread: tokenizing and retrieval may take a while) -----------
     def encode(self, text: str, param: str) -> list[int]:
-        """Prompt ids as generate.encode_prompt makes them, refusing text the vocabulary cannot hold."""
+        """Prompt ids as generate.prompt_ids makes them, refusing text the vocabulary cannot hold."""
         _characters(text, param)
         try:
-            ids = self.run.tokenizer.encode(text) if text else []
+            ids = prompt_ids(self.run.tokenizer, text)
         except TinyLMError as exc:
             raise APIError(str(exc), 400, param=param, code="unsupported_characters") from None
         if len(ids) > self.max_prompt_tokens:
@@ -229,8 +230,7 @@ class Server:
                 param=param,
                 code="context_length_exceeded",
             )
-        eot = self.run.tokenizer.eot_id
-        return ids or [eot if eot is not None else 0]
+        return ids
 
     def prepare(
         self, req: SamplingRequest, texts: list[str], param: str, cfgs: list[SampleConfig], query: str | None

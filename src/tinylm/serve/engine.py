@@ -28,12 +28,11 @@ import torch
 import torch.nn as nn
 
 from tinylm.config import SampleConfig, ServeConfig
-from tinylm.generate import RowSampling, RowText, end_of_text, make_generator, sample_rows
+from tinylm.generate import NOT_FINITE, RowSampling, RowText, end_of_text, make_generator, sample_rows
 from tinylm.serve.forward import BatchedForward
 from tinylm.tokenizer import Tokenizer
 
 LOG = logging.getLogger("tinylm.serve")
-NOT_FINITE = "the next-token probabilities were not finite (NaN or infinite logits)"
 
 
 class QueueFull(Exception):
@@ -113,6 +112,7 @@ class Batch:
     sampling: RowSampling
     generators: list[torch.Generator | None]
     logprobs: list[int]  # indices into seqs of rows reporting log-probabilities
+    chosen: torch.Tensor  # ... the same, on the device
     top: int  # the most alternatives any of them asks for
 
 
@@ -140,6 +140,7 @@ class Engine:
         self.tokens, self.positions = zeros(max_batch), zeros(max_batch)
         self.window = None if self.rolling else zeros(max_batch, self.block)
         self.parked = None if self.rolling else zeros(max_batch, dtype=torch.bool)  # rows re-encoding
+        self.back = torch.arange(self.block - 1, -1, -1, device=self.device)  # block-1 ... 0, for cropping
         self.seen: torch.Tensor | None = None  # made when a request first asks for a penalty
         self._waiting: deque[Sequence] = deque()
         self._calls: deque[tuple[Callable[[], object], Future]] = deque()  # run between steps
@@ -400,8 +401,7 @@ class Engine:
             parts.append(logits if running.span == len(running.decoded) else logits[running.decoded_rows])
         if running.cropped:
             last = self.positions[running.cropped_rows][:, None]  # (n, 1): the newest token's position
-            back = torch.arange(self.block - 1, -1, -1, device=self.device)  # block-1 ... 0
-            slots = (last - back) % self.block  # the last block_size positions, oldest first
+            slots = (last - self.back) % self.block  # the last block_size positions, oldest first
             parts.append(self.forward.crop(self.window[running.cropped_rows[:, None], slots]))
         prefilled = []
         for seq in fresh:
@@ -436,6 +436,7 @@ class Engine:
             sampling=RowSampling.of([s.cfg for s in seqs], self.vocab, self.device),
             generators=[s.generator for s in seqs],
             logprobs=wanting,
+            chosen=torch.tensor(wanting, dtype=torch.long, device=self.device),
             top=min(self.vocab, max((seqs[i].logprobs or 0 for i in wanting), default=0)),
         )
         return self._batch
@@ -455,7 +456,7 @@ class Engine:
             self.seen[batch.order, fed] = True
         if not batch.logprobs:
             return tokens.tolist()
-        chosen = torch.tensor(batch.logprobs, device=self.device)
+        chosen = batch.chosen
         logp = logits[chosen].float().log_softmax(dim=-1)  # (m, V), before any sampling filter
         picked = logp.gather(-1, fed[chosen][:, None])  # (m, 1)
         values, ids = logp.topk(min(batch.top, self.vocab), dim=-1) if batch.top else (picked[:, :0],) * 2
