@@ -115,24 +115,12 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Load safetensors weights into model; only tied tensors may be absent from the file."""
     state = load_state_dict_file(path)
     result = model.load_state_dict(state, strict=False)
-    missing = set(result.missing_keys) - _aliases(model)
+    missing = set(result.missing_keys) - tied_aliases(model).keys()
     if missing or result.unexpected_keys:
         raise TinyLMError(
             f"Checkpoint {path} does not fit this model (missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(result.unexpected_keys)[:5]})."
         )
-
-
-def _aliases(model: nn.Module) -> set[str]:
-    """State-dict names of tensors that are an earlier name's tensor (tied weights, also when LoRA wraps
-    the tied head as lm_head.base.weight): save_state_dict keeps only the first of each."""
-    seen: set[int] = set()
-    aliases = set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:
-            aliases.add(name)
-        seen.add(id(t))
-    return aliases
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -348,12 +336,13 @@ def load_sharded_weights(model: nn.Module, ckpt: Path) -> None:
             dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     except (Exception, dcp.api.CheckpointException) as exc:
         raise CorruptFile(
-            f"Checkpoint {ckpt} does not fit this model or is corrupt ({_first_line(exc)}); use another checkpoint."
+            f"Checkpoint {ckpt} does not fit this model or is corrupt ({last_line(exc)}); use another checkpoint."
         ) from None
     model.load_state_dict(state["model"], strict=False)
 
 
-def _first_line(exc: BaseException) -> str:
+def last_line(exc: BaseException) -> str:
+    """The last non-blank line of an exception's message (200 characters at most), else its type's name."""
     text = str(exc).strip().splitlines()
     return text[-1][:200] if text else type(exc).__name__
 

@@ -29,6 +29,7 @@ from tinylm.checkpoint import (
     CorruptFile,
     check_shards,
     is_sharded,
+    last_line,
     load_state_dict_file,
     load_train_state,
     read_json,
@@ -245,8 +246,7 @@ def _load_error(exc: BaseException, ckpt: Path, optimizer_name: str) -> TinyLMEr
         return TinyLMError(
             f"Checkpoint {ckpt} does not fit this model; resume with the model it was trained with."
         )
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return CorruptFile(f"Checkpoint {ckpt} is corrupt ({lines[-1][:200] if lines else type(exc).__name__}).")
+    return CorruptFile(f"Checkpoint {ckpt} is corrupt ({last_line(exc)}).")
 
 
 def set_full_weights(

@@ -199,8 +199,7 @@ class Trainer:
                 bar.close()
                 if stopped:  # every rank, at the same step boundary
                     if self._last_saved != self.step:
-                        self.save("last")
-                    self.checkpointer.wait()
+                        self.save("last")  # written before the exception leaves: the `finally` below waits
                     raise TrainingInterrupted.saved(
                         self.step,
                         self.record.resume_command(self.run_dir),
