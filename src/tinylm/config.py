@@ -77,6 +77,12 @@ class ModelConfig:
         return on
 
     @property
+    def qwen3(self) -> bool:
+        """Whether this is Qwen3's architecture: LLaMA-style, dense, no biases, with QK-norm its one extra."""
+        llama = (self.position, self.norm, self.mlp) == ("rope", "rmsnorm", "swiglu")
+        return llama and self.extras() == ["qk_norm"] and not (self.n_expert or self.bias)
+
+    @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 

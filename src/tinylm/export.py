@@ -34,7 +34,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
     """ "gpt2", "llama", "mixtral" or "qwen3": the transformers architecture that represents this model exactly."""
     gpt = (cfg.position, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
     llama = (cfg.position, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
-    if llama and cfg.extras() == ["qk_norm"] and not cfg.n_expert and not cfg.bias:
+    if cfg.qwen3:
         return "qwen3"  # LLaMA with RMS-normalised queries and keys (whose norm weights stay ones)
     if cfg.extras():
         raise TinyLMError(

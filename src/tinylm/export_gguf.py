@@ -39,11 +39,7 @@ def _gguf() -> Any:
 def gguf_architecture(cfg: ModelConfig) -> str:
     """ "llama", "qwen3" or "gpt2": the llama.cpp architecture that computes exactly this model, else a TinyLMError."""
     flavour = (cfg.position, cfg.norm, cfg.mlp)
-    if (
-        flavour == ("rope", "rmsnorm", "swiglu")
-        and cfg.extras() == ["qk_norm"]
-        and not (cfg.n_expert or cfg.bias)
-    ):
+    if cfg.qwen3:
         return "qwen3"  # LLaMA with RMS-normalised queries and keys
     if cfg.extras():
         raise TinyLMError(

@@ -117,6 +117,11 @@ def _launch_env() -> tuple[int, int, int]:
     return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 when not launched by torchrun), before any process group."""
+    return _launch_env()[0]
+
+
 def join_process_group(device: torch.device | None = None) -> None:
     """Join torchrun's process group once: gloo for CPU tensors, NCCL too where CUDA is (device None:
     not yet known, so both when a GPU is present)."""

@@ -74,8 +74,7 @@ def emit(args: argparse.Namespace, summary: dict[str, Any]) -> None:
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """--json, on every command (build_parser adds it to each one)."""
-    if "--json" not in p._option_string_actions:
-        p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -95,13 +94,13 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 def fit_threads(args: argparse.Namespace) -> None:
     """Pick the command's CPU threads (tinylm.threads) and say so once on stderr when tinylm chose them."""
-    import os
     import sys
 
+    from tinylm.runtime import launch_rank
     from tinylm.threads import fit_threads as choose
 
     choice = choose(args.threads)
-    if choice.auto and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+    if choice.auto and launch_rank() == 0:  # under torchrun, rank 0 speaks
         print(choice.describe(), file=sys.stderr)
 
 

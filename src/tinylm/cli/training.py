@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +197,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, flag):
             overrides[flag] = True
     preset = args.preset or DEFAULT_PRESET
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+    from tinylm.runtime import launch_rank
+
+    if launch_rank() == 0:  # under torchrun, rank 0 speaks for the run
         print(_preset_line(args, preset, overrides))
     result = train(
         args.data,
