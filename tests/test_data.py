@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from tinylm.data import EpochWindows, RandomWindows, SlidingWindowDataset, TokenData, prepare
 from tinylm.errors import TinyLMError
+from tinylm.viz import read_metrics
 
 
 def test_prepare_char_writes_contiguous_split(tmp_path, shakespeare_slice):
@@ -180,6 +181,6 @@ def test_eval_tokens_sets_the_validation_budget(char_data, tmp_path):
             {"max_steps": 2, "eval_tokens": 300, "batch_size": 4},
             progress=False,
         )
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "run")
     evals = [r for r in rows if r["type"] == "eval"]
     assert evals and all(r["val_tokens"] == 3 * 4 * 32 and r["eval_tokens"] == 300 for r in evals)

@@ -16,6 +16,7 @@ import torch
 
 from tinylm.checkpoint import load_run
 from tinylm.train import SECOND_SIGNAL, train
+from tinylm.viz import read_metrics
 
 pytestmark = pytest.mark.numerics
 
@@ -168,8 +169,7 @@ def test_interrupt_then_resume_is_bitwise_exact(
 
 def _rows(out, kind):
     """The steps of the metrics.jsonl rows of one type."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in rows if r["type"] == kind]
+    return [r["step"] for r in read_metrics(out) if r["type"] == kind]
 
 
 def test_a_third_signal_ends_the_run_at_once_and_the_previous_checkpoint_resumes_exactly(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -74,6 +75,16 @@ def alone(run: LoadedRun, prompt: str, max_tokens: int, temperature: float | Non
         do_sample=not greedy,
         **kw,
     )[0].text
+
+
+@contextlib.contextmanager
+def paused(engine):
+    """The engine holds its steps inside (requests line up), and goes on afterwards whatever happened."""
+    engine.pause()
+    try:
+        yield
+    finally:
+        engine.resume()
 
 
 def wait_for(condition, what: str, seconds: float = 60) -> None:
@@ -198,16 +209,13 @@ def test_concurrent_requests_batch_and_equal_each_alone(served: Running) -> None
         for i, p in enumerate(prompts)
     ]
     engine, client = served.engine, served.client()
-    engine.pause()  # requests line up while the engine waits, so they really arrive together
-    try:
+    with paused(engine):  # requests line up while the engine waits, so they really arrive together
         with ThreadPoolExecutor(len(asks)) as pool:
             futures = [pool.submit(client.completions.create, model="tiny", **a) for a in asks[:6]]
             wait_for(lambda: engine.waiting == 6, "6 waiting sequences")
             engine.resume()
             futures += [pool.submit(client.completions.create, model="tiny", **a) for a in asks[6:]]
             texts = [f.result().choices[0].text for f in futures]
-    finally:
-        engine.resume()
     assert engine.stats["max_rows"] == 4  # 4 rows (max_batch) decoded in one step
     expected = [
         alone(served.run, a["prompt"], a["max_tokens"], a["temperature"], seed=a["seed"]) for a in asks
@@ -232,15 +240,12 @@ def test_health_answers_during_a_long_generation(served: Running) -> None:
 def test_a_client_that_leaves_stops_its_generation(served: Running) -> None:
     engine, server = served.engine, served.app.state.server
     cancelled, admitted = server.cancelled, engine.stats["admitted"]
-    engine.pause()
-    try:
+    with paused(engine):
         body = {"model": "tiny", "prompt": "A", "max_tokens": 30, "stream": True}
         with httpx.stream("POST", f"{served.url}/v1/completions", json=body) as r:
             assert r.status_code == 200
             wait_for(lambda: engine.waiting == 1, "the request to queue")
         wait_for(lambda: server.cancelled == cancelled + 1, "the server to notice the client left")
-    finally:
-        engine.resume()
     wait_for(lambda: engine.waiting == 0, "the queue to drain")
     assert engine.stats["admitted"] == admitted  # never decoded
     assert served.client().completions.create(model="tiny", prompt="B", max_tokens=2).choices[0].text
@@ -323,8 +328,7 @@ def test_bad_chat_requests(served: Running) -> None:
 
 def test_more_waiting_than_the_queue_allows(served: Running) -> None:
     engine, client = served.engine, served.client()
-    engine.pause()
-    try:
+    with paused(engine):
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(client.completions.create, model="tiny", prompt="A", max_tokens=3, n=5)
             wait_for(lambda: engine.waiting == 5, "5 waiting sequences")
@@ -333,8 +337,6 @@ def test_more_waiting_than_the_queue_allows(served: Running) -> None:
             assert info.value.body["code"] == "queue_full"
             engine.resume()
             assert len(waiting.result().choices) == 5
-    finally:
-        engine.resume()
     assert client.completions.create(model="tiny", prompt="C", max_tokens=2).choices[0].text
 
 
@@ -486,16 +488,13 @@ def test_a_request_that_waits_longer_than_the_poll_interval(served: Running) -> 
     from tinylm.serve.app import POLL_SECONDS
 
     engine, client = served.engine, served.client()
-    engine.pause()
-    try:
+    with paused(engine):
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(client.completions.create, model="tiny", prompt="O", max_tokens=6, seed=1)
             wait_for(lambda: engine.waiting == 1, "the request to queue")
             time.sleep(3 * POLL_SECONDS)
             engine.resume()
             assert waiting.result().choices[0].text == alone(served.run, "O", 6, seed=1)
-    finally:
-        engine.resume()
 
 
 class _GatedTokenizer:
@@ -702,8 +701,7 @@ def test_requests_past_the_context_equal_generate(served: Running) -> None:
     as generate() does, batched with rows still inside the context."""
     engine, client = served.engine, served.client()
     asks = [("ROMEO:", 70, 3, 2), ("What, ", 12, 4, 1), ("KING", 45, 5, 1)]  # context: 32 tokens
-    engine.pause()
-    try:
+    with paused(engine):
         with ThreadPoolExecutor(len(asks)) as pool:
             futures = [
                 pool.submit(client.completions.create, model="tiny", prompt=p, max_tokens=m, seed=s, n=n)
@@ -712,8 +710,6 @@ def test_requests_past_the_context_equal_generate(served: Running) -> None:
             wait_for(lambda: engine.waiting == 4, "4 waiting sequences")
             engine.resume()
             outs = [f.result() for f in futures]
-    finally:
-        engine.resume()
     for out, (prompt, max_tokens, seed, n) in zip(outs, asks):
         assert [c.text for c in out.choices] == [
             alone(served.run, prompt, max_tokens, seed=seed + i) for i in range(n)

@@ -14,12 +14,13 @@ from tinylm.errors import TinyLMError
 from tinylm.model import Transformer
 from tinylm.runtime import setup
 from tinylm.train import Trainer, train
+from tinylm.viz import read_metrics
 
 pytestmark = pytest.mark.numerics
 
 
 def test_short_real_run_loss_falls_clearly(tiny_run):
-    rows = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tiny_run)
     train_rows = [r for r in rows if r["type"] == "train"]
     evals = [r for r in rows if r["type"] == "eval"]
     assert train_rows[0]["loss"] > 4.0  # ~ln(65) at initialisation
@@ -220,7 +221,7 @@ def test_warmup_longer_than_the_run_is_clamped_with_a_warning(char_data, tmp_pat
             {"max_steps": 20, "warmup_steps": 500, "log_interval": 1},
             progress=False,
         )
-    rows = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "w")
     assert max(r["lr"] for r in rows if r["type"] == "train") == pytest.approx(3e-3)  # the peak is reached
 
 
