@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import FLAVOURS, tiny_config
+from tinylm.checkpoint import on_meta
 from tinylm.errors import TinyLMError
 from tinylm.model import Transformer, cache_rows
 from tinylm.model.layers import MoE, RMSNorm, apply_rope, load_balancing_loss, rope_tables
@@ -369,7 +370,7 @@ def test_speedrun_parameters_start_by_the_init_rules_on_any_device_and_shard():
     cfg = tiny_config(n_layer=4, tie_embeddings=False, **options)
     whole = Transformer(cfg)
     whole.reset_parameters(seed=3)
-    with torch.device("meta"):
+    with on_meta():
         lazy = Transformer(cfg)
     lazy.to_empty(device="cpu")
     lazy.reset_buffers()
@@ -387,6 +388,33 @@ def test_speedrun_parameters_start_by_the_init_rules_on_any_device_and_shard():
     assert whole.blocks[0].attn.value_mix.tolist() == [0.5, 0.5] and whole.blocks[1].attn.value_mix is None
     assert not whole.blocks[0].attn.wo.weight.any() and not whole.lm_head.weight.any()  # zero_init
     assert whole.blocks[0].attn.wq.weight.std() > 0.01 and whole.tok_emb.weight.std() > 0.01
+
+
+def test_building_on_meta_draws_nothing_and_imports_no_dynamo():
+    """on_meta builds shapes only: no init is drawn (on meta that would import TorchDynamo, about a second of
+    every command's start-up), and the model trains after materialise + init as one built whole does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from tinylm.checkpoint import on_meta, materialise, tied_aliases\n"
+        "from tinylm.config import ModelConfig\n"
+        "from tinylm.model import Transformer\n"
+        "from tinylm.model.transformer import init_parameters\n"
+        "cfg = ModelConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=32, n_expert=4, n_expert_active=2)\n"
+        "with on_meta():\n"
+        "    model = Transformer(cfg)\n"
+        "assert all(p.is_meta for p in model.parameters())\n"
+        "materialise(model, torch.device('cpu'), tied_aliases(model))\n"
+        "init_parameters(model, 3)\n"
+        "whole = Transformer(cfg)\n"
+        "whole.reset_parameters(seed=3)\n"
+        "assert all(torch.equal(p, whole.state_dict()[k]) for k, p in model.state_dict().items())\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_init_draws_agree_shard_by_shard_across_block_boundaries(monkeypatch):

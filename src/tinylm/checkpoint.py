@@ -18,13 +18,14 @@ directories follow the user's umask.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -581,10 +582,29 @@ class LoadedRun:
         return self.record.train
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Turns torch.nn.init's functions into no-ops: a tensor on the meta device has no values to draw, and
+    drawing them there runs PyTorch's Python reference kernels, whose first use imports TorchDynamo (about
+    a second of every command's start-up)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """Build modules on the meta device: shapes only, no memory, no initial values (see materialise)."""
+    with torch.device("meta"), _SkipInit():
+        yield
+
+
 def build_model(record: RunRecord) -> Transformer:
     """The run's model architecture, with LoRA adapters when its weights include them, in uninitialised CPU
     memory: every weight is then loaded (strictly), so no time goes into drawing an init to throw away."""
-    with torch.device("meta"):
+    with on_meta():
         model = Transformer(record.model)
         if record.lora is not None:
             from tinylm.lora import apply_lora
@@ -594,10 +614,15 @@ def build_model(record: RunRecord) -> Transformer:
     return model
 
 
-def materialise(model: Transformer, device: torch.device, ties: dict[str, str]) -> None:
+def materialise(
+    model: Transformer, device: torch.device, ties: dict[str, str], *, sharded: bool = False
+) -> None:
     """Give a model built on the meta device (uninitialised) memory on `device`, its tied parameters (`ties`,
     from tied_aliases before any sharding) tied again and its non-persistent buffers computed."""
-    model.to_empty(device=device)
+    if sharded:  # FSDP's DTensors: each rank allocates its shards only
+        model.to_empty(device=device)
+    else:  # torch.empty, not to_empty's empty_like: on meta that runs Python reference code (see _SkipInit)
+        model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     for alias, name in ties.items():  # to_empty gives each name its own tensor: tie them again
         path, _, attr = alias.rpartition(".")
         if model.get_parameter(alias) is not model.get_parameter(name):

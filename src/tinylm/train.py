@@ -26,6 +26,7 @@ from tinylm.checkpoint import (
     checkpoint_dir,
     materialise,
     newest_good_checkpoint,
+    on_meta,
     prune_checkpoints,
     read_json,
     recover_checkpoints,
@@ -370,7 +371,7 @@ def build_model(
     """The run's model, built on the meta device, adapted (e.g. LoRA), sharded under FSDP, and only then given
     memory and initial values: each rank allocates and draws only its shards, and the weights equal those of
     one process with the same seed. Also the names its parameters had before `adapt` -> their names now."""
-    with torch.device("meta"):
+    with on_meta():
         model = Transformer(record.model)
         before = {id(p): name for name, p in model.named_parameters()}
         if adapt is not None:
@@ -379,7 +380,7 @@ def build_model(
     ties = tied_aliases(model)
     if fsdp:
         rt.shard(model)
-    materialise(model, runtime.device, ties)
+    materialise(model, runtime.device, ties, sharded=fsdp)
     init_parameters(model, record.train.seed, local=rt.local_part)
     return model, renames
 

@@ -350,8 +350,7 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
 
 def _preset_model(preset: str | None, sets: list[str] | None, vocab_size: int | None) -> tuple[Any, Any]:
     """A preset's model on the meta device (shapes only) and its config, with the vocabulary it is meant for."""
-    import torch
-
+    from tinylm.checkpoint import on_meta
     from tinylm.config import build_configs, parse_overrides, preset_vocab_size
     from tinylm.model import Transformer
 
@@ -359,7 +358,7 @@ def _preset_model(preset: str | None, sets: list[str] | None, vocab_size: int | 
     overrides = parse_overrides(sets or [])
     vocab = overrides.pop("vocab_size", None) or vocab_size or preset_vocab_size(preset)
     model_cfg, _ = build_configs(preset, overrides, vocab_size=vocab)
-    with torch.device("meta"):  # counting needs no memory and no initialisation
+    with on_meta():  # counting needs no memory and no initialisation
         return Transformer(model_cfg), model_cfg
 
 

@@ -92,11 +92,11 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        if cfg.position == "rope":
-            inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta)
-            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        if cfg.position == "rope":  # its values come from reset_buffers
+            self.register_buffer("rope_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         self.grad_checkpointing = False  # switched on from outside by the trainer
-        if self.tok_emb.weight.device.type != "meta":  # on meta (sharded training) the trainer initialises
+        if self.tok_emb.weight.device.type != "meta":  # on meta the caller gives memory, then values
+            self.reset_buffers()
             self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
