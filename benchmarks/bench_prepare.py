@@ -196,6 +196,7 @@ def throughput(
     from tinylm.tokenizer import CharTokenizer, HFTokenizer, encode_arrays
 
     corpus = make_corpus(work / "tp", size, seed=3, files=files)
+    os.sync()  # the new corpus on disk first, so its writeback does not compete with prepare's
     paths = sorted(corpus.rglob("*.txt")) if corpus.is_dir() else [corpus]
     texts = [p.read_text(encoding="utf-8") for p in paths]
     if tokenizer == "char":

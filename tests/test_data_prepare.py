@@ -187,13 +187,24 @@ def test_hf_streams_a_local_dataset_with_its_official_split(tmp_path):
         prepare([f"hf:{folder}"], tmp_path / "e", "char", text_field="body")
 
 
-def test_a_bad_byte_is_named_at_its_offset_in_a_streamed_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"a" * 4321 + b"\xff" + b"b" * 100,  # a byte that is never UTF-8
+        b"a" * 4321 + b"\xe2\x80" + b"b" * 100,  # a character cut short
+        b"a" * 4321 + b"\xed\xa0\x80" + b"b" * 100,  # a surrogate, which UTF-8 forbids
+        b"\xc3\xa9" * 100 + b"a" * 4121 + b"\xc0\xaf",  # an overlong form
+        b"a" * 4321 + "\u00e9".encode()[:1],  # the file ends inside a character
+    ],
+)
+def test_a_bad_byte_is_named_at_its_offset_in_a_streamed_file(tmp_path, monkeypatch, content):
     monkeypatch.setattr(sources, "READ_BYTES", 1000)  # the bad byte lies several reads in
     path = tmp_path / "t.txt"
-    path.write_bytes(b"a" * 4321 + b"\xff" + b"b" * 100)
-    with pytest.raises(TinyLMError, match="offset 4321"):
-        prepare([str(path)], tmp_path / "d", "char")
-    assert not (tmp_path / "d").exists() and not (tmp_path / ".d.partial").exists()  # nothing left
+    path.write_bytes(content)
+    for tokenizer in ("char", "bpe"):  # read as bytes for the character lookup, decoded for BPE
+        with pytest.raises(TinyLMError, match="not UTF-8 text.*offset 4321"):
+            prepare([str(path)], tmp_path / "d", tokenizer, vocab_size=300)
+        assert not (tmp_path / "d").exists() and not (tmp_path / ".d.partial").exists()  # nothing left
 
 
 # ----- shards ----------------------------------------------------------------------------------------

@@ -100,3 +100,66 @@ def test_char_vocabulary_beyond_16_bits():
     tok = CharTokenizer(chars)
     ids = tok.encode_array("".join(chars[65_530:65_540]))
     assert ids.dtype.name == "uint32" and ids.tolist() == list(range(65_530, 65_540))
+
+
+def test_utf8_bytes_encode_as_their_decoded_text_or_not_at_all():
+    """encode_utf8 looks characters up on UTF-8 bytes; on random well-formed, damaged and arbitrary bytes it
+    gives exactly encode_array(bytes.decode()), or None (the caller then decodes, which says what is wrong)
+    whenever Python's decoder refuses them or a character is outside the vocabulary."""
+    import random
+
+    rng = random.Random(0)
+    codes = [
+        *range(32, 127),
+        10,
+        0xE9,
+        0x7FF,
+        0x800,
+        0x2014,
+        0xD7FF,
+        0xE000,
+        0xFFFF,
+        0x10000,
+        0x1F600,
+        0x10FFFF,
+    ]
+    tok = CharTokenizer(chr(c) for c in codes)
+    edges = [
+        0x41,
+        0x80,
+        0x8F,
+        0x90,
+        0x9F,
+        0xA0,
+        0xBF,
+        0xC0,
+        0xC2,
+        0xDF,
+        0xE0,
+        0xED,
+        0xEF,
+        0xF0,
+        0xF4,
+        0xF5,
+        0xFF,
+    ]
+    seen = {"equal": 0, "none": 0}
+    for _ in range(4000):
+        n = rng.randint(0, 10)
+        if rng.random() < 0.5:
+            raw = bytearray("".join(chr(rng.choice(codes + [0x3B1])) for _ in range(n)).encode())
+            if raw and rng.random() < 0.5:
+                raw[rng.randrange(len(raw))] = rng.randrange(256)
+        else:
+            raw = bytearray(rng.choice(edges) if rng.random() < 0.7 else rng.randrange(256) for _ in range(n))
+        got = tok.encode_utf8(bytes(raw))
+        try:
+            want = tok.encode_array(bytes(raw).decode("utf-8"))
+        except (UnicodeDecodeError, TinyLMError):  # malformed, or U+03B1 (outside the vocabulary)
+            want = None
+        if want is None:
+            assert got is None, bytes(raw)
+        else:
+            assert got is not None and got.dtype == want.dtype and got.tolist() == want.tolist(), bytes(raw)
+        seen["none" if got is None else "equal"] += 1
+    assert min(seen.values()) > 1000, seen

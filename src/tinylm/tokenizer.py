@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterable
@@ -88,17 +89,26 @@ class CharTokenizer:
             self._tables = (by_code, pairs)
         return self._tables
 
+    def _byte_ids(self, raw: bytes) -> np.ndarray:
+        """The id of every byte as an ASCII character (uint16; _UNKNOWN16 for any other byte), looked
+        up two bytes at a time."""
+        pairs = self._lookup()[1]
+        ids = np.empty(len(raw), dtype="<u2")
+        even = len(raw) - len(raw) % 2
+        # mode="wrap" (a no-op: every uint16 indexes the table) lets take write into `out` unbuffered
+        np.take(
+            pairs, np.frombuffer(raw, dtype="<u2", count=even // 2), out=ids[:even].view("<u4"), mode="wrap"
+        )
+        if even < len(raw):
+            ids[-1] = pairs[raw[-1]] & 0xFFFF
+        return ids
+
     def encode_array(self, text: str) -> np.ndarray:
         """The ids of `text` as a NumPy array (uint16 while the vocabulary fits, else uint32)."""
-        by_code, pairs = self._lookup()
+        by_code = self._lookup()[0]
         dtype = token_dtype(self.vocab_size)
         if text.isascii():  # two characters per lookup, no decoding
-            raw = text.encode("ascii")
-            ids = np.empty(len(raw), dtype="<u2")
-            even = len(raw) - len(raw) % 2
-            np.take(pairs, np.frombuffer(raw, dtype="<u2", count=even // 2), out=ids[:even].view("<u4"))
-            if even < len(raw):
-                ids[-1] = pairs[raw[-1]] & 0xFFFF
+            ids = self._byte_ids(text.encode("ascii"))
             if len(ids) and ids.max() >= 128:
                 self._unknown(text)
             return ids.astype(dtype, copy=False)
@@ -111,6 +121,43 @@ class CharTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
+
+    def encode_utf8(self, raw: bytes) -> np.ndarray | None:
+        """The ids of the text whose UTF-8 bytes are `raw`, found without decoding it: every byte looked
+        up as ASCII, then each multi-byte character's code point computed from its bytes and looked up.
+        None when the bytes are not well-formed UTF-8 (checked here as strictly as Python's decoder) or
+        hold a character outside the vocabulary: decoding them then says which, and where."""
+        by_code = self._lookup()[0]
+        if by_code.dtype != np.uint16:
+            return None
+        ids = self._byte_ids(raw)
+        if raw.isascii():
+            return None if len(ids) and ids.max() >= 128 else ids
+        u8 = np.frombuffer(raw, dtype=np.uint8)
+        high = np.flatnonzero(u8 >= 0x80)  # lead and continuation bytes: rare in most text
+        is_lead = u8[high] >= 0xC0
+        leads, tails = high[is_lead], high[~is_lead]
+        lead = u8[leads].astype(np.uint32)
+        more = np.where(lead >= 0xF0, 3, np.where(lead >= 0xE0, 2, 1))  # continuation bytes each needs
+        if not len(leads) or lead.min() < 0xC2 or lead.max() > 0xF4 or int(more.sum()) != len(tails):
+            return None
+        if int((leads + more).max()) >= len(u8):
+            return None
+        code = lead & np.where(more == 1, 0x1F, np.where(more == 2, 0x0F, 0x07)).astype(np.uint32)
+        for k in (1, 2, 3):  # each continuation byte adds 6 bits to the characters that have one
+            has = more >= k
+            cont = u8[np.where(has, leads + k, leads)]
+            if np.any(has & ((cont & 0xC0) != 0x80)):
+                return None
+            code = np.where(has, (code << 6) | (cont & 0x3F), code)
+        smallest = np.where(more == 1, 0x80, np.where(more == 2, 0x800, 0x10000))
+        if np.any(code < smallest) or np.any((code >= 0xD800) & (code < 0xE000)) or code.max() > 0x10FFFF:
+            return None  # an overlong form, a surrogate or beyond Unicode: malformed, as Python says
+        if code.max() >= len(by_code):
+            return None
+        ids[leads] = by_code[code]
+        ids = np.delete(ids, tails)  # one id per character: the continuation bytes go
+        return None if ids.max() == _UNKNOWN16 else ids
 
     def _unknown(self, text: str) -> None:
         unknown = sorted(set(text) - self.stoi.keys())
@@ -252,11 +299,24 @@ def encode_arrays(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
         return tok.encode_arrays(texts)
     if isinstance(tok, CharTokenizer):
         if len(texts) < 2 or (os.cpu_count() or 1) < 2:
-            return [tok.encode_array(t) for t in texts]
+            return [_char_ids(tok, t) for t in texts]
         _POOL = _POOL or ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="tinylm-encode")
-        return list(_POOL.map(tok.encode_array, texts))
+        return list(_POOL.map(_char_ids, itertools.repeat(tok), texts))
     dtype = token_dtype(tok.vocab_size)
     return [np.array(tok.encode(t), dtype=dtype) for t in texts]
+
+
+def _char_ids(tok: CharTokenizer, text: str) -> np.ndarray:
+    """A text's ids; a text that kept its UTF-8 bytes (`raw`: the reader's data.sources.Utf8Text) is looked
+    up on them, and decoded (str) only when they are malformed or hold a character outside the vocabulary,
+    so that the error says where, or which."""
+    raw = getattr(text, "raw", None)
+    if raw is not None:
+        ids = tok.encode_utf8(raw)
+        if ids is not None:
+            return ids.astype(token_dtype(tok.vocab_size), copy=False)
+        text = str(text)
+    return tok.encode_array(text)
 
 
 def document_separator(tok: Tokenizer) -> tuple[str, np.ndarray]:

@@ -235,8 +235,9 @@ class Build:
         self.resumed = False  # whether an interrupted prepare's tokenizer was reused
         self.resumed_tokens = 0  # tokens an interrupted prepare had written, kept
 
-    def chunks(self, counts: dict | None = None) -> Iterator[Chunk]:
-        """Every input's chunks in order, counted per command-line input into `counts`."""
+    def chunks(self, counts: dict | None = None, lazy: bool = False) -> Iterator[Chunk]:
+        """Every input's chunks in order, counted per command-line input into `counts`; `lazy`: text
+        files' chunks stay UTF-8 bytes (Utf8Text) for a tokenizer that encodes those."""
         for source in self.sources:
             entry = None
             if counts is not None:
@@ -244,7 +245,7 @@ class Build:
                     source.origin, {"input": source.origin, "files": 0, "documents": 0, "chars": 0}
                 )
                 entry["files"] += source.path is not None
-            for chunk in read_chunks(source, self.cfg.text_field, self.opened):
+            for chunk in read_chunks(source, self.cfg.text_field, self.opened, lazy):
                 if chunk.split:
                     self.official.add(source.name)
                 if entry is not None:
@@ -266,7 +267,8 @@ class Build:
             self.resumed_tokens = sink.progress.tokens
         bar = Bar("Tokenizing", self.total_bytes, self.progress)
         nonblank = _Nonblank()
-        parts = self.parts(nonblank.watch(hashed(self.chunks(counts), digest)))
+        lazy = hasattr(tok, "encode_utf8")  # the character lookup reads UTF-8 bytes: no decoding here
+        parts = self.parts(nonblank.watch(hashed(self.chunks(counts, lazy), digest)))
         p = sink.progress
         encode_into(
             tok, parts, sink, lambda: bar.update(p.text_bytes, p.documents, p.tokens), self.checkpoint

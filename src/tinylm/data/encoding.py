@@ -197,16 +197,26 @@ class ShardSink:
         return k
 
 
+HASH_AHEAD = 8  # chunks read ahead of the hashing thread at most
+
+
 def hashed(chunks: Iterable[Chunk], digest: hashlib._Hash) -> Iterator[Chunk]:
-    """The chunks unchanged, their text added to `digest`: the corpus in reading order, documents joined
-    by a blank line (so one text file hashes to the sha256 of its content)."""
-    started = False
-    for chunk in chunks:
-        if chunk.first and started:
-            digest.update(b"\n\n")
-        digest.update(chunk.raw if chunk.raw is not None else chunk.text.encode("utf-8"))
-        started = True
-        yield chunk
+    """The chunks unchanged, their text added to `digest` on a thread of its own (hashlib lets go of the
+    GIL, so reading goes on meanwhile): the corpus in reading order, documents joined by a blank line (so
+    one text file hashes to the sha256 of its content). The digest is complete once the chunks are."""
+    started, pending = False, deque[Future]()
+    with ThreadPoolExecutor(1, thread_name_prefix="tinylm-hash") as hasher:  # one thread: in order
+        for chunk in chunks:
+            if chunk.first and started:
+                pending.append(hasher.submit(digest.update, b"\n\n"))
+            data = chunk.raw if chunk.raw is not None else str(chunk.text).encode("utf-8")
+            pending.append(hasher.submit(digest.update, data))
+            while len(pending) > HASH_AHEAD:
+                pending.popleft().result()
+            started = True
+            yield chunk
+        while pending:
+            pending.popleft().result()
 
 
 def batches(parts: Iterable[Part], max_pieces: int, max_chars: int = BATCH_CHARS) -> Iterator[list[Part]]:

@@ -55,10 +55,46 @@ class Input:
         return [str(self.path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
+class Utf8Text:
+    """One read of a text file kept as its UTF-8 bytes, for a tokenizer that encodes those directly (the
+    character lookup: CharTokenizer.encode_utf8), so the reader never decodes it. What needs characters
+    gets them: len() counts them on the bytes, str() and slices decode, and bytes that are not UTF-8 then
+    raise the reader's error, naming the file and offset."""
+
+    __slots__ = ("raw", "name", "offset", "_chars")
+
+    def __init__(self, raw: bytes, name: str, offset: int) -> None:
+        self.raw, self.name, self.offset = raw, name, offset
+        self._chars = -1
+
+    def __len__(self) -> int:
+        if self._chars < 0:
+            self._chars = utf8_chars(self.raw)
+        return self._chars
+
+    def __str__(self) -> str:
+        try:
+            return self.raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(self.name, self.offset + exc.start) from None
+
+    def __getitem__(self, key: slice) -> str:
+        return str(self)[key]
+
+    def isspace(self) -> bool:
+        return self.raw.isspace() if self.raw.isascii() else str(self).isspace()
+
+
+def utf8_chars(raw: bytes) -> int:
+    """Characters in UTF-8 bytes: every byte but the continuation bytes (10xxxxxx: below -64 as int8)
+    starts one."""
+    return len(raw) if raw.isascii() else len(raw) - int(np.count_nonzero(np.frombuffer(raw, np.int8) < -64))
+
+
 class Chunk(NamedTuple):
     """A piece of one document's text, in reading order."""
 
-    text: str
+    text: str | Utf8Text  # Utf8Text only where the reader was asked for bytes (lazy)
     first: bool  # this chunk starts a new document
     split: str = ""  # "train" or "val" when the source has an official split, else ""
     raw: bytes | None = None  # text's exact UTF-8 bytes when the reader has them (text files)
@@ -187,12 +223,15 @@ def resolve_inputs(specs: list[str]) -> list[Input]:
 
 
 # ----- reading documents -------------------------------------------------------------------------
-def read_chunks(inp: Input, text_field: str = "text", opened: dict | None = None) -> Iterator[Chunk]:
+def read_chunks(
+    inp: Input, text_field: str = "text", opened: dict | None = None, lazy: bool = False
+) -> Iterator[Chunk]:
     """The documents of one input as chunks in reading order: a text file is one document, a JSONL
     line or a Parquet / Hugging Face row is one document (its `text_field`). `opened` keeps Hugging
-    Face datasets opened by an earlier pass, so a second pass streams without resolving them again."""
+    Face datasets opened by an earlier pass, so a second pass streams without resolving them again.
+    `lazy`: a text file's chunks are Utf8Text, not decoded here."""
     if inp.kind == "text":
-        yield from _text_chunks(inp)
+        yield from (_lazy_text_chunks(inp) if lazy else _text_chunks(inp))
     elif inp.kind == "jsonl":
         yield from _jsonl_chunks(inp, text_field)
     elif inp.kind == "parquet":
@@ -268,13 +307,39 @@ def _text_chunks(inp: Input) -> Iterator[Chunk]:
             first = False
 
 
+def _lazy_text_chunks(inp: Input) -> Iterator[Chunk]:
+    """As _text_chunks, each read kept as bytes (Utf8Text), cut before a character the read split."""
+    offset, first, carry = 0, True, b""  # offset: where `carry` starts in the file
+    for raw in _reads(inp):
+        data = carry + raw if carry else raw
+        whole = _whole_chars(data)
+        carry = data[whole:]
+        if whole:
+            kept = data[:whole] if carry else data
+            yield Chunk(Utf8Text(kept, inp.name, offset), first, "", kept)
+            first, offset = False, offset + whole
+    if carry:  # the file ends inside a character
+        raise _not_utf8(inp.name, offset)
+
+
+def _whole_chars(data: bytes) -> int:
+    """The length of `data` without a multi-byte character its end cuts short."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:  # ASCII: nothing cut
+            return len(data)
+        if byte >= 0xC0:  # the last character's first byte: is the character whole?
+            size = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) if back >= size else len(data) - back
+    return len(data)  # continuation bytes only: malformed, which the encoding finds
+
+
 def count_chars(inp: Input) -> tuple[int, bool]:
     """A text file's characters, and whether any is not a space, counted on its UTF-8 bytes without
     decoding them (the encoding pass checks that they are valid UTF-8)."""
     chars, nonblank = 0, False
     for raw in _reads(inp):
-        continuation = 0 if raw.isascii() else np.count_nonzero((np.frombuffer(raw, np.uint8) & 0xC0) == 0x80)
-        chars += len(raw) - int(continuation)
+        chars += utf8_chars(raw)
         nonblank = nonblank or not raw.isspace()
     return chars, nonblank
 
