@@ -9,7 +9,7 @@ from conftest import FLAVOURS, tiny_config
 from tinylm.checkpoint import load_run
 from tinylm.errors import TinyLMError
 from tinylm.evaluate import IGNORE
-from tinylm.finetune import encode_pair, finetune, merge_run, read_pairs
+from tinylm.finetune import encode_pair, finetune, merge_run, pair_batches, read_pairs
 from tinylm.lora import LoRAConfig, LoRALinear, apply_lora, lora_state_dict, merge_lora, trainable_parameters
 from tinylm.model import Transformer
 from tinylm.tokenizer import CharTokenizer
@@ -31,6 +31,25 @@ def pairs_file(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     return path
+
+
+def test_validation_pairs_follow_the_budget_and_are_shared_out_among_processes(tmp_path):
+    from tinylm.config import TrainConfig
+    from tinylm.evaluate import scored_tokens
+
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz:? .\nQA0123456789")
+    path = tmp_path / "many.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"Q: {i}?\nA:", "response": f" {i}.\n"}) + "\n" for i in range(400))
+    )
+    cfg = TrainConfig(batch_size=4, eval_batches=100)
+    _, whole = pair_batches(path, tok, 32, cfg)
+    assert len(whole) == 10  # the last 40 pairs validate, 4 per batch
+    _, budget = pair_batches(path, tok, 32, TrainConfig(batch_size=4, eval_tokens=300))
+    assert len(budget) == 3  # ceil(300 / (4 x 32)) whole batches
+    halves = [pair_batches(path, tok, 32, cfg, rank, 2)[1] for rank in (0, 1)]
+    assert [len(h) for h in halves] == [5, 5]  # each process scores its own half, none twice
+    assert sum(scored_tokens(h) for h in halves) == scored_tokens(whole)
 
 
 def test_only_response_tokens_carry_loss():

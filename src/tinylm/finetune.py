@@ -25,6 +25,7 @@ from tinylm.data import (
     Example,
     PairBatches,
     TokenData,
+    eval_batches,
     pad_batch,
     prepare,
     token_batches,
@@ -87,15 +88,18 @@ def encode_pair(tokenizer: Tokenizer, prompt: str, response: str, block_size: in
 def pair_batches(
     path: Path, tokenizer: Tokenizer, block_size: int, cfg: Any, rank: int = 0, world_size: int = 1
 ) -> tuple[BatchSource, list[Batch]]:
-    """Training source and validation batches from a JSONL file (the last 10% of pairs, at least one, validate)."""
+    """Training source and validation batches from a JSONL file (the last 10% of pairs, at least one, validate;
+    shared out among the processes when each can have one), as many batches as eval_batches or eval_tokens."""
     examples = [encode_pair(tokenizer, r["prompt"], r["response"], block_size) for r in read_pairs(path)]
     n_val = max(1, len(examples) // 10) if len(examples) > 1 else 0
     train, val = examples[: len(examples) - n_val] or examples, examples[len(examples) - n_val :] or examples
+    if len(val) >= world_size:
+        val = val[rank::world_size]
     val_batches = [
         pad_batch(val[i : i + cfg.batch_size], block_size) for i in range(0, len(val), cfg.batch_size)
     ]
     source = PairBatches(train, block_size, cfg.batch_size, cfg.seed, rank, world_size, cfg.max_steps)
-    return source, val_batches[: cfg.eval_batches]
+    return source, val_batches[: eval_batches(cfg, block_size, world_size)]
 
 
 def finetune(

@@ -291,7 +291,11 @@ class Trainer:
             loss = rt.all_mean(torch.tensor(loss, device=self.rt.device)).item()
         epoch = self.source.epoch_of(self.step)
         self.history.add_val(self.step, epoch, loss)
-        tokens = scored_tokens(self.val_batches) * self.rt.world_size  # eval_tokens, in whole batches
+        tokens = scored_tokens(self.val_batches)  # eval_tokens' worth, in whole batches, over all processes
+        if self.rt.distributed:
+            tokens = round(
+                rt.all_mean(torch.tensor(float(tokens), device=self.rt.device)).item() * self.rt.world_size
+            )
         row = {"type": "eval", "step": self.step, "epoch": epoch, "val_loss": loss, "val_tokens": tokens}
         if self.cfg.eval_tokens > 0:
             row["eval_tokens"] = self.cfg.eval_tokens  # the budget, beside the tokens it scored

@@ -13,6 +13,7 @@ from tinylm.data.batches import (
     SlidingWindowDataset,
     WindowOrder,
     check_length,
+    eval_batches,
     pad_batch,
     token_batches,
     windows,
@@ -25,6 +26,6 @@ from tinylm.tokenizer import token_dtype
 __all__ = [
     "ADVICE", "BUILTINS", "IGNORE", "Batch", "BatchSource", "EpochWindows", "Example", "Input", "PairBatches",
     "RandomWindows", "ShardedTokens", "SlidingWindowDataset", "TokenData", "WindowOrder", "cache_dir",
-    "check_length", "pad_batch", "prepare", "read_chunks", "read_text_file", "resolve_inputs", "token_batches",
+    "check_length", "eval_batches", "pad_batch", "prepare", "read_chunks", "read_text_file", "resolve_inputs", "token_batches",
     "token_dtype", "windows",
 ]  # fmt: skip
