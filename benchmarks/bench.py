@@ -5,7 +5,7 @@ quality against nanoGPT's CPU recipe; the speedrun options (issue 22) one at a t
     python benchmarks/bench.py train --preset gpt2-small --batch-size 16 --compile   # on a GPU
     python benchmarks/bench.py generate --preset shakespeare-char
     python benchmarks/bench.py moe
-    python benchmarks/bench.py quality --presets cpu-llama --nanogpt PATH/TO/nanoGPT   # the record table
+    python benchmarks/bench.py quality --presets cpu-record --nanogpt PATH/TO/nanoGPT   # the record table
     python benchmarks/bench.py options --seeds 1 2 3     # each speedrun option on cpu-llama, several seeds
 
 Every figure printed is also appended as a JSON line to --log (default benchmarks/results.jsonl).
@@ -37,6 +37,7 @@ CHAR_PRESETS = {
     "shakespeare-char",
     "cpu-char",
     "cpu-llama",
+    "cpu-record",
     "tiny",
 }  # Tiny Shakespeare's 65 characters
 

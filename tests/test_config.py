@@ -99,12 +99,14 @@ def test_speedrun_options_are_validated(values, message):
 
 
 def test_speedrun_options_are_off_by_default_and_listed_when_on():
-    # only cpu-llama, the record recipe (`make demo`), takes the options that helped (RESULTS.md, issue 22)
+    # only cpu-llama and cpu-record, the record recipe (`make demo`), take the options that helped (RESULTS.md, issue 22)
+    ramps = {"cpu-llama": (16, 75, 175, 4), "cpu-record": (16, 95, 225, 2)}
     for name in PRESETS:
         model_cfg, train_cfg = build_configs(name, vocab_size=65)
-        if name == "cpu-llama":
+        if name in ramps:
             assert model_cfg.extras() == ["qk_norm"] and train_cfg.normuon
-            assert (train_cfg.block_size_start, train_cfg.ramp_steps, train_cfg.max_steps) == (16, 75, 175)
+            shape = (train_cfg.block_size_start, train_cfg.ramp_steps, train_cfg.max_steps, model_cfg.n_layer)
+            assert shape == ramps[name], name
             continue
         assert train_cfg.batch_size_start == train_cfg.block_size_start == 0 and not train_cfg.normuon
         assert model_cfg.extras() == [] and train_cfg.orthogonalizer == "newton-schulz"
