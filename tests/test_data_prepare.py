@@ -395,3 +395,27 @@ def test_characters_cut_by_a_read_are_whole(tmp_path, monkeypatch):
     assert (
         meta["train_bytes"] + meta["val_bytes"] == len(text.encode()) and meta["val_chars"] == len(text) - cut
     )
+
+
+def test_the_corpus_hash_is_the_inline_sha256_whatever_the_piece_sizes():
+    """hashed() hands pieces to its thread alone or bundled by size; the digest is the same as hashing the
+    documents in order, joined by blank lines."""
+    import hashlib
+    import random
+
+    from tinylm.data.encoding import hashed
+    from tinylm.data.sources import Chunk
+
+    rng = random.Random(0)
+    sizes = [rng.choice([0, 1, 200, 5_000, 70_000, 1_100_000]) for _ in range(300)]
+    chunks = [Chunk("é" * (n // 2) + "x" * (n % 2), rng.random() < 0.5, "", None) for n in sizes]
+    chunks = [c._replace(raw=c.text.encode()) if i % 3 else c for i, c in enumerate(chunks)]
+    expected, started = hashlib.sha256(), False
+    for chunk in chunks:
+        if chunk.first and started:
+            expected.update(b"\n\n")
+        expected.update(chunk.text.encode())
+        started = True
+    digest = hashlib.sha256()
+    assert list(hashed(chunks, digest)) == chunks
+    assert digest.hexdigest() == expected.hexdigest()

@@ -50,6 +50,10 @@ def test_validation_pairs_follow_the_budget_and_are_shared_out_among_processes(t
     halves = [pair_batches(path, tok, 32, cfg, rank, 2)[1] for rank in (0, 1)]
     assert [len(h) for h in halves] == [5, 5]  # each process scores its own half, none twice
     assert sum(scored_tokens(h) for h in halves) == scored_tokens(whole)
+    # 40 pairs over 3 processes: 13 each (one left out), so every process evaluates as many batches (each
+    # batch is a collective step: unequal counts would leave one process waiting for the others forever)
+    thirds = [pair_batches(path, tok, 32, cfg, rank, 3)[1] for rank in (0, 1, 2)]
+    assert [sum(len(x) for x, _ in t) for t in thirds] == [13, 13, 13] and len({len(t) for t in thirds}) == 1
 
 
 def test_only_response_tokens_carry_loss():

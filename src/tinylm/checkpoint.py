@@ -583,14 +583,16 @@ class LoadedRun:
 
 
 class _SkipInit(torch.overrides.TorchFunctionMode):
-    """Turns torch.nn.init's functions into no-ops: a tensor on the meta device has no values to draw, and
-    drawing them there runs PyTorch's Python reference kernels, whose first use imports TorchDynamo (about
-    a second of every command's start-up)."""
+    """Turns torch.nn.init's functions on meta tensors into no-ops: a tensor on the meta device has no values
+    to draw, and drawing them there runs PyTorch's Python reference kernels, whose first use imports
+    TorchDynamo (about a second of every command's start-up)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         if getattr(func, "__module__", None) == "torch.nn.init":
-            return args[0] if args else kwargs["tensor"]
+            tensor = args[0] if args else kwargs["tensor"]
+            if tensor.is_meta:
+                return tensor
         return func(*args, **kwargs)
 
 

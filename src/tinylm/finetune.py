@@ -89,12 +89,13 @@ def pair_batches(
     path: Path, tokenizer: Tokenizer, block_size: int, cfg: Any, rank: int = 0, world_size: int = 1
 ) -> tuple[BatchSource, list[Batch]]:
     """Training source and validation batches from a JSONL file (the last 10% of pairs, at least one, validate;
-    shared out among the processes when each can have one), as many batches as eval_batches or eval_tokens."""
+    shared out equally among the processes when each can have one, so every process scores as many batches:
+    each batch is a collective step), as many batches as eval_batches or eval_tokens."""
     examples = [encode_pair(tokenizer, r["prompt"], r["response"], block_size) for r in read_pairs(path)]
     n_val = max(1, len(examples) // 10) if len(examples) > 1 else 0
     train, val = examples[: len(examples) - n_val] or examples, examples[len(examples) - n_val :] or examples
-    if len(val) >= world_size:
-        val = val[rank::world_size]
+    if len(val) >= world_size:  # the last len(val) % world_size pairs are left out
+        val = val[rank : len(val) - len(val) % world_size : world_size]
     val_batches = [
         pad_batch(val[i : i + cfg.batch_size], block_size) for i in range(0, len(val), cfg.batch_size)
     ]

@@ -295,6 +295,17 @@ class StopSignals:
         self._previous.clear()
 
 
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over all processes (itself when there is one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
 def all_mean(t: torch.Tensor) -> torch.Tensor:
     """The mean of `t` over all processes (itself when there is one)."""
     import torch.distributed as dist

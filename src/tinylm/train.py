@@ -293,9 +293,7 @@ class Trainer:
         self.history.add_val(self.step, epoch, loss)
         tokens = scored_tokens(self.val_batches)  # eval_tokens' worth, in whole batches, over all processes
         if self.rt.distributed:
-            tokens = round(
-                rt.all_mean(torch.tensor(float(tokens), device=self.rt.device)).item() * self.rt.world_size
-            )
+            tokens = int(rt.all_sum(torch.tensor(tokens, dtype=torch.int64, device=self.rt.device)).item())
         row = {"type": "eval", "step": self.step, "epoch": epoch, "val_loss": loss, "val_tokens": tokens}
         if self.cfg.eval_tokens > 0:
             row["eval_tokens"] = self.cfg.eval_tokens  # the budget, beside the tokens it scored

@@ -197,24 +197,44 @@ class ShardSink:
         return k
 
 
-HASH_AHEAD = 8  # chunks read ahead of the hashing thread at most
+HASH_AHEAD = 8  # pieces handed to the hashing thread and not yet hashed, at most
+HASH_ALONE = 64 << 10  # bytes from which a piece is handed over alone; smaller ones go together (a hand-off
+HASH_TOGETHER = 1 << 20  # costs more than hashing a short document), in bundles of about this many bytes
 
 
 def hashed(chunks: Iterable[Chunk], digest: hashlib._Hash) -> Iterator[Chunk]:
     """The chunks unchanged, their text added to `digest` on a thread of its own (hashlib lets go of the
     GIL, so reading goes on meanwhile): the corpus in reading order, documents joined by a blank line (so
     one text file hashes to the sha256 of its content). The digest is complete once the chunks are."""
-    started, pending = False, deque[Future]()
+    pending: deque[Future] = deque()
+    bundle: list[bytes] = []
+    bundled = 0
     with ThreadPoolExecutor(1, thread_name_prefix="tinylm-hash") as hasher:  # one thread: in order
-        for chunk in chunks:
-            if chunk.first and started:
-                pending.append(hasher.submit(digest.update, b"\n\n"))
-            data = chunk.raw if chunk.raw is not None else str(chunk.text).encode("utf-8")
+
+        def hand_over(data: bytes) -> None:
             pending.append(hasher.submit(digest.update, data))
             while len(pending) > HASH_AHEAD:
                 pending.popleft().result()
+
+        started = False
+        for chunk in chunks:
+            data = chunk.raw if chunk.raw is not None else str(chunk.text).encode("utf-8")
+            for piece in (b"\n\n", data) if chunk.first and started else (data,):
+                if len(piece) >= HASH_ALONE:
+                    if bundle:
+                        hand_over(b"".join(bundle))
+                        bundle, bundled = [], 0
+                    hand_over(piece)
+                else:
+                    bundle.append(piece)
+                    bundled += len(piece)
+                    if bundled >= HASH_TOGETHER:
+                        hand_over(b"".join(bundle))
+                        bundle, bundled = [], 0
             started = True
             yield chunk
+        if bundle:
+            hand_over(b"".join(bundle))
         while pending:
             pending.popleft().result()
 

@@ -97,9 +97,10 @@ class ShardWriter:
         self._file.flush()
         if hasattr(os, "posix_fadvise"):
             end = self.counts[-1] * self.dtype.itemsize
-            os.posix_fadvise(
-                self._file.fileno(), end - self._unsynced, self._unsynced, os.POSIX_FADV_DONTNEED
-            )
+            with contextlib.suppress(OSError):  # only a hint: a file system may not take it
+                os.posix_fadvise(
+                    self._file.fileno(), end - self._unsynced, self._unsynced, os.POSIX_FADV_DONTNEED
+                )
         self._unsynced = 0
 
     def _close_file(self) -> None:

@@ -82,7 +82,7 @@ class Utf8Text:
         return str(self)[key]
 
     def isspace(self) -> bool:
-        return self.raw.isspace() if self.raw.isascii() else str(self).isspace()
+        return str(self).isspace()  # as str does (bytes.isspace leaves out \x1c to \x1f)
 
 
 def utf8_chars(raw: bytes) -> int:
