@@ -330,6 +330,31 @@ def sample_config(base: SampleConfig | None = None, **options: Any) -> SampleCon
 _GPT = dict(position="learned", norm="layernorm", mlp="gelu")
 _LLAMA = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
 
+# cpu-char's shape, LLaMA-style, Muon + AdamW, with the speedrun options that helped beyond seed noise
+# (benchmarks/RESULTS.md, issue 22): QK-norm and NorMuon (each about -0.03 at 225 steps), which let 175 steps
+# do what 225 did; the sequence-length ramp (16 to 64 tokens over the first 75 steps) costs no loss beyond
+# the noise and 17% of the tokens.
+_CPU_LLAMA = dict(
+    **{**_LLAMA, "tie_embeddings": True},
+    block_size=64,
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    dropout=0.0,
+    qk_norm=True,
+    batch_size=24,
+    block_size_start=16,
+    ramp_steps=75,
+    optimizer="muon",
+    muon_lr=0.04,
+    normuon=True,
+    lr=6e-3,
+    beta2=0.99,
+    warmup_steps=50,
+    max_steps=175,
+    eval_interval=175,
+)
+
 # Each preset: fields of ModelConfig and TrainConfig. vocab_size always comes from the tokenizer.
 PRESETS: dict[str, dict[str, Any]] = {
     # The first tutorial's LLaMA-style character model with a Mixture-of-Experts feed-forward:
@@ -413,52 +438,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_steps=2000,
         eval_interval=500,
     ),
-    # cpu-char's shape, LLaMA-style, Muon + AdamW, with the speedrun options that helped beyond seed noise (benchmarks/RESULTS.md, issue 22): QK-norm and
-    # NorMuon (each about -0.03 at 225 steps), which let 175 steps do what 225 did; the sequence-length
-    # ramp (16 to 64 tokens over the first 75 steps) costs no loss beyond the noise and 17% of the tokens.
-    "cpu-llama": dict(
-        **{**_LLAMA, "tie_embeddings": True},
-        block_size=64,
-        n_layer=4,
-        n_head=4,
-        n_embd=128,
-        dropout=0.0,
-        qk_norm=True,
-        batch_size=24,
-        block_size_start=16,
-        ramp_steps=75,
-        optimizer="muon",
-        muon_lr=0.04,
-        normuon=True,
-        lr=6e-3,
-        beta2=0.99,
-        warmup_steps=50,
-        max_steps=175,
-        eval_interval=175,
-    ),
+    "cpu-llama": _CPU_LLAMA,  # see _CPU_LLAMA
     # The CPU time-to-quality record (`make demo`): cpu-llama made shallow and trained longer. At this scale depth
     # costs more time than it buys: 2 layers for 225 steps reach a lower loss than 4 layers for 175 in 40% less
     # time (seeds 1 to 3: 1.848 against 1.864 mean, 15 against 26 s of training CPU; RESULTS.md, issue 22).
-    "cpu-record": dict(
-        **{**_LLAMA, "tie_embeddings": True},
-        block_size=64,
-        n_layer=2,
-        n_head=4,
-        n_embd=128,
-        dropout=0.0,
-        qk_norm=True,
-        batch_size=24,
-        block_size_start=16,
-        ramp_steps=95,
-        optimizer="muon",
-        muon_lr=0.04,
-        normuon=True,
-        lr=6e-3,
-        beta2=0.99,
-        warmup_steps=50,
-        max_steps=225,
-        eval_interval=225,
-    ),
+    "cpu-record": {**_CPU_LLAMA, "n_layer": 2, "ramp_steps": 95, "max_steps": 225, "eval_interval": 225},
     # Seconds-long runs for tests and smoke checks.
     "tiny": dict(
         **_GPT,
