@@ -46,7 +46,7 @@ class ShardWriter:
         )
         self.counts: list[int] = []  # tokens per shard written so far
         self._file = None
-        self._unsynced = 0  # bytes written since the last fsync
+        self._unsynced = 0  # bytes written since the shard was last synced or its writeback started
 
     @property
     def tokens(self) -> int:
