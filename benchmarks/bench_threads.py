@@ -1,9 +1,10 @@
 """CPU threads on an idle and on a busy machine: tinylm's own choice against 1 thread and one per core.
 
-    python benchmarks/bench_threads.py                      # idle and loaded, 3 models x train/eval/generate
+    python benchmarks/bench_threads.py                      # idle and loaded, 3 models x train/eval/generate/serve
     python benchmarks/bench_threads.py --scenarios loaded --reps 3 --models cpu-llama
 
-Every command is a real `tinylm` subprocess timed from process start to exit (wall seconds), run as
+Every command is a real `tinylm` subprocess timed from process start to exit (wall seconds; `serve`: from
+process start until it has answered SERVE_REQUESTS completions, one after another, over HTTP), run as
 three variants: `OMP_NUM_THREADS=1`, `OMP_NUM_THREADS=<cores>` (PyTorch's default, what tinylm did before
 issue 22) and tinylm's own choice (no variable set). "loaded" starts one CPU-bound process per core
 (`python -c "while True: pass"`) beside them for the whole scenario: a reproducible stand-in for a
@@ -112,6 +113,66 @@ def load(kind: str):
             p.wait()
 
 
+SERVE_REQUESTS = 4  # completions per timed `serve`, one after another
+
+
+def serve_argv(paths: dict[str, str]) -> list[str]:
+    return ["serve", paths["run"], "--port", str(free_port()), "--model-name", "bench", "--no-access-log"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed_serve(argv: list[str], threads: str | None, new_tokens: int) -> tuple[float, float, str]:
+    """`tinylm serve` from process start until it has answered SERVE_REQUESTS completions of `new_tokens`
+    tokens, one after another (wall seconds), its CPU seconds, and the thread choice it printed."""
+    import resource
+    import urllib.request
+
+    port = argv[argv.index("--port") + 1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env.pop("OMP_NUM_THREADS", None)
+    if threads:
+        env["OMP_NUM_THREADS"] = threads
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tinylm", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while True:  # until it answers /health
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise SystemExit(f"tinylm serve exited: {server.stderr.read()[-2000:]}") from None
+                time.sleep(0.05)
+        body = json.dumps({"model": "bench", "prompt": "The", "max_tokens": new_tokens, "seed": 1}).encode()
+        for _ in range(SERVE_REQUESTS):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+            )
+            json.loads(urllib.request.urlopen(request, timeout=600).read())
+        wall = time.perf_counter() - t0
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    said = [line for line in err.splitlines() if line.startswith("threads: ")]
+    return wall, cpu, said[0] if said else ""
+
+
 def timed(argv: list[str], threads: str | None, scratch: Path) -> tuple[float, float, str]:
     """Wall seconds of one command from process start to exit, its CPU seconds (user + system, all its
     threads: spinning counts), and the thread choice it printed."""
@@ -133,7 +194,10 @@ def timed(argv: list[str], threads: str | None, scratch: Path) -> tuple[float, f
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--commands", nargs="+", default=["train", "eval", "generate"])
+    p.add_argument(
+        "--commands", nargs="+", default=["train", "eval", "generate", "serve"],
+        choices=["train", "eval", "generate", "serve"],
+    )  # fmt: skip
     p.add_argument("--scenarios", nargs="+", default=["idle", "loaded"], choices=["idle", "loaded"])
     p.add_argument(
         "--reps", type=int, default=3, help="repetitions of each (scenario, model, command, variant)"
@@ -155,11 +219,16 @@ def main() -> None:
             for rep in range(args.reps):
                 for model in args.models:
                     for what in args.commands:
-                        argv = command(model, what, paths[model], scratch)
                         names = list(args.variants)
                         names = names[rep % len(names) :] + names[: rep % len(names)]  # rotate the order
                         for variant in names:
-                            wall, cpu, said = timed(argv, VARIANTS[variant], scratch)
+                            if what == "serve":
+                                argv = serve_argv(paths[model])
+                                new_tokens = MODELS[model]["new_tokens"]
+                                wall, cpu, said = timed_serve(argv, VARIANTS[variant], new_tokens)
+                            else:
+                                argv = command(model, what, paths[model], scratch)
+                                wall, cpu, said = timed(argv, VARIANTS[variant], scratch)
                             times.setdefault((scenario, model, what, variant), []).append(wall)
                             log_row(args.log, scenario, model, what, variant, wall, cpu, said)
     print_table(times, args)

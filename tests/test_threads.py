@@ -89,6 +89,21 @@ def _child(*argv: str, env: dict[str, str]) -> list[str]:
     return out.stdout.split()
 
 
+def test_a_server_keeps_a_core_for_its_own_threads_unless_the_user_chose(monkeypatch):
+    samples = iter([CpuSample(0.0, 50.0, 1.0), CpuSample(0.5, 50.5, 1.5)] * 2)  # an idle machine
+    monkeypatch.setattr(threads, "cpu_sample", lambda: next(samples))
+    monkeypatch.setattr(threads, "WINDOW", 0.0)
+    before = torch.get_num_threads()
+    try:
+        choice = fit_threads(None, env={}, keep=1)
+        assert (choice.threads, choice.kept) == (max(1, CORES - 1), min(1, CORES - 1))
+        if CORES > 1:
+            assert "1 kept for the server's own threads" in choice.describe()
+        assert fit_threads(None, env={"OMP_NUM_THREADS": str(CORES)}, keep=1).threads == CORES
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_loaded_machine_gets_one_thread_and_the_user_still_wins():
     with busy_cores(CORES):
         threads_, source, others, applied = _child(env={})

@@ -30,6 +30,7 @@ class ThreadChoice:
     source: str  # "--threads", "OMP_NUM_THREADS" or "auto"
     cores: int  # usable cores
     others: float | None = None  # cores other processes used while measured (auto only; None: unknown)
+    kept: int = 0  # cores left to the command's own Python threads (auto only)
 
     @property
     def auto(self) -> bool:
@@ -40,7 +41,8 @@ class ThreadChoice:
         if not self.auto:
             return f"threads: {self.threads} ({self.source})"
         load = "load unknown" if self.others is None else f"other processes use {self.others:.1f}"
-        return f"threads: {self.threads} of {self.cores} cores ({load}; --threads N to override)"
+        kept = f"; {self.kept} kept for the server's own threads" if self.kept else ""
+        return f"threads: {self.threads} of {self.cores} cores ({load}{kept}; --threads N to override)"
 
 
 def usable_cpus() -> int:
@@ -103,9 +105,11 @@ def requested_threads(flag: int | None, env: dict[str, str]) -> tuple[int, str] 
     return None
 
 
-def fit_threads(flag: int | None = None, env: dict[str, str] | None = None) -> ThreadChoice:
+def fit_threads(flag: int | None = None, env: dict[str, str] | None = None, keep: int = 0) -> ThreadChoice:
     """Choose and apply (torch.set_num_threads) this process's intra-op thread count: --threads N, else
-    OMP_NUM_THREADS, else the cores other processes leave free, measured over WINDOW seconds."""
+    OMP_NUM_THREADS, else the cores other processes leave free, measured over WINDOW seconds, less `keep`
+    cores for the command's own Python threads (a server's event loop: intra-op threads waiting for each
+    other on every core starve it; measured, RESULTS.md), at least 1."""
     import torch
 
     env = os.environ if env is None else env
@@ -117,7 +121,9 @@ def fit_threads(flag: int | None = None, env: dict[str, str] | None = None) -> T
         before = cpu_sample()
         time.sleep(WINDOW)
         others = others_busy(before, cpu_sample())
-        choice = ThreadChoice(threads_for(cores, others), "auto", cores, others)
+        free = threads_for(cores, others)
+        kept = min(keep, free - 1)
+        choice = ThreadChoice(free - kept, "auto", cores, others, kept)
     if torch.get_num_threads() != choice.threads:
         torch.set_num_threads(choice.threads)
     return choice

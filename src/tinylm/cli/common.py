@@ -99,7 +99,7 @@ def fit_threads(args: argparse.Namespace) -> None:
     from tinylm.runtime import launch_rank
     from tinylm.threads import fit_threads as choose
 
-    choice = choose(args.threads)
+    choice = choose(args.threads, keep=getattr(args, "keep_cores", 0))
     if choice.auto and launch_rank() == 0:  # under torchrun, rank 0 speaks
         print(choice.describe(), file=sys.stderr)
 

@@ -54,7 +54,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         )
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request to stderr")
     p.add_argument("--index", help="retrieval index (tinylm index --out) to add passages to prompts")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, keep_cores=1)  # a core for the event loop and the engine's thread
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
