@@ -131,7 +131,6 @@ def free_port() -> int:
 def timed_serve(argv: list[str], threads: str | None, new_tokens: int) -> tuple[float, float, str]:
     """`tinylm serve` from process start until it has answered SERVE_REQUESTS completions of `new_tokens`
     tokens, one after another (wall seconds), its CPU seconds, and the thread choice it printed."""
-    import resource
     import urllib.request
 
     port = argv[argv.index("--port") + 1]
@@ -139,7 +138,7 @@ def timed_serve(argv: list[str], threads: str | None, new_tokens: int) -> tuple[
     env.pop("OMP_NUM_THREADS", None)
     if threads:
         env["OMP_NUM_THREADS"] = threads
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = children_cpu()
     t0 = time.perf_counter()
     server = subprocess.Popen(
         [sys.executable, "-m", "tinylm", *argv],
@@ -167,28 +166,34 @@ def timed_serve(argv: list[str], threads: str | None, new_tokens: int) -> tuple[
     finally:
         server.terminate()
         _, err = server.communicate(timeout=60)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    said = [line for line in err.splitlines() if line.startswith("threads: ")]
-    return wall, cpu, said[0] if said else ""
+    return wall, children_cpu() - before, choice_line(err)
 
 
 def timed(argv: list[str], threads: str | None, scratch: Path) -> tuple[float, float, str]:
     """Wall seconds of one command from process start to exit, its CPU seconds (user + system, all its
     threads: spinning counts), and the thread choice it printed."""
-    import resource
     import shutil
 
     shutil.rmtree(scratch / "train", ignore_errors=True)
     env = {"OMP_NUM_THREADS": threads} if threads else {}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = children_cpu()
     t0 = time.perf_counter()
     out = checked(tinylm(*argv, env=env))
     wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    said = [line for line in out.stderr.splitlines() if line.startswith("threads: ")]
-    return wall, cpu, said[0] if said else ""
+    return wall, children_cpu() - before, choice_line(out.stderr)
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system, all threads: spinning counts) of this process's finished children."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def choice_line(stderr: str) -> str:
+    """The "threads: ..." line a tinylm command printed ("" when the user chose)."""
+    return next((line for line in stderr.splitlines() if line.startswith("threads: ")), "")
 
 
 def main() -> None:

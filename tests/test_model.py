@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from conftest import FLAVOURS, tiny_config
-from tinylm.checkpoint import on_meta
 from tinylm.errors import TinyLMError
-from tinylm.model import Transformer, cache_rows
+from tinylm.model import Transformer, cache_rows, on_meta
 from tinylm.model.layers import MoE, RMSNorm, apply_rope, load_balancing_loss, rope_tables
 
 pytestmark = pytest.mark.numerics
@@ -398,7 +397,7 @@ def test_building_on_meta_draws_nothing_and_imports_no_dynamo():
 
     code = (
         "import sys, torch\n"
-        "from tinylm.checkpoint import on_meta, materialise, tied_aliases\n"
+        "from tinylm.checkpoint import materialise, tied_aliases\nfrom tinylm.model import on_meta\n"
         "from tinylm.config import ModelConfig\n"
         "from tinylm.model import Transformer\n"
         "from tinylm.model.transformer import init_parameters\n"

@@ -18,14 +18,13 @@ directories follow the user's umask.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from tinylm.config import ModelConfig, TrainConfig, from_dict, to_dict
 from tinylm.errors import TinyLMError
-from tinylm.model import Transformer
+from tinylm.model import Transformer, on_meta
 from tinylm.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -582,27 +581,6 @@ class LoadedRun:
         return self.record.train
 
 
-class _SkipInit(torch.overrides.TorchFunctionMode):
-    """Turns torch.nn.init's functions on meta tensors into no-ops: a tensor on the meta device has no values
-    to draw, and drawing them there runs PyTorch's Python reference kernels, whose first use imports
-    TorchDynamo (about a second of every command's start-up)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        if getattr(func, "__module__", None) == "torch.nn.init":
-            tensor = args[0] if args else kwargs["tensor"]
-            if tensor.is_meta:
-                return tensor
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def on_meta() -> Iterator[None]:
-    """Build modules on the meta device: shapes only, no memory, no initial values (see materialise)."""
-    with torch.device("meta"), _SkipInit():
-        yield
-
-
 def build_model(record: RunRecord) -> Transformer:
     """The run's model architecture, with LoRA adapters when its weights include them, in uninitialised CPU
     memory: every weight is then loaded (strictly), so no time goes into drawing an init to throw away."""
@@ -623,7 +601,7 @@ def materialise(
     from tied_aliases before any sharding) tied again and its non-persistent buffers computed."""
     if sharded:  # FSDP's DTensors: each rank allocates its shards only
         model.to_empty(device=device)
-    else:  # torch.empty, not to_empty's empty_like: on meta that runs Python reference code (see _SkipInit)
+    else:  # torch.empty, not to_empty's empty_like: on meta that runs Python reference code (see on_meta)
         model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     for alias, name in ties.items():  # to_empty gives each name its own tensor: tie them again
         path, _, attr = alias.rpartition(".")

@@ -350,9 +350,8 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
 
 def _preset_model(preset: str | None, sets: list[str] | None, vocab_size: int | None) -> tuple[Any, Any]:
     """A preset's model on the meta device (shapes only) and its config, with the vocabulary it is meant for."""
-    from tinylm.checkpoint import on_meta
     from tinylm.config import build_configs, parse_overrides, preset_vocab_size
-    from tinylm.model import Transformer
+    from tinylm.model import Transformer, on_meta
 
     preset = preset or DEFAULT_PRESET
     overrides = parse_overrides(sets or [])

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -342,3 +343,25 @@ def parameter_summary(model: nn.Module) -> dict:
         "parameters": sum(e["parameters"] for e in parts.values()),
     }
     return {**total, "modules": dict(parts)}
+
+
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Turns torch.nn.init's functions on meta tensors into no-ops: a tensor on the meta device has no values
+    to draw, and drawing them there runs PyTorch's Python reference kernels, whose first use imports
+    TorchDynamo (about a second of every command's start-up)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            tensor = args[0] if args else kwargs["tensor"]
+            if tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """Build modules on the meta device: shapes only, no memory, no initial values (memory and values come
+    later: tinylm.checkpoint.materialise, then init_parameters or loaded weights)."""
+    with torch.device("meta"), _SkipInit():
+        yield
