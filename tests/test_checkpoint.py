@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -137,6 +138,8 @@ def test_corrupt_files_are_one_sentence_naming_the_file(capsys, char_data, tmp_p
     path = run / name if name == "config.json" else run / "checkpoints" / "last" / name
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
+    capsys.readouterr()
+    warnings.simplefilter("always")  # (this test's filters only) so the setup notes would show if said first
     code = main(["train", "--resume", str(run), "--max-steps", "9", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and name in err and "Traceback" not in err

@@ -26,7 +26,6 @@ from tinylm.checkpoint import (
     checkpoint_dir,
     materialise,
     newest_good_checkpoint,
-    on_meta,
     prune_checkpoints,
     read_json,
     recover_checkpoints,
@@ -38,7 +37,7 @@ from tinylm.data import Batch, BatchSource, TokenData, token_batches
 from tinylm.errors import TinyLMError
 from tinylm.evaluate import mean_loss, scored_tokens
 from tinylm.history import LossHistory
-from tinylm.model import Transformer
+from tinylm.model import Transformer, on_meta
 from tinylm.model.transformer import init_parameters
 from tinylm.optim import batch_shape_at, build_optimizer, lr_at
 from tinylm.progress import progress_bar, show_step, write
@@ -411,17 +410,11 @@ def _refuse_non_finite(loss: float, step: int, run_dir: Path) -> None:
 
 
 # ----- entry points -----------------------------------------------------------------------------
-def fit_warmup(cfg: TrainConfig, total_steps: int, warn: bool = True) -> TrainConfig:
-    """A warmup as long as the run would never reach the peak lr: use a tenth of the run instead (and say so
-    when `warn`: once per run, not per rank)."""
+def fit_warmup(cfg: TrainConfig, total_steps: int) -> TrainConfig:
+    """A warmup as long as the run would never reach the peak lr: use a tenth of the run instead."""
     if cfg.warmup_steps < total_steps:
         return cfg
-    warmup = max(1, total_steps // 10)
-    if warn:
-        warnings.warn(
-            f"warmup_steps ({cfg.warmup_steps}) is not shorter than the run ({total_steps} steps); using {warmup}."
-        )
-    return replace(cfg, warmup_steps=warmup)
+    return replace(cfg, warmup_steps=max(1, total_steps // 10))
 
 
 def eval_share(source: BatchSource, cfg: TrainConfig, n_batches: int | None = None) -> float:
@@ -430,6 +423,25 @@ def eval_share(source: BatchSource, cfg: TrainConfig, n_batches: int | None = No
     evals = sum(1 for s in range(1, source.total_steps + 1) if source.evaluates_at(s, cfg.eval_interval))
     n = cfg.eval_batches if n_batches is None else n_batches
     return evals * n / (3 * source.total_steps * cfg.grad_accum)
+
+
+def setup_warnings(asked: TrainConfig, used: TrainConfig, source: BatchSource, n_val: int) -> list[str]:
+    """What to tell the user about the recipe `asked` for this run, `used` as fitted to it: a warmup too long
+    for the run, and validation that would take too large a share of the time."""
+    notes = []
+    if used.warmup_steps != asked.warmup_steps:
+        notes.append(
+            f"warmup_steps ({asked.warmup_steps}) is not shorter than the run ({source.total_steps} steps); "
+            f"using {used.warmup_steps}."
+        )
+    share = eval_share(source, used, n_val)
+    if share > EVAL_SHARE_WARNING:
+        knob = "eval_tokens" if used.eval_tokens > 0 else "eval_batches"
+        notes.append(
+            f"Validation ({n_val} batches, {knob}={getattr(used, knob)}) will take about "
+            f"{100 * share:.0f}% of the training time; lower {knob} or raise eval_interval to spend less."
+        )
+    return notes
 
 
 def run_training(
@@ -462,14 +474,8 @@ def run_training(
             if keep_global_batch:
                 record = _keep_global_batch(record, _saved_world_size(ckpt), runtime)
         source, val_batches = batches_for(record, runtime)
-        record = replace(record, train=fit_warmup(record.train, source.total_steps, warn=runtime.is_main))
-        share = eval_share(source, record.train, len(val_batches))
-        if share > EVAL_SHARE_WARNING and runtime.is_main:
-            knob = "eval_tokens" if record.train.eval_tokens > 0 else "eval_batches"
-            warnings.warn(
-                f"Validation ({len(val_batches)} batches, {knob}={getattr(record.train, knob)}) will take about "
-                f"{100 * share:.0f}% of the training time; lower {knob} or raise eval_interval to spend less."
-            )
+        asked = record.train
+        record = replace(record, train=fit_warmup(asked, source.total_steps))
         try:
             trainer = Trainer(
                 record, source, val_batches, run_dir, tokenizer, runtime,
@@ -477,6 +483,9 @@ def run_training(
             )  # fmt: skip
         except CorruptFile as exc:
             raise TinyLMError(f"{exc} {_newest_good(run_dir, resume_from or '', record)}") from None
+        if runtime.is_main:  # once the run has loaded (one that cannot start says only why), by one rank
+            for note in setup_warnings(asked, record.train, source, len(val_batches)):
+                warnings.warn(note)
         try:
             result = trainer.train(stop_after=stop_after)
         except TrainingInterrupted:  # every rank stopped at the same step boundary
