@@ -15,7 +15,8 @@ random runs of whole lines, with 3% of the letters replaced by random letters, s
 trained tokenizer (reading, cutting, encoding on every core, writing shards) and (b) the tokenizer's
 own batch call on the same text already in memory, in the same pieces: `tokenizers`' encode_batch and
 encode_batch_fast for BPE, the NumPy lookup (encode_arrays) for characters, also from the UTF-8 bytes
-(decode_encode_arrays: decoding included, as prepare must). Big files go under
+(decode_encode_arrays: decoding included), and the byte lookup prepare itself uses (encode_utf8, one
+thread: it holds the GIL) on bytes in memory. Big files go under
 --work (default /tmp/data-bench) and are deleted at the end.
 """
 
@@ -214,11 +215,14 @@ def throughput(
     batch = 2 * cores if tokenizer == "char" else max(16, 4 * cores)
     groups = [chunks[i : i + batch] for i in range(0, len(chunks), batch)]
     raw_groups = (
-        {id(g): [c.encode("utf-8") for c in g] for g in groups} if "decode_encode_arrays" in baselines else {}
+        {id(g): [c.encode("utf-8") for c in g] for g in groups}
+        if {"decode_encode_arrays", "encode_utf8"} & set(baselines)
+        else {}
     )
     calls = {
         "encode_arrays": lambda g: encode_arrays(tok, g),
         "decode_encode_arrays": lambda g: encode_arrays(tok, [b.decode("utf-8") for b in raw_groups[id(g)]]),
+        "encode_utf8": lambda g: [tok.encode_utf8(b) for b in raw_groups[id(g)]],
         "encode_batch": lambda g: [e.ids for e in tok.tok.encode_batch(g)],
         "encode_batch_fast": lambda g: [e.ids for e in tok.tok.encode_batch_fast(g)],
     }
@@ -279,7 +283,7 @@ def main() -> None:
         "--baselines",
         default=None,
         help="throughput: the tokenizer's own calls to compare with, comma-separated (default: "
-        "encode_arrays,decode_encode_arrays for char; encode_batch,encode_batch_fast for bpe)",
+        "encode_arrays,decode_encode_arrays,encode_utf8 for char; encode_batch,encode_batch_fast for bpe)",
     )
     args = parser.parse_args()
     work = Path(args.work)
@@ -297,7 +301,7 @@ def main() -> None:
     elif args.what == "scale":
         result = scale(work, parse_size(args.size), args.files, args.tokenizer, args.vocab_size, sample)
     else:
-        char = "encode_arrays,decode_encode_arrays"
+        char = "encode_arrays,decode_encode_arrays,encode_utf8"
         own = args.baselines or (char if args.tokenizer == "char" else "encode_batch,encode_batch_fast")
         result = throughput(
             work,

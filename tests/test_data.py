@@ -20,7 +20,9 @@ def test_prepare_char_writes_contiguous_split(tmp_path, shakespeare_slice):
     assert tok.decode(train[:200].tolist()) == text[:200]
     assert tok.decode(val[:200].tolist()) == text[90_000:90_200]  # validation is the last 10%
     on_disk = json.loads((tmp_path / "meta.json").read_text())
-    assert on_disk["sha256"] and on_disk["val_chars"] == 10_000 and on_disk["split"].startswith("contiguous")
+    assert (
+        on_disk["xxh3_128"] and on_disk["val_chars"] == 10_000 and on_disk["split"].startswith("contiguous")
+    )
 
 
 def test_prepare_builtin_and_directory(tmp_path, shakespeare_slice):

@@ -72,78 +72,48 @@ class CharTokenizer:
     def eot_id(self) -> int | None:
         return self.stoi.get("\n")
 
-    def _lookup(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids by code point up to the largest one in the vocabulary, ids of ASCII byte pairs); a
-        character outside the vocabulary maps to the table dtype's largest value, never an id."""
+    def _lookup(self) -> tuple[np.ndarray, bytes]:
+        """(ids by code point up to the largest one in the vocabulary, the byte table for
+        bytes.translate); a character outside the vocabulary maps to the table dtype's largest value,
+        never an id. The byte table maps an ASCII byte to its id (ASCII characters sort first, so their
+        ids are below 128) and every other byte to a mark at 128 and above (_MARKS)."""
         if self._tables is None:
             codes = np.array([ord(c) for c in self.chars], dtype=np.int64)
             dtype = np.dtype(np.uint16 if len(codes) < 2**16 else np.uint32)  # room for the mark
             by_code = np.full(int(codes[-1]) + 1, np.iinfo(dtype).max, dtype=dtype)
             by_code[codes] = np.arange(len(codes))
-            # ASCII characters sort first, so their ids are below 128: two of them fit one uint32
-            ascii_ids = np.full(256, _UNKNOWN16, dtype=np.uint32)
-            low = codes[codes < 128]
-            ascii_ids[low] = by_code[low]
-            pair = np.arange(2**16, dtype=np.uint32)
-            pairs = (ascii_ids[pair & 0xFF] | (ascii_ids[pair >> 8] << 16)).astype("<u4")
-            self._tables = (by_code, pairs)
+            table = bytearray(_MARKS)
+            for c in codes[codes < 128].tolist():
+                table[c] = int(by_code[c])
+            self._tables = (by_code, bytes(table))
         return self._tables
 
-    def _byte_ids(self, raw: bytes) -> np.ndarray:
-        """The id of every byte as an ASCII character (uint16; _UNKNOWN16 for any other byte), looked
-        up two bytes at a time."""
-        pairs = self._lookup()[1]
-        ids = np.empty(len(raw), dtype="<u2")
-        even = len(raw) - len(raw) % 2
-        # mode="wrap" (a no-op: every uint16 indexes the table) lets take write into `out` unbuffered
-        np.take(
-            pairs, np.frombuffer(raw, dtype="<u2", count=even // 2), out=ids[:even].view("<u4"), mode="wrap"
-        )
-        if even < len(raw):
-            ids[-1] = pairs[raw[-1]] & 0xFFFF
-        return ids
-
-    def encode_array(self, text: str) -> np.ndarray:
-        """The ids of `text` as a NumPy array (uint16 while the vocabulary fits, else uint32)."""
-        by_code = self._lookup()[0]
-        dtype = token_dtype(self.vocab_size)
-        if text.isascii():  # two characters per lookup, no decoding
-            ids = self._byte_ids(text.encode("ascii"))
-            if len(ids) and ids.max() >= 128:
-                self._unknown(text)
-            return ids.astype(dtype, copy=False)
-        # surrogatepass: a lone surrogate (JSON's "\ud800") is a character outside the vocabulary, not a crash
-        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
-        ids = np.take(by_code, codes, mode="clip")  # beyond the table: checked on the next line
-        if len(codes) and (codes.max() >= len(by_code) or ids.max() == np.iinfo(by_code.dtype).max):
-            self._unknown(text)
-        return ids.astype(dtype, copy=False)
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_array(text).tolist()
-
     def encode_utf8(self, raw: bytes) -> np.ndarray | None:
-        """The ids of the text whose UTF-8 bytes are `raw`, found without decoding it: every byte looked
-        up as ASCII, then each multi-byte character's code point computed from its bytes and looked up.
-        None when the bytes are not well-formed UTF-8 (checked here as strictly as Python's decoder) or
-        hold a character outside the vocabulary: decoding them then says which, and where."""
-        by_code = self._lookup()[0]
-        if by_code.dtype != np.uint16:
+        """The ids of the text whose UTF-8 bytes are `raw`, found without decoding it, in a narrow dtype
+        (uint8 when every id fits: ASCII text, or at most 256 characters; else the code point table's).
+        None when the bytes are not well-formed UTF-8 or hold a character outside the vocabulary:
+        decoding them then says which, and where. One C pass (bytes.translate) maps each ASCII byte to
+        its id and each lead byte to the mark of its length, dropping the continuation bytes; NumPy
+        then computes the code point of each (rare) multi-byte character from its bytes and looks it
+        up, with checks as strict as Python's decoder."""
+        by_code, table = self._lookup()
+        # one byte per character; a bytearray's translate drops bytes without reallocating its result
+        # (bytes.translate shrinks its own, which fragmented the heap: peak RSS grew with the corpus)
+        marked = bytearray(raw).translate(table, _CONTINUATION)
+        per_char = np.frombuffer(marked, dtype=np.uint8)  # writable: multi-byte characters go in place
+        if marked.isascii():  # every character a known ASCII one; else stray continuation bytes
+            return per_char if len(marked) == len(raw) else None
+        at = np.flatnonzero(per_char >= 0x80)  # the multi-byte characters, and any error mark
+        more = per_char[at].astype(np.int64) - (_LEAD1 - 1)  # continuation bytes each one needs
+        if more.min() < 1 or int(more.sum()) != len(raw) - len(marked):
+            return None  # an unknown ASCII character, an invalid byte, or continuation bytes astray
+        leads = at + (np.cumsum(more) - more)  # where each starts in `raw`
+        if int((leads + more).max()) >= len(raw):
             return None
-        ids = self._byte_ids(raw)
-        if raw.isascii():
-            return None if len(ids) and ids.max() >= 128 else ids
         u8 = np.frombuffer(raw, dtype=np.uint8)
-        high = np.flatnonzero(u8 >= 0x80)  # lead and continuation bytes: rare in most text
-        is_lead = u8[high] >= 0xC0
-        leads, tails = high[is_lead], high[~is_lead]
-        lead = u8[leads].astype(np.uint32)
-        more = np.where(lead >= 0xF0, 3, np.where(lead >= 0xE0, 2, 1))  # continuation bytes each needs
-        if not len(leads) or lead.min() < 0xC2 or lead.max() > 0xF4 or int(more.sum()) != len(tails):
-            return None
-        if int((leads + more).max()) >= len(u8):
-            return None
-        code = lead & np.where(more == 1, 0x1F, np.where(more == 2, 0x0F, 0x07)).astype(np.uint32)
+        code = u8[leads].astype(np.uint32) & np.where(
+            more == 1, 0x1F, np.where(more == 2, 0x0F, 0x07)
+        ).astype(np.uint32)
         for k in (1, 2, 3):  # each continuation byte adds 6 bits to the characters that have one
             has = more >= k
             cont = u8[np.where(has, leads + k, leads)]
@@ -155,9 +125,31 @@ class CharTokenizer:
             return None  # an overlong form, a surrogate or beyond Unicode: malformed, as Python says
         if code.max() >= len(by_code):
             return None
-        ids[leads] = by_code[code]
-        ids = np.delete(ids, tails)  # one id per character: the continuation bytes go
-        return None if ids.max() == _UNKNOWN16 else ids
+        found = by_code[code]
+        if found.max() == np.iinfo(by_code.dtype).max:  # the mark of a character not in the vocabulary
+            return None
+        ids = per_char if len(self.chars) <= 256 else per_char.astype(by_code.dtype)
+        ids[at] = found
+        return ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """The ids of `text` as a NumPy array (uint16 while the vocabulary fits, else uint32)."""
+        by_code = self._lookup()[0]
+        dtype = token_dtype(self.vocab_size)
+        if text.isascii():  # one byte per character: the byte table, no decoding
+            ids = self.encode_utf8(text.encode("ascii"))
+            if ids is None:
+                self._unknown(text)
+            return ids.astype(dtype, copy=False)
+        # surrogatepass: a lone surrogate (JSON's "\ud800") is a character outside the vocabulary, not a crash
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        ids = np.take(by_code, codes, mode="clip")  # beyond the table: checked on the next line
+        if len(codes) and (codes.max() >= len(by_code) or ids.max() == np.iinfo(by_code.dtype).max):
+            self._unknown(text)
+        return ids.astype(dtype, copy=False)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
 
     def _unknown(self, text: str) -> None:
         unknown = sorted(set(text) - self.stoi.keys())
@@ -174,7 +166,10 @@ class CharTokenizer:
         Path(path).write_text(json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False))
 
 
-_UNKNOWN16 = 0xFFFF  # the ASCII pair table's mark for a character outside the vocabulary
+_CONTINUATION = bytes(range(0x80, 0xC0))  # UTF-8 continuation bytes: dropped by the byte table
+_LEAD1 = 0xFD  # the byte table's marks for lead bytes of 2, 3 and 4-byte characters: _LEAD1 + 0, 1, 2
+# every other byte: an ASCII character outside the vocabulary, or one UTF-8 never uses, marked 0x80
+_MARKS = bytes([0x80] * 0xC2 + [_LEAD1] * 30 + [_LEAD1 + 1] * 16 + [_LEAD1 + 2] * 5 + [0x80] * 11)
 
 
 class HFTokenizer:
@@ -291,22 +286,24 @@ class TiktokenTokenizer:
 _POOL: ThreadPoolExecutor | None = None
 
 
-def encode_arrays(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
-    """Each text's ids as an array, on every core: the Rust tokenizer's threads for BPE and GPT-2, a
-    thread pool for the character lookup (NumPy releases the GIL while it looks up)."""
+def encode_arrays(tok: Tokenizer, texts: list[str], narrow: bool = False) -> list[np.ndarray]:
+    """Each text's ids as an array (token_dtype; with `narrow`, characters' ids may come in a narrower
+    dtype, for a caller that widens them as it copies them), on every core: the Rust tokenizer's
+    threads for BPE and GPT-2, a thread pool for the character lookup."""
     global _POOL
     if isinstance(tok, HFTokenizer):
         return tok.encode_arrays(texts)
     if isinstance(tok, CharTokenizer):
-        if len(texts) < 2 or (os.cpu_count() or 1) < 2:
-            return [_char_ids(tok, t) for t in texts]
+        # UTF-8 bytes are looked up by bytes.translate, which holds the GIL: a second thread would wait
+        if len(texts) < 2 or (os.cpu_count() or 1) < 2 or all(hasattr(t, "raw") for t in texts):
+            return [_char_ids(tok, t, narrow) for t in texts]
         _POOL = _POOL or ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="tinylm-encode")
-        return list(_POOL.map(_char_ids, itertools.repeat(tok), texts))
+        return list(_POOL.map(_char_ids, itertools.repeat(tok), texts, itertools.repeat(narrow)))
     dtype = token_dtype(tok.vocab_size)
     return [np.array(tok.encode(t), dtype=dtype) for t in texts]
 
 
-def _char_ids(tok: CharTokenizer, text: str) -> np.ndarray:
+def _char_ids(tok: CharTokenizer, text: str, narrow: bool = False) -> np.ndarray:
     """A text's ids; a text that kept its UTF-8 bytes (`raw`: the reader's data.sources.Utf8Text) is looked
     up on them, and decoded (str) only when they are malformed or hold a character outside the vocabulary,
     so that the error says where, or which."""
@@ -314,7 +311,7 @@ def _char_ids(tok: CharTokenizer, text: str) -> np.ndarray:
     if raw is not None:
         ids = tok.encode_utf8(raw)
         if ids is not None:
-            return ids.astype(token_dtype(tok.vocab_size), copy=False)
+            return ids if narrow else ids.astype(token_dtype(tok.vocab_size))
         text = str(text)
     return tok.encode_array(text)
 

@@ -89,7 +89,7 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
     for entry in meta.get("inputs", []):
         files = f"{entry['files']:,} file(s), " if entry["files"] > 1 else ""
         print(
-            f"Read {entry['input']}: {files}{entry['documents']:,} document(s), {entry['chars']:,} characters"
+            f"Read {entry['input']}: {files}{entry['documents']:,} document(s), {entry['bytes']:,} bytes of text"
         )
     if "tokenizer_sample" in meta:
         sample = meta["tokenizer_sample"]

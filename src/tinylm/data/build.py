@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from tinylm.config import PrepareConfig
-from tinylm.data.encoding import PIECE_CHARS, ShardSink, encode_into, hashed, pieces
+from tinylm.data.encoding import PIECE_CHARS, ShardSink, encode_into, hashed, pieces, utf8_len
 from tinylm.data.shards import FORMAT, ShardWriter, fsync_dir
-from tinylm.data.sources import Chunk, Input, count_chars, read_chunks, resolve_inputs
+from tinylm.data.sources import Chunk, Input, count_bytes, read_chunks, resolve_inputs
 from tinylm.data.splits import HeldOut, Part, contiguous_cut, route, single_document
 from tinylm.errors import TinyLMError
 from tinylm.progress import progress_bar
@@ -36,6 +37,7 @@ from tinylm.tokenizer import (
 )
 
 STATE = "prepare-state.json"  # in the staging directory: what an interrupted prepare may reuse
+STATE_VERSION = 2  # what the state means (2: a single document's cut is a byte offset); others start clean
 
 
 def prepare(
@@ -140,14 +142,14 @@ class Destination:
                 state = {}
             if not state and any(p.name != STATE for p in self.staging.iterdir()):
                 raise TinyLMError(f"{self.staging} exists and was not made by tinylm prepare; move it away.")
-            if state.get("fingerprint") == fingerprint:  # the same work: continue it
+            if state.get("fingerprint") == fingerprint and state.get("version") == STATE_VERSION:  # continue
                 if "encoded" not in state:
                     for shard in self.staging.glob("*.bin"):
                         shard.unlink()
                 return self.staging, state
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True)
-        state = {"fingerprint": fingerprint}
+        state = {"fingerprint": fingerprint, "version": STATE_VERSION}
         write_json(state_path, state)
         return self.staging, state
 
@@ -236,13 +238,14 @@ class Build:
         self.resumed_tokens = 0  # tokens an interrupted prepare had written, kept
 
     def chunks(self, counts: dict | None = None, lazy: bool = False) -> Iterator[Chunk]:
-        """Every input's chunks in order, counted per command-line input into `counts`; `lazy`: text
-        files' chunks stay UTF-8 bytes (Utf8Text) for a tokenizer that encodes those."""
+        """Every input's chunks in order, counted per command-line input into `counts` (files,
+        documents, UTF-8 bytes: known without counting characters); `lazy`: text files' chunks stay
+        UTF-8 bytes (Utf8Text) for a tokenizer that encodes those."""
         for source in self.sources:
             entry = None
             if counts is not None:
                 entry = counts.setdefault(
-                    source.origin, {"input": source.origin, "files": 0, "documents": 0, "chars": 0}
+                    source.origin, {"input": source.origin, "files": 0, "documents": 0, "bytes": 0}
                 )
                 entry["files"] += source.path is not None
             for chunk in read_chunks(source, self.cfg.text_field, self.opened, lazy):
@@ -250,7 +253,7 @@ class Build:
                     self.official.add(source.name)
                 if entry is not None:
                     entry["documents"] += chunk.first
-                    entry["chars"] += len(chunk.text)
+                    entry["bytes"] += len(chunk.raw) if chunk.raw is not None else utf8_len(chunk.text)
                 yield chunk
 
     def parts(self, chunks: Iterable[Chunk]) -> Iterator[Part]:
@@ -261,7 +264,7 @@ class Build:
         tok = self.tokenizer(given)
         dtype = token_dtype(tok.vocab_size)
         writers = {s: ShardWriter(self.staging, s, dtype, self.cfg.shard_tokens) for s in ("train", "val")}
-        sink, digest, counts = ShardSink(tok, writers), hashlib.sha256(), {}
+        sink, digest, counts = ShardSink(tok, writers), xxhash.xxh3_128(), {}
         if "encoded" in self.state:  # an interrupted run wrote this much: keep it, read on from there
             sink.load_state_dict(self.state["encoded"])
             self.resumed_tokens = sink.progress.tokens
@@ -297,7 +300,7 @@ class Build:
             meta[f"{name}_tokens"] = writers[name].tokens
             meta[f"{name}_chars"] = stats.chars
             meta[f"{name}_bytes"] = stats.bytes
-        meta["sha256"] = digest.hexdigest()
+        meta["xxh3_128"] = digest.hexdigest()  # the text read, as `xxh128sum` gives it for one file
         meta["shard_tokens"] = self.cfg.shard_tokens
         meta["shards"] = shards
         meta["seconds"] = round(time.perf_counter() - start, 3)
@@ -340,14 +343,14 @@ class Build:
             self.resumed = True
             return load_tokenizer(path)
         chars: set[str] = set()
-        n_chars, nonblank = 0, True
+        n_bytes, nonblank = self.sources[0].size, True  # a plain text file's size is its text's bytes
         if given is None and self.cfg.tokenizer == "char":
-            n_chars, chars, nonblank = self.scan()
-        elif self.single:
-            n_chars, nonblank = count_chars(self.sources[0])
+            n_bytes, chars, nonblank = self.scan()
+        elif self.single and self.sources[0].compression:
+            n_bytes, nonblank = count_bytes(self.sources[0])
         if not nonblank:
             raise TinyLMError(f"The input ({', '.join(self.specs)}) is empty: there is no text to train on.")
-        self.state["cut"] = contiguous_cut(n_chars, self.cfg.val_fraction) if self.single else None
+        self.state["cut"] = contiguous_cut(n_bytes, self.cfg.val_fraction) if self.single else None
         if given is not None:
             tok = given
         elif self.cfg.tokenizer == "char":
@@ -362,18 +365,18 @@ class Build:
         return tok
 
     def scan(self) -> tuple[int, set[str], bool]:
-        """One pass over the text: its characters counted and collected (for a character tokenizer)."""
+        """One pass over the text: its characters collected (for a character tokenizer), and its UTF-8
+        bytes counted."""
         bar = Bar("Scanning characters", self.total_bytes, self.progress)
-        seen, n_chars, n_bytes, docs, nonblank = _CharSet(), 0, 0, 0, _Nonblank()
+        seen, n_bytes, docs, nonblank = _CharSet(), 0, 0, _Nonblank()
         for chunk in nonblank.watch(self.chunks()):
-            n_chars += len(chunk.text)
-            n_bytes += len(chunk.raw) if chunk.raw is not None else len(chunk.text)
+            n_bytes += len(chunk.raw) if chunk.raw is not None else utf8_len(chunk.text)
             docs += chunk.first
             seen.add(chunk.text)
             bar.update(n_bytes, docs)
         bar.update(n_bytes, docs, final=True)
         bar.close()
-        return n_chars, seen.chars(), nonblank.seen
+        return n_bytes, seen.chars(), nonblank.seen
 
     def train_bpe(self) -> Tokenizer:
         """A byte-level BPE learned from the first tokenizer_sample characters of the training text."""

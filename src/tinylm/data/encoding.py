@@ -4,7 +4,6 @@ end-of-text token between documents."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import re
@@ -13,6 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -24,9 +24,15 @@ from tinylm.tokenizer import Tokenizer, document_separator, encode_arrays
 PIECE_CHARS = 1 << 16  # characters per piece for a context-dependent tokenizer (BPE): many pieces per batch
 CHAR_PIECE_CHARS = 1 << 20  # characters per piece for the character lookup: a whole read of a text file
 HARD_CUT = 16  # a piece with no safe cut in its second half waits for this many PIECE_CHARS of text
-BATCH_CHARS = 16 << 20  # at most this many characters per encoding batch (bounds memory)
+BATCH_CHARS = 16 << 20  # at most this many characters (bytes, where known) per encoding batch (bounds memory)
 IN_FLIGHT = 2  # batches encoding or queued while the next one is read
 CHECKPOINT_SECONDS = 30.0  # how often the written position is saved for a resume
+
+
+class Digest(Protocol):
+    """A streaming hash (xxhash's, hashlib's)."""
+
+    def update(self, data: bytes, /) -> None: ...
 
 
 def _safe(text: str, pos: int) -> bool:
@@ -73,7 +79,7 @@ def pieces(parts: Iterable[Part], context_free: bool, size: int) -> Iterator[Par
     """The parts' documents re-cut into pieces of about `size` characters, at safe points only."""
     if context_free:  # any cut is safe: no buffering, and a part that fits passes through whole
         for part in parts:
-            if len(part.text) <= size:
+            if 0 <= part.nbytes <= size or len(part.text) <= size:  # bytes: no counting characters
                 yield part
                 continue
             for i in range(0, len(part.text), size):
@@ -132,6 +138,7 @@ class ShardSink:
     def __init__(self, tok: Tokenizer, writers: dict[str, ShardWriter]) -> None:
         self.writers = writers
         self.sep_text, self.sep_ids = document_separator(tok)
+        self.per_char = tok.kind == "char"  # one token per character: the tokens count the characters
         self.stats = {split: SplitStats() for split in writers}
         self.progress = Progress()
         self.pieces = 0  # pieces written, in stream order
@@ -169,7 +176,7 @@ class ShardSink:
             stats.documents += 1
             self.progress.documents += 1
         n_bytes = part.nbytes if part.nbytes >= 0 else utf8_len(part.text)
-        stats.chars += len(part.text)
+        stats.chars += len(ids) if self.per_char else len(part.text)
         stats.bytes += n_bytes
         writer.write(ids)
         self.progress.tokens += len(ids)
@@ -197,46 +204,17 @@ class ShardSink:
         return k
 
 
-HASH_AHEAD = 8  # pieces handed to the hashing thread and not yet hashed, at most
-HASH_ALONE = 64 << 10  # bytes from which a piece is handed over alone; smaller ones go together (a hand-off
-HASH_TOGETHER = 1 << 20  # costs more than hashing a short document), in bundles of about this many bytes
-
-
-def hashed(chunks: Iterable[Chunk], digest: hashlib._Hash) -> Iterator[Chunk]:
-    """The chunks unchanged, their text added to `digest` on a thread of its own (hashlib lets go of the
-    GIL, so reading goes on meanwhile): the corpus in reading order, documents joined by a blank line (so
-    one text file hashes to the sha256 of its content). The digest is complete once the chunks are."""
-    pending: deque[Future] = deque()
-    bundle: list[bytes] = []
-    bundled = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="tinylm-hash") as hasher:  # one thread: in order
-
-        def hand_over(data: bytes) -> None:
-            pending.append(hasher.submit(digest.update, data))
-            while len(pending) > HASH_AHEAD:
-                pending.popleft().result()
-
-        started = False
-        for chunk in chunks:
-            data = chunk.raw if chunk.raw is not None else str(chunk.text).encode("utf-8")
-            for piece in (b"\n\n", data) if chunk.first and started else (data,):
-                if len(piece) >= HASH_ALONE:
-                    if bundle:
-                        hand_over(b"".join(bundle))
-                        bundle, bundled = [], 0
-                    hand_over(piece)
-                else:
-                    bundle.append(piece)
-                    bundled += len(piece)
-                    if bundled >= HASH_TOGETHER:
-                        hand_over(b"".join(bundle))
-                        bundle, bundled = [], 0
-            started = True
-            yield chunk
-        if bundle:
-            hand_over(b"".join(bundle))
-        while pending:
-            pending.popleft().result()
+def hashed(chunks: Iterable[Chunk], digest: Digest) -> Iterator[Chunk]:
+    """The chunks unchanged, their text added to `digest` as they pass: the corpus in reading order,
+    documents joined by a blank line (so one text file hashes to the hash of its content). The digest
+    is complete once the chunks are."""
+    started = False
+    for chunk in chunks:
+        if chunk.first and started:
+            digest.update(b"\n\n")
+        digest.update(chunk.raw if chunk.raw is not None else str(chunk.text).encode("utf-8"))
+        started = True
+        yield chunk
 
 
 def batches(parts: Iterable[Part], max_pieces: int, max_chars: int = BATCH_CHARS) -> Iterator[list[Part]]:
@@ -245,7 +223,7 @@ def batches(parts: Iterable[Part], max_pieces: int, max_chars: int = BATCH_CHARS
     chars = 0
     for part in parts:
         batch.append(part)
-        chars += len(part.text)
+        chars += part.nbytes if part.nbytes >= 0 else len(part.text)  # bytes, when known, bound it
         if len(batch) >= max_pieces or chars >= max_chars:
             yield batch
             batch, chars = [], 0
@@ -278,7 +256,7 @@ def encode_into(
     ):
         try:
             for batch in batches(todo, per_batch):
-                encoded = encoder.submit(encode_arrays, tok, [p.text for p in batch])
+                encoded = encoder.submit(encode_arrays, tok, [p.text for p in batch], narrow=True)
                 pending.append(writer.submit(_write, batch, encoded, sink, saver))
                 while len(pending) > IN_FLIGHT:
                     pending.popleft().result()

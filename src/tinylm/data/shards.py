@@ -47,6 +47,7 @@ class ShardWriter:
         self.counts: list[int] = []  # tokens per shard written so far
         self._file = None
         self._unsynced = 0  # bytes written since the shard was last synced or its writeback started
+        self._wide = np.empty(0, dtype=self.dtype)  # where narrower ids are widened before writing
 
     @property
     def tokens(self) -> int:
@@ -54,8 +55,14 @@ class ShardWriter:
         return sum(self.counts)
 
     def write(self, ids: np.ndarray) -> None:
-        """Append tokens (any integer dtype whose values fit)."""
-        ids = np.ascontiguousarray(ids, dtype=self.dtype)
+        """Append tokens (any integer dtype whose values fit; another dtype than the shards' is
+        converted in a buffer kept for it, not in new memory each time)."""
+        if ids.dtype != self.dtype:
+            if len(self._wide) < len(ids):
+                self._wide = np.empty(len(ids), dtype=self.dtype)
+            wide = self._wide[: len(ids)]
+            np.copyto(wide, ids, casting="unsafe")  # values that fit, as before
+            ids = wide
         while len(ids):
             if self._file is None:
                 self._file = open(self.directory / shard_name(self.split, len(self.counts)), "wb")

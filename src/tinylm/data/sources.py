@@ -334,14 +334,13 @@ def _whole_chars(data: bytes) -> int:
     return len(data)  # continuation bytes only: malformed, which the encoding finds
 
 
-def count_chars(inp: Input) -> tuple[int, bool]:
-    """A text file's characters, and whether any is not a space, counted on its UTF-8 bytes without
-    decoding them (the encoding pass checks that they are valid UTF-8)."""
-    chars, nonblank = 0, False
+def count_bytes(inp: Input) -> tuple[int, bool]:
+    """A (compressed) text file's bytes once decompressed, and whether any is not a space."""
+    n_bytes, nonblank = 0, False
     for raw in _reads(inp):
-        chars += utf8_chars(raw)
+        n_bytes += len(raw)
         nonblank = nonblank or not raw.isspace()
-    return chars, nonblank
+    return n_bytes, nonblank
 
 
 def _jsonl_chunks(inp: Input, text_field: str) -> Iterator[Chunk]:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from typing import NamedTuple
 
-from tinylm.data.sources import Chunk, Input
+from tinylm.data.sources import Chunk, Input, Utf8Text, utf8_chars
 
 
 class Part(NamedTuple):
@@ -25,9 +25,11 @@ def single_document(inputs: list[Input]) -> bool:
     return len(inputs) == 1 and inputs[0].kind == "text"
 
 
-def contiguous_cut(chars: int, val_fraction: float) -> int:
-    """Characters of a single document that train (the rest validates)."""
-    return int(chars * (1.0 - val_fraction))
+def contiguous_cut(n_bytes: int, val_fraction: float) -> int:
+    """Where a single document stops training and starts validating: a byte offset into its UTF-8 text
+    (moved on to the next character's start by `route`). Known from the file's size, so no pass over
+    the text is needed; for ASCII text it is the character cut char-rnn and nanoGPT make."""
+    return int(n_bytes * (1.0 - val_fraction))
 
 
 class HeldOut:
@@ -48,8 +50,9 @@ class HeldOut:
 
 
 def route(chunks: Iterable[Chunk], val_fraction: float, cut: int | None = None) -> Iterator[Part]:
-    """Each chunk into its split: the first `cut` characters train when `cut` is given (a single
-    document), else official splits where a source has one and held-out whole documents elsewhere."""
+    """Each chunk into its split: the characters in the first `cut` bytes train when `cut` is given (a
+    single text file: its chunks carry their bytes), else official splits where a source has one and
+    held-out whole documents elsewhere."""
     if cut is not None:
         yield from _cut(chunks, cut)
         return
@@ -66,15 +69,28 @@ def _nbytes(chunk: Chunk) -> int:
 
 
 def _cut(chunks: Iterable[Chunk], cut: int) -> Iterator[Part]:
-    seen = 0
+    seen = 0  # bytes
     for chunk in chunks:
-        text, start = chunk.text, seen
-        seen += len(text)
+        raw = chunk.raw if chunk.raw is not None else str(chunk.text).encode("utf-8")
+        start = seen
+        seen += len(raw)
         if seen <= cut:
-            yield Part("train", text, chunk.first, _nbytes(chunk))
+            yield Part("train", chunk.text, chunk.first, len(raw))
         elif start >= cut:
-            yield Part("val", text, start == cut, _nbytes(chunk))
-        else:  # this chunk holds the cut
-            if cut > start:
-                yield Part("train", text[: cut - start], chunk.first)
-            yield Part("val", text[cut - start :], True)
+            yield Part("val", chunk.text, start == cut, len(raw))
+        else:  # this chunk holds the cut: make it at the start of the character there
+            at = cut - start
+            while at < len(raw) and raw[at] & 0xC0 == 0x80:  # a continuation byte
+                at += 1
+            cut = start + at  # the next chunk starts validation when the cut moved to its start
+            if at == len(raw):
+                yield Part("train", chunk.text, chunk.first, len(raw))
+                continue
+            if isinstance(chunk.text, Utf8Text):  # still bytes: cut them
+                name, offset = chunk.text.name, chunk.text.offset
+                train, val = Utf8Text(raw[:at], name, offset), Utf8Text(raw[at:], name, offset + at)
+            else:
+                chars = utf8_chars(raw[:at])
+                train, val = chunk.text[:chars], chunk.text[chars:]
+            yield Part("train", train, chunk.first, at)
+            yield Part("val", val, True, len(raw) - at)
