@@ -452,3 +452,79 @@ def test_the_corpus_hash_is_that_of_the_documents_joined_by_blank_lines():
     digest = xxhash.xxh3_128()
     assert list(hashed(chunks, digest)) == chunks
     assert digest.hexdigest() == xxhash.xxh3_128(joined.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("how", ["direct", "page cache", "direct refused at a write"])
+def test_shards_hold_exactly_what_was_written_however_they_are_written(tmp_path, monkeypatch, how):
+    """Shards of 10,000 bytes (not a multiple of the 4 KiB blocks O_DIRECT writes) through a stage of 3
+    blocks: writes of any size and dtype, flushes, a resume from a flush after more was written, reads
+    and a truncation give the same bytes whether they went to disk directly or through the page cache."""
+    import errno
+
+    import tinylm.data.appender as appender
+    from tinylm.data.shards import ShardWriter
+
+    if how != "page cache":
+        probe = tmp_path / "probe"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0)))
+        except OSError:
+            pytest.skip("this file system refuses O_DIRECT")
+        if not appender.DIRECT:
+            pytest.skip("no O_DIRECT on this platform")
+    monkeypatch.setattr(appender, "DIRECT", how != "page cache")
+    monkeypatch.setattr(appender, "STAGE_BYTES", 3 * appender.ALIGN)
+    used = {"direct": 0, "refused": 0}
+    pwrite = os.pwrite
+
+    def watched(fd, data, offset):
+        if (
+            how == "direct refused at a write"
+            and used["direct"] == 2
+            and not used["refused"]
+            and fd in directs
+        ):
+            used["refused"] += 1
+            directs.discard(fd)
+            raise OSError(errno.EINVAL, "refused")
+        used["direct"] += fd in directs
+        return pwrite(fd, data, offset)
+
+    directs: set[int] = set()
+    opened = appender.Appender.__init__
+
+    def open_watched(self, *args, **kwargs):
+        opened(self, *args, **kwargs)
+        if self._direct is not None:
+            directs.add(self._direct)
+
+    monkeypatch.setattr(appender.os, "pwrite", watched)
+    monkeypatch.setattr(appender.Appender, "__init__", open_watched)
+    rng = np.random.default_rng(0)
+    dtypes = [np.uint16, np.uint32, np.int64, np.uint8]
+    writer = ShardWriter(tmp_path, "train", np.dtype(np.uint16), shard_tokens=5_000)
+    expected: list[np.ndarray] = []
+    for i in range(80):
+        ids = rng.integers(0, 250, int(rng.integers(0, 3_000))).astype(dtypes[i % 4])
+        writer.write(ids)
+        expected.append(ids.astype(np.uint16))
+        if i == 40:  # a checkpoint, more written, then a crash: a new writer resumes from the checkpoint
+            counts = writer.flush()
+            writer.write(rng.integers(0, 250, 9_000).astype(np.uint16))
+            writer = ShardWriter(tmp_path, "train", np.dtype(np.uint16), shard_tokens=5_000)
+            writer.restore(counts)
+        if i == 60:
+            whole = np.concatenate(expected)
+            assert np.array_equal(writer.read(len(whole) - 7_000, len(whole)), whole[-7_000:])
+    whole = np.concatenate(expected)
+    writer.truncate(len(whole) - 4_321)
+    writer.write(whole[-4_321:][::-1])
+    whole = np.concatenate([whole[:-4_321], whole[-4_321:][::-1]])
+    shards = writer.close()
+    assert [e["tokens"] for e in shards] == [5_000] * (len(whole) // 5_000) + [len(whole) % 5_000]
+    on_disk = np.concatenate([np.fromfile(tmp_path / e["file"], dtype=np.uint16) for e in shards])
+    assert np.array_equal(on_disk, whole)
+    if how == "page cache":
+        assert used == {"direct": 0, "refused": 0}
+    else:  # the refused writer went on through the page cache; the next shards' writers wrote directly
+        assert used["direct"] > 10 and used["refused"] == (how != "direct")

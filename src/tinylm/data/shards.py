@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinylm.data.appender import Appender
 from tinylm.errors import TinyLMError
 from tinylm.tokenizer import Tokenizer, load_tokenizer, tokenizer_hash
 
@@ -31,23 +32,19 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-SYNC_BYTES = 32 << 20  # a shard being written starts going to disk every this many bytes
-
-
 class ShardWriter:
-    """Appends one split's tokens to fixed-size shard files in a directory; each full shard is fsynced."""
+    """Appends one split's tokens to fixed-size shard files in a directory (through an Appender: direct
+    writes where the file system takes them); each full shard is fsynced."""
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.directory, self.split, self.dtype, self.shard_tokens = (
             Path(directory),
             split,
-            dtype,
+            np.dtype(dtype),
             shard_tokens,
         )
         self.counts: list[int] = []  # tokens per shard written so far
-        self._file = None
-        self._unsynced = 0  # bytes written since the shard was last synced or its writeback started
-        self._wide = np.empty(0, dtype=self.dtype)  # where narrower ids are widened before writing
+        self._out: Appender | None = None  # the shard being written
 
     @property
     def tokens(self) -> int:
@@ -55,33 +52,22 @@ class ShardWriter:
         return sum(self.counts)
 
     def write(self, ids: np.ndarray) -> None:
-        """Append tokens (any integer dtype whose values fit; another dtype than the shards' is
-        converted in a buffer kept for it, not in new memory each time)."""
-        if ids.dtype != self.dtype:
-            if len(self._wide) < len(ids):
-                self._wide = np.empty(len(ids), dtype=self.dtype)
-            wide = self._wide[: len(ids)]
-            np.copyto(wide, ids, casting="unsafe")  # values that fit, as before
-            ids = wide
+        """Append tokens (any integer dtype whose values fit: they are converted as they are staged)."""
         while len(ids):
-            if self._file is None:
-                self._file = open(self.directory / shard_name(self.split, len(self.counts)), "wb")
+            if self._out is None:
+                self._out = Appender(self._path(len(self.counts)), self.dtype)
                 self.counts.append(0)
             take = ids[: self.shard_tokens - self.counts[-1]]
-            self._file.write(memoryview(take).cast("B"))
+            self._out.append(take)
             self.counts[-1] += len(take)
-            self._unsynced += take.nbytes
             ids = ids[len(take) :]
             if self.counts[-1] == self.shard_tokens:
                 self._close_file()
-            elif self._unsynced >= SYNC_BYTES:
-                self._start_writeback()
 
     def flush(self) -> list[int]:
         """Make what was written durable (fsync); the token count of each shard."""
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+        if self._out is not None:
+            self._out.sync()
         return list(self.counts)
 
     def restore(self, counts: list[int]) -> None:
@@ -92,42 +78,34 @@ class ShardWriter:
             if int(stray.stem.rsplit("-", 1)[1]) >= len(counts):
                 stray.unlink()
         if self.counts:
-            last = self.directory / shard_name(self.split, len(self.counts) - 1)
-            os.truncate(last, self.counts[-1] * self.dtype.itemsize)
-            if self.counts[-1] < self.shard_tokens:
-                self._file = open(last, "ab")
+            self._reopen_last()
 
-    def _start_writeback(self) -> None:
-        """Start writing the bytes since the last call to disk, without waiting (Linux starts writeback
-        of dirty pages on POSIX_FADV_DONTNEED), so the fsync that closes the shard finds little left."""
-        assert self._file is not None
-        self._file.flush()
-        if hasattr(os, "posix_fadvise"):
-            end = self.counts[-1] * self.dtype.itemsize
-            with contextlib.suppress(OSError):  # only a hint: a file system may not take it
-                os.posix_fadvise(
-                    self._file.fileno(), end - self._unsynced, self._unsynced, os.POSIX_FADV_DONTNEED
-                )
-        self._unsynced = 0
+    def _path(self, index: int) -> Path:
+        return self.directory / shard_name(self.split, index)
+
+    def _reopen_last(self) -> None:
+        """Cut the last shard to its count; append to it again unless it is full."""
+        last, keep = self._path(len(self.counts) - 1), self.counts[-1]
+        if keep < self.shard_tokens:
+            self._out = Appender(last, self.dtype, keep)
+        else:
+            os.truncate(last, keep * self.dtype.itemsize)
 
     def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-            self._unsynced = 0
+        if self._out is not None:
+            out, self._out = self._out, None
+            out.close()
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) written so far (a copy)."""
-        if self._file is not None:
-            self._file.flush()
+        if self._out is not None:
+            self._out.write_out()
         return np.asarray(self.view()[start:stop]).copy()
 
     def view(self) -> np.ndarray | ShardedTokens:
         """The tokens written so far, read as one sequence."""
         return open_tokens(
-            [self.directory / shard_name(self.split, i) for i in range(len(self.counts))],
+            [self._path(i) for i in range(len(self.counts))],
             self.counts,
             self.dtype,
         )
@@ -136,15 +114,11 @@ class ShardWriter:
         """Keep only the first `tokens` tokens (shards after them are deleted)."""
         self._close_file()
         while self.counts and self.tokens - self.counts[-1] >= tokens:
-            (self.directory / shard_name(self.split, len(self.counts) - 1)).unlink()
+            self._path(len(self.counts) - 1).unlink()
             self.counts.pop()
         if self.counts:
-            keep = tokens - (self.tokens - self.counts[-1])
-            last = self.directory / shard_name(self.split, len(self.counts) - 1)
-            os.truncate(last, keep * self.dtype.itemsize)
-            self.counts[-1] = keep
-            if keep < self.shard_tokens:  # append to it again
-                self._file = open(last, "ab")
+            self.counts[-1] = tokens - (self.tokens - self.counts[-1])
+            self._reopen_last()
 
     def close(self) -> list[dict]:
         """Flush and fsync; the manifest entries {file, tokens} of this split."""
