@@ -392,7 +392,7 @@ def test_progress_shows_documents_tokens_and_throughput(tmp_path, capsys, shakes
 
 def test_characters_cut_by_a_read_are_whole(tmp_path, monkeypatch):
     """Reads of 7 bytes cut 2-, 3- and 4-byte characters; the 90% cut of a single file is made on its
-    bytes (known from its size, no counting pass) and moved on to the next character's start."""
+    bytes (known from its size, no counting pass) and moved back to the start of the character there."""
     monkeypatch.setattr(sources, "READ_BYTES", 7)
     inside = 0  # cuts that fell inside a character
     for extra in ("", "x", "xx", "東", "東x", "🙂"):
@@ -404,7 +404,7 @@ def test_characters_cut_by_a_read_are_whole(tmp_path, monkeypatch):
         at = int(len(raw) * 0.9)
         inside += raw[at] & 0xC0 == 0x80
         while raw[at] & 0xC0 == 0x80:
-            at += 1
+            at -= 1
         train, val = raw[:at].decode(), raw[at:].decode()
         assert tok.decode(tokens(tmp_path / "d", "train").tolist()) == train
         assert tok.decode(tokens(tmp_path / "d", "val").tolist()) == val
@@ -415,22 +415,24 @@ def test_characters_cut_by_a_read_are_whole(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("lazy", [True, False])
-def test_a_cut_in_the_last_character_of_a_chunk_starts_validation_with_the_next(lazy):
+def test_a_cut_inside_a_character_moves_back_to_its_start(lazy):
+    """As int() rounds a character count down: a tiny file keeps its last character for validation."""
     from tinylm.data.sources import Chunk, Utf8Text
     from tinylm.data.splits import route
 
     def chunk(raw: bytes, first: bool) -> Chunk:
         return Chunk(Utf8Text(raw, "f", 0) if lazy else raw.decode(), first, "", raw)
 
-    parts = list(route([chunk("abé".encode(), True), chunk(b"cd", False)], 0.1, cut=3))  # é is bytes 2-3
-    assert [(p.split, str(p.text), p.first, p.nbytes) for p in parts] == [
-        ("train", "abé", True, 4),
-        ("val", "cd", True, 2),
-    ]
-    parts = list(route([chunk("aé€b".encode(), True)], 0.1, cut=2))  # inside é: the cut moves past it
-    assert [(p.split, str(p.text), p.first, p.nbytes) for p in parts] == [
-        ("train", "aé", True, 3),
-        ("val", "€b", True, 4),
+    def split(chunks: list[Chunk], cut: int) -> list[tuple]:
+        return [(p.split, str(p.text), p.first, p.nbytes) for p in route(chunks, 0.1, cut=cut)]
+
+    two = [chunk("abé".encode(), True), chunk(b"cd", False)]  # é is bytes 2 and 3
+    assert split(two, 3) == [("train", "ab", True, 2), ("val", "é", True, 2), ("val", "cd", False, 2)]
+    assert split(two, 4) == [("train", "abé", True, 4), ("val", "cd", True, 2)]  # at a chunk's end
+    assert split([chunk("aé€b".encode(), True)], 2) == [("train", "a", True, 1), ("val", "é€b", True, 6)]
+    assert split([chunk("é".encode(), True), chunk(b"x", False)], 1) == [  # inside the first character
+        ("val", "é", True, 2),
+        ("val", "x", False, 1),
     ]
 
 
@@ -528,3 +530,46 @@ def test_shards_hold_exactly_what_was_written_however_they_are_written(tmp_path,
         assert used == {"direct": 0, "refused": 0}
     else:  # the refused writer went on through the page cache; the next shards' writers wrote directly
         assert used["direct"] > 10 and used["refused"] == (how != "direct")
+
+
+def test_shard_writing_errors_are_reported_not_hidden(tmp_path, monkeypatch):
+    """A full disk under a direct write is raised (not retried through the page cache); closing twice
+    does nothing the second time; a resume whose last shard is gone is one clear error; and
+    TINYLM_DIRECT_IO=0 turns direct writes off."""
+    import errno
+
+    import tinylm.data.appender as appender
+    from tinylm.data.shards import ShardWriter
+
+    monkeypatch.setattr(appender, "STAGE_BYTES", appender.ALIGN)
+    out = appender.Appender(tmp_path / "a.bin", np.dtype(np.uint16))
+    if out._direct is not None:
+        pwrite = os.pwrite
+
+        def full(fd, data, offset):
+            if fd == out._direct:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return pwrite(fd, data, offset)
+
+        monkeypatch.setattr(appender.os, "pwrite", full)
+        with pytest.raises(OSError, match="No space"):
+            out.append(np.zeros(appender.ALIGN, dtype=np.uint16))
+        monkeypatch.setattr(appender.os, "pwrite", pwrite)
+    out.close()
+    other = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT)  # may reuse a number the first one had
+    out.close()
+    os.fstat(other)  # still open
+    os.close(other)
+    writer = ShardWriter(tmp_path, "train", np.dtype(np.uint16), shard_tokens=1_000)
+    writer.write(np.arange(1_500, dtype=np.uint16))
+    counts = writer.flush()
+    writer.close()
+    (tmp_path / "train-00001.bin").unlink()
+    with pytest.raises(TinyLMError, match="missing or shorter than the saved progress"):
+        ShardWriter(tmp_path, "train", np.dtype(np.uint16), shard_tokens=1_000).restore(counts)
+    code = "import tinylm.data.appender as a; print(a.DIRECT)"
+    env = {**os.environ, "TINYLM_DIRECT_IO": "0"}
+    assert (
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout
+        == "False\n"
+    )

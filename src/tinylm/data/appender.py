@@ -6,6 +6,7 @@ with O_DIRECT, 2.2 to 4.4 s and as much kernel CPU through the page cache."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 from pathlib import Path
@@ -15,7 +16,10 @@ import numpy as np
 ALIGN = 4096  # O_DIRECT's unit for offsets, lengths and memory: a multiple of any logical block up to 4 KiB
 STAGE_BYTES = 8 << 20  # bytes staged between two writes (a multiple of ALIGN)
 SYNC_BYTES = 32 << 20  # through the page cache: the file starts going to disk every this many bytes
-DIRECT = hasattr(os, "O_DIRECT")  # Linux and some BSDs; elsewhere, the page cache
+# O_DIRECT on Linux and some BSDs unless TINYLM_DIRECT_IO=0 (a disk or network file system where the page
+# cache writes faster); elsewhere, the page cache
+DIRECT = hasattr(os, "O_DIRECT") and os.environ.get("TINYLM_DIRECT_IO", "1") != "0"
+REFUSED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}  # what a file system says when it refuses O_DIRECT
 
 
 class Appender:
@@ -32,8 +36,9 @@ class Appender:
         direct = DIRECT if direct is None else direct
         self._itemsize = np.dtype(dtype).itemsize
         keep *= self._itemsize
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o666)  # the page cache's way in
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o666)  # via the page cache
         self._direct: int | None = None
+        self._stage: mmap.mmap | None = None
         try:
             os.ftruncate(self._fd, keep)
             if direct:
@@ -48,7 +53,7 @@ class Appender:
                     f.seek(self._at)
                     self._stage[: self._staged] = f.read(self._staged)
         except BaseException:
-            self._close_fds()
+            self._release()
             raise
         self._unsynced = 0  # bytes written through the page cache since the last writeback hint
 
@@ -75,13 +80,13 @@ class Appender:
         os.fsync(self._fd)
 
     def close(self) -> None:
-        """sync, then release the file and the stage."""
+        """sync, then release the file and the stage (once: later calls do nothing)."""
+        if self._fd is None:
+            return
         try:
             self.sync()
         finally:
-            self._close_fds()
-            del self._values  # the stage's buffer is exported while a view of it lives
-            self._stage.close()
+            self._release()
 
     def _write_blocks(self) -> None:
         """Write the staged whole blocks (with O_DIRECT), or every staged byte (through the page cache)."""
@@ -91,7 +96,9 @@ class Appender:
         if self._direct is not None:
             try:
                 self._pwrite(self._direct, n)
-            except OSError:  # opened with O_DIRECT, yet refused: the page cache from here on
+            except OSError as exc:  # opened with O_DIRECT, yet refused: the page cache from here on
+                if exc.errno not in REFUSED:
+                    raise  # a full disk, an I/O error: the caller's to report
                 os.close(self._direct)
                 self._direct = None
                 self._pwrite(self._fd, n)
@@ -117,11 +124,20 @@ class Appender:
         with memoryview(self._stage) as stage:
             done = 0
             while done < n:
-                done += os.pwrite(fd, stage[done:n], self._at + done)
+                if hasattr(os, "pwrite"):
+                    done += os.pwrite(fd, stage[done:n], self._at + done)
+                else:  # Windows
+                    os.lseek(fd, self._at + done, os.SEEK_SET)
+                    done += os.write(fd, stage[done:n])
 
-    def _close_fds(self) -> None:
+    def _release(self) -> None:
+        """Close the files and free the stage."""
         for fd in (self._direct, self._fd):
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._direct = None
+        self._direct = self._fd = None
+        if self._stage is not None:
+            self._values = np.empty(0, dtype=self._values.dtype)  # the stage is exported while viewed
+            self._stage.close()
+            self._stage = None

@@ -86,6 +86,11 @@ class ShardWriter:
     def _reopen_last(self) -> None:
         """Cut the last shard to its count; append to it again unless it is full."""
         last, keep = self._path(len(self.counts) - 1), self.counts[-1]
+        if not last.is_file() or last.stat().st_size < keep * self.dtype.itemsize:
+            raise TinyLMError(
+                f"{last} is missing or shorter than the saved progress says; "
+                f"delete {self.directory} to prepare from the start."
+            )
         if keep < self.shard_tokens:
             self._out = Appender(last, self.dtype, keep)
         else:

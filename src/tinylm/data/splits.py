@@ -27,7 +27,7 @@ def single_document(inputs: list[Input]) -> bool:
 
 def contiguous_cut(n_bytes: int, val_fraction: float) -> int:
     """Where a single document stops training and starts validating: a byte offset into its UTF-8 text
-    (moved on to the next character's start by `route`). Known from the file's size, so no pass over
+    (moved back to the start of the character it falls in by `route`). Known from the file's size, so no pass over
     the text is needed; for ASCII text it is the character cut char-rnn and nanoGPT make."""
     return int(n_bytes * (1.0 - val_fraction))
 
@@ -80,11 +80,10 @@ def _cut(chunks: Iterable[Chunk], cut: int) -> Iterator[Part]:
             yield Part("val", chunk.text, start == cut, len(raw))
         else:  # this chunk holds the cut: make it at the start of the character there
             at = cut - start
-            while at < len(raw) and raw[at] & 0xC0 == 0x80:  # a continuation byte
-                at += 1
-            cut = start + at  # the next chunk starts validation when the cut moved to its start
-            if at == len(raw):
-                yield Part("train", chunk.text, chunk.first, len(raw))
+            while at > 0 and raw[at] & 0xC0 == 0x80:  # a continuation byte: back to its character's start
+                at -= 1
+            if at == 0:
+                yield Part("val", chunk.text, True, len(raw))
                 continue
             if isinstance(chunk.text, Utf8Text):  # still bytes: cut them
                 name, offset = chunk.text.name, chunk.text.offset
