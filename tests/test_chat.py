@@ -152,7 +152,11 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_conversation_ctrl_d_leaves(tiny_ru
     assert summary["turns"] == 2 and [m["role"] for m in messages] == ["user", "assistant"] * 2
     assert messages[0]["content"] == "Who art thou?" and messages[2]["content"] == "And who art thou?"
     kept = messages[1]["content"]  # the stopped reply stays in the conversation, as far as it was shown
-    assert len(kept) >= 30 and kept in partial.replace("\r", "")
+    # as far as the terminal lets us see: on Ctrl-C it drops output still queued for the screen (ISIG
+    # without NOFLSH), and a piece printed as Ctrl-C lands is not kept; so one is the start of the other
+    shown = partial.replace("\r", "").replace("^C", "").removesuffix("\n")
+    assert len(kept) >= 30 and (kept.startswith(shown) or shown.startswith(kept)), (kept, shown)
+    assert len(kept) - len(shown) <= 4096  # at most a pty buffer held back: not the whole 20,000 tokens
 
 
 def test_quit_leaves(tiny_run):

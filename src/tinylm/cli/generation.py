@@ -199,8 +199,8 @@ def _chat_turn(run: Any, prompt: str, cfg: Any) -> str | None:
             warnings.simplefilter("ignore")
             for piece in stream(run.model, run.tokenizer, prompt, cfg):
                 piece = piece if pieces else piece.lstrip()
-                pieces.append(piece)
-                print(piece, end="", flush=True)
+                print(piece, end="", flush=True)  # shown, then kept: a Ctrl-C between the two keeps
+                pieces.append(piece)  # one piece less than was shown, never one that was not
         print()
     except KeyboardInterrupt:  # Ctrl-C: stop this reply, keep the conversation
         print("\n(reply stopped)")
