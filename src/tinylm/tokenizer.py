@@ -58,7 +58,7 @@ class CharTokenizer:
         if not self.chars:
             raise TinyLMError("A character tokenizer needs at least one character of text.")
         self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self._tables: tuple[np.ndarray, np.ndarray] | None = None
+        self._tables: tuple[np.ndarray, bytes] | None = None
 
     @classmethod
     def train(cls, text: str) -> CharTokenizer:

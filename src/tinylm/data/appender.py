@@ -36,14 +36,15 @@ class Appender:
         direct = DIRECT if direct is None else direct
         self._itemsize = np.dtype(dtype).itemsize
         keep *= self._itemsize
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o666)  # via the page cache
+        flags = os.O_WRONLY | getattr(os, "O_BINARY", 0)  # O_BINARY: Windows, which else writes text
+        self._fd: int | None = os.open(self.path, flags | os.O_CREAT, 0o666)  # via the page cache
         self._direct: int | None = None
         self._stage: mmap.mmap | None = None
         try:
             os.ftruncate(self._fd, keep)
             if direct:
                 with contextlib.suppress(OSError):
-                    self._direct = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+                    self._direct = os.open(self.path, flags | os.O_DIRECT)
             self._stage = mmap.mmap(-1, STAGE_BYTES)  # anonymous memory: page-aligned, as O_DIRECT needs
             self._values = np.frombuffer(self._stage, dtype=dtype)  # the stage, as values
             self._at = keep - keep % ALIGN if self._direct is not None else keep  # file offset of the stage
@@ -106,12 +107,10 @@ class Appender:
             self._pwrite(self._fd, n)
             self._unsynced += n
             if self._unsynced >= SYNC_BYTES and hasattr(os, "posix_fadvise"):
-                with contextlib.suppress(
-                    OSError
-                ):  # only a hint: DONTNEED starts the writeback of dirty pages
-                    os.posix_fadvise(
-                        self._fd, self._at + n - self._unsynced, self._unsynced, os.POSIX_FADV_DONTNEED
-                    )
+                start = self._at + n - self._unsynced
+                # only a hint: DONTNEED starts the writeback of the dirty pages without waiting for it
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(self._fd, start, self._unsynced, os.POSIX_FADV_DONTNEED)
                 self._unsynced = 0
         rest = self._staged - n
         if rest:
@@ -138,6 +137,6 @@ class Appender:
                     os.close(fd)
         self._direct = self._fd = None
         if self._stage is not None:
-            self._values = np.empty(0, dtype=self._values.dtype)  # the stage is exported while viewed
+            self._values = np.empty(0, dtype=np.uint8)  # the stage's buffer is exported while viewed
             self._stage.close()
             self._stage = None
