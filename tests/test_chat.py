@@ -77,6 +77,9 @@ class Terminal:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"}
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the pty is its controlling terminal
+            signal.signal(
+                signal.SIGINT, signal.SIG_DFL
+            )  # as in a terminal, even if pytest runs in a script's background
             os.execve(sys.executable, [sys.executable, "-m", "tinylm", *argv], env)
         self.screen = ""
 

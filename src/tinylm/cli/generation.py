@@ -167,6 +167,10 @@ def cmd_chat(args: argparse.Namespace) -> dict[str, Any]:
     session = ChatSession(replace(cfg, stop=CHAT_STOP + cfg.stop))
     if sys.stdin.isatty():
         import readline  # noqa: F401  line editing and history for input()
+        import signal
+
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started by a script that ignores it
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops a reply all the same
     print(f"tinylm chat: {HELP}")
     while True:
         try:
