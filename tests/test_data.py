@@ -43,6 +43,12 @@ def test_prepare_builtin_and_directory(tmp_path, shakespeare_slice):
         (lambda p: (p / "empty.txt").write_text("   ") and p / "empty.txt", "empty"),
         (lambda p: (p / "bin.txt").write_bytes(b"ok\xff\xfe") and p / "bin.txt", "not UTF-8"),
         (lambda p: (p / "d").mkdir() or p / "d", "no .txt files"),
+        (  # JSON can spell half of a surrogate pair; it is not text
+            lambda p: (
+                (p / "s.jsonl").write_text('{"text": "ok"}\n{"text": "a \\ud800 b"}\n') and p / "s.jsonl"
+            ),
+            r"s.jsonl line 2 holds '\\ud800', half of a surrogate pair",
+        ),
     ],
 )
 def test_prepare_bad_inputs(tmp_path, setup, message):

@@ -18,7 +18,7 @@ import numpy as np
 import xxhash
 
 from tinylm.config import PrepareConfig
-from tinylm.data.encoding import PIECE_CHARS, ShardSink, encode_into, hashed, pieces, utf8_len
+from tinylm.data.encoding import PIECE_CHARS, ShardSink, encode_into, hashed, pieces
 from tinylm.data.shards import FORMAT, ShardWriter, fsync_dir
 from tinylm.data.sources import Chunk, Input, count_bytes, read_chunks, resolve_inputs
 from tinylm.data.splits import HeldOut, Part, contiguous_cut, route, single_document
@@ -253,7 +253,7 @@ class Build:
                     self.official.add(source.name)
                 if entry is not None:
                     entry["documents"] += chunk.first
-                    entry["bytes"] += len(chunk.raw) if chunk.raw is not None else utf8_len(chunk.text)
+                    entry["bytes"] += len(chunk.raw) if chunk.raw is not None else len(chunk.text)  # ASCII
                 yield chunk
 
     def parts(self, chunks: Iterable[Chunk]) -> Iterator[Part]:
@@ -370,7 +370,7 @@ class Build:
         bar = Bar("Scanning characters", self.total_bytes, self.progress)
         seen, n_bytes, docs, nonblank = _CharSet(), 0, 0, _Nonblank()
         for chunk in nonblank.watch(self.chunks()):
-            n_bytes += len(chunk.raw) if chunk.raw is not None else utf8_len(chunk.text)
+            n_bytes += len(chunk.raw) if chunk.raw is not None else len(chunk.text)  # ASCII
             docs += chunk.first
             seen.add(chunk.text)
             bar.update(n_bytes, docs)

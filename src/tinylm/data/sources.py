@@ -97,7 +97,7 @@ class Chunk(NamedTuple):
     text: str | Utf8Text  # Utf8Text only where the reader was asked for bytes (lazy)
     first: bool  # this chunk starts a new document
     split: str = ""  # "train" or "val" when the source has an official split, else ""
-    raw: bytes | None = None  # text's exact UTF-8 bytes when the reader has them (text files)
+    raw: bytes | None = None  # text's UTF-8 bytes where the reader has them (text files, non-ASCII documents)
 
 
 def cache_dir() -> Path:
@@ -352,7 +352,7 @@ def _jsonl_chunks(inp: Input, text_field: str) -> Iterator[Chunk]:
                     record = json_record(line, inp.name, lineno)
                     text = _field(record, text_field, inp.name, f"line {lineno}")
                     if text:
-                        yield Chunk(text, True)
+                        yield _document(text, inp.name, f"line {lineno}")
         except UnicodeDecodeError:
             raise TinyLMError(
                 f"{inp.name} line {lineno + 1} is not UTF-8 text; convert it to UTF-8 first."
@@ -367,6 +367,20 @@ def json_record(line: str, name: str, lineno: int) -> object:
         return json.loads(line)
     except json.JSONDecodeError as exc:
         raise TinyLMError(f"{name} line {lineno} is not valid JSON ({exc.msg}).") from None
+
+
+def _document(text: str, name: str, where: str, split: str = "") -> Chunk:
+    """A decoded document as a chunk; one that is not ASCII is encoded to UTF-8 once, here (the hash and
+    the byte counts read those bytes), and a lone surrogate (JSON's "\\ud800") is an error naming where."""
+    if text.isascii():
+        return Chunk(text, True, split)
+    try:
+        return Chunk(text, True, split, text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise TinyLMError(
+            f"{name} {where} holds {text[exc.start]!r}, half of a surrogate pair, which is not text; "
+            "remove it or fix the pair."
+        ) from None
 
 
 def _field(record: object, text_field: str, name: str, where: str) -> str:
@@ -395,10 +409,12 @@ def _parquet_chunks(inp: Input, text_field: str) -> Iterator[Chunk]:
             f"{inp.name} has no column {text_field!r} (it has: {', '.join(columns)}); "
             "pass --text-field NAME to read another column."
         )
+    number = 0
     for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
         for text in batch.column(0).to_pylist():
+            number += 1
             if text:
-                yield Chunk(str(text), True)
+                yield _document(str(text), inp.name, f"row {number}")
 
 
 def _hf_parts(spec: str) -> tuple[str, str | None]:
@@ -455,7 +471,7 @@ def _hf_chunks(spec: str, text_field: str, opened: dict) -> Iterator[Chunk]:
         for number, row in enumerate(_guarded(rows, spec), 1):
             text = _field(row, text_field, f"{spec} ({key})", f"row {number}")
             if text:
-                yield Chunk(text, True, split)
+                yield _document(text, f"{spec} ({key})", f"row {number}", split)
 
 
 def _guarded(rows: Iterator[dict], spec: str) -> Iterator[dict]:
