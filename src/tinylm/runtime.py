@@ -310,11 +310,8 @@ def all_mean(t: torch.Tensor) -> torch.Tensor:
     """The mean of `t` over all processes (itself when there is one)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
+    summed = all_sum(t)
+    return t if summed is t else summed / dist.get_world_size()
 
 
 def any_rank(flag: bool, runtime: Runtime) -> bool:
